@@ -1,0 +1,190 @@
+"""The ``asrshrink`` command line: options in, library calls, results out (tables on the terminal, JSON for
+machines). Errors a user can fix are printed as one line and exit with code 2."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from asrshrink import __version__
+
+app = typer.Typer(
+    name="asrshrink", no_args_is_help=True, add_completion=False, rich_markup_mode=None,
+    help="Shrink pretrained speech-recognition transducers after training.\n\n"
+         "MODEL is an MLPerf RNN-T checkpoint (.pt), an asrshrink model (.safetensors) or an output directory "
+         "asrshrink wrote; left out, the bundled reference model is used.")
+err = Console(stderr=True)
+out = Console()
+
+ModelArg = Annotated[Optional[Path], typer.Argument(
+    help="Checkpoint (.pt), asrshrink model (.safetensors) or output directory; default: the bundled model.",
+    show_default=False)]
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn an AsrshrinkError into one line on stderr and exit code 2 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from asrshrink.errors import AsrshrinkError
+
+        try:
+            return fn(*args, **kwargs)
+        except AsrshrinkError as exc:
+            err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+def progress_bar(description: str) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=err, transient=False)
+
+
+def version_callback(value: bool) -> None:
+    if value:
+        print(f"asrshrink {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=version_callback, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
+    pass
+
+
+def default_data() -> Path:
+    from asrshrink.errors import DataError
+    from asrshrink.models.checkpoint import ASSETS
+
+    path = ASSETS / "speech" / "test"
+    if not path.is_dir():
+        raise DataError("no --data given and this installation has no bundled speech sample; pass --data PATH "
+                        "(a LibriSpeech folder, a folder of audio + .txt, or a JSONL/MLPerf manifest)")
+    return path
+
+
+@app.command("eval")
+@handle_errors
+def eval_command(
+    model: ModelArg = None,
+    data: Annotated[Optional[Path], typer.Option(
+        "--data", help="LibriSpeech folder, folder of audio + .txt, JSONL (NeMo) or MLPerf JSON manifest; "
+                       "default: the bundled test sample.", show_default=False)] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Evaluate a random subset of N utterances.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the --limit subset.")] = 0,
+    max_duration: Annotated[Optional[float], typer.Option(
+        help="Drop utterances longer than this many seconds (MLPerf uses 15).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Utterances decoded together.")] = 32,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+    hypotheses: Annotated[Optional[Path], typer.Option(
+        help="Write per-utterance hypotheses as JSONL (id, reference, hypothesis).")] = None,
+) -> None:
+    """Greedy-decode a dataset and report corpus WER (jiwer, word-level, as MLPerf scores).
+
+    Example: asrshrink eval rnnt.pt --data LibriSpeech/dev-clean --max-duration 15 --json
+    """
+    from asrshrink import api
+    from asrshrink.io import write_text_atomic
+
+    net, info = api.load_model(model)
+    dataset = api.open_dataset(data or default_data(), vocabulary=net.vocabulary,
+                               sample_rate=net.feature_config.sample_rate, max_duration=max_duration,
+                               limit=limit, seed=seed)
+    with progress_bar("decoding") as bar:
+        task = bar.add_task("decoding", total=len(dataset))
+        result = api.evaluate(net, dataset, max_batch=batch_size,
+                              progress=lambda done, total: bar.update(task, completed=done))
+    if hypotheses is not None:
+        write_text_atomic(hypotheses, "".join(json.dumps(h) + "\n" for h in result.hypotheses))
+    table = Table(title=f"{info.path.name} on {dataset.source}")
+    for column in ("utterances", "words", "WER %", "CER %", "audio s", "wall s", "audio s / wall s"):
+        table.add_column(column, justify="right")
+    table.add_row(str(result.num_utterances), str(result.num_words), f"{result.wer:.2f}", f"{result.cer:.2f}",
+                  f"{result.audio_seconds:.1f}", f"{result.seconds:.1f}", f"{result.speed:.1f}")
+    err.print(table)
+    if json_out:
+        payload = result.to_json()
+        payload.update(model=str(info.path), data=str(dataset.source), dropped=dataset.dropped)
+        print(json.dumps(payload))
+
+
+@app.command("info")
+@handle_errors
+def info_command(
+    model: ModelArg = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
+) -> None:
+    """Family, parameters and bytes per component, and FLOPs.
+
+    FLOPs count 2 per multiply-add (gate and linear matmuls): the encoder's per encoder output frame, the
+    prediction network's per label step, the joint's per evaluation.
+
+    Example: asrshrink info rnnt.pt --json
+    """
+    from asrshrink import api
+
+    net, info = api.load_model(model)
+    summary = api.describe(net, info)
+    if json_out:
+        print(json.dumps(summary))
+        return
+    table = Table(title=f"{info.path} ({summary['family']}, {info.kind})")
+    for column in ("component", "parameters", "MB (float32)"):
+        table.add_column(column, justify="right" if column != "component" else "left")
+    for name, params in summary["params_by_component"].items():
+        table.add_row(name, f"{params:,}", f"{summary['bytes_by_component'][name] / 1e6:.2f}")
+    table.add_row("total", f"{summary['params']:,}", f"{summary['bytes'] / 1e6:.2f}", style="bold")
+    out.print(table)
+    flops = summary["flops"]
+    frame_ms = summary["encoder_frame_seconds"] * 1000
+    out.print(f"FLOPs: encoder {flops['encoder_per_frame'] / 1e6:.2f} M per {frame_ms:.0f} ms frame "
+              f"({flops['encoder_per_frame'] / summary['encoder_frame_seconds'] / 1e9:.2f} GFLOP per audio second), "
+              f"prediction {flops['prediction_per_label'] / 1e6:.2f} M per label, "
+              f"joint {flops['joint_per_evaluation'] / 1e6:.3f} M per evaluation")
+
+
+@app.command("dump")
+@handle_errors
+def dump_command(
+    model: Annotated[Path, typer.Argument(help="Checkpoint, asrshrink model or output directory.")],
+    audio: Annotated[list[Path], typer.Argument(help="Audio files (any format soundfile reads).")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="The .npz file to write.")],
+) -> None:
+    """Write features, encoder output and greedy tokens of audio files to an .npz, to check a checkpoint
+    against another inference stack. Keys: {stem}.features (frames x features), {stem}.encoder
+    (encoder frames x dim), {stem}.tokens (greedy token ids).
+
+    Example: asrshrink dump rnnt.pt a.wav b.flac -o ref.npz
+    """
+    import numpy as np
+
+    from asrshrink import api
+    from asrshrink.io import atomic_write
+
+    net, _ = api.load_model(model)
+    arrays = api.dump(net, audio)
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    atomic_write(output, write)
+    err.print(f"wrote {output} ({len(audio)} file(s), {len(arrays)} arrays)")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,123 @@
+"""The interface every transducer family implements, so that decoding, evaluation, compression and export
+never need to know a family's layer names.
+
+Dimension letters: B batch, T feature frames, T' encoder frames, U labels, D encoder output size,
+P prediction output size, J joint hidden size, V joint outputs (labels + blank).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from asrshrink.audio.features import FeatureConfig, Featurizer
+from asrshrink.audio.text import Vocabulary
+
+State = tuple[torch.Tensor, ...]  # prediction-network state; every tensor has the batch on dim 1
+
+
+class Transducer(nn.Module):
+    """A transducer: encoder, prediction network and joint network, plus its featurizer and vocabulary.
+
+    Subclasses set ``family`` (the registry name) and implement the abstract methods.
+    """
+
+    family: str = ""
+
+    def __init__(self, feature_config: FeatureConfig, vocabulary: Vocabulary):
+        super().__init__()
+        self.feature_config = feature_config
+        self.vocabulary = vocabulary
+        self.featurizer = Featurizer(feature_config)
+
+    # --- configuration -------------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        """JSON-serialisable configuration from which ``from_config_dict`` rebuilds the same architecture."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> "Transducer":
+        raise NotImplementedError
+
+    def apply_structure(self, structure: dict[str, Any]) -> None:
+        """Rebuild compressed layers (low rank, masks, sharing) described by a saved model's ``structure``."""
+        if structure:
+            from asrshrink.errors import CheckpointError
+
+            raise CheckpointError(f"this asrshrink cannot rebuild the compression structure {sorted(structure)}; "
+                                  f"upgrade asrshrink")
+
+    @classmethod
+    def matches_foreign(cls, state_dict: dict[str, torch.Tensor]) -> bool:
+        """Whether ``state_dict`` is this family's training-checkpoint layout."""
+        return False
+
+    @classmethod
+    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str) -> "Transducer":
+        """Build and load a model from this family's training-checkpoint state dict (exact, shape-checked)."""
+        raise NotImplementedError
+
+    def components(self) -> dict[str, nn.Module]:
+        """The model's parts by role, e.g. {"encoder": ..., "prediction": ..., "joint": ...}."""
+        raise NotImplementedError
+
+    def flops(self) -> dict[str, int]:
+        """FLOPs (2 per multiply-add) of: ``encoder`` per encoder output frame, ``prediction`` per label
+        step, ``joint`` per joint evaluation."""
+        raise NotImplementedError
+
+    # --- computation ---------------------------------------------------------------------------------------
+    def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """features (B, T, F), lengths (B,) -> encoder output (B, T', D), lengths (B,) int64."""
+        raise NotImplementedError
+
+    def encode_with_aux(self, features: torch.Tensor, lengths: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Encoder output and lengths, plus an intermediate representation (B, T_aux, aux_dim) and its lengths
+        on which training may put an auxiliary loss (CTC). Default: the encoder output itself."""
+        enc, enc_lengths = self.encode(features, lengths)
+        return enc, enc_lengths, enc, enc_lengths
+
+    @property
+    def aux_dim(self) -> int:
+        """Feature size of the intermediate representation returned by ``encode_with_aux``."""
+        raise NotImplementedError
+
+    def initial_state(self, batch_size: int) -> State:
+        """Prediction-network state before any label, for ``batch_size`` utterances."""
+        raise NotImplementedError
+
+    def predict(self, labels: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """labels (B, U) int64, where the blank id stands for the start symbol -> output (B, U, P), new state."""
+        raise NotImplementedError
+
+    def joint_encoder(self, enc: torch.Tensor) -> torch.Tensor:
+        """The encoder's share of the joint's first layer: (..., D) -> (..., J). Cacheable per frame."""
+        raise NotImplementedError
+
+    def joint_prediction(self, pred: torch.Tensor) -> torch.Tensor:
+        """The prediction network's share of the joint's first layer: (..., P) -> (..., J)."""
+        raise NotImplementedError
+
+    def joint_output(self, enc_part: torch.Tensor, pred_part: torch.Tensor) -> torch.Tensor:
+        """Combine broadcastable (..., J) shares into unnormalised logits (..., V)."""
+        raise NotImplementedError
+
+    def joint(self, enc: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
+        """Joint network on broadcastable enc (..., D) and pred (..., P) -> logits (..., V)."""
+        return self.joint_output(self.joint_encoder(enc), self.joint_prediction(pred))
+
+    @staticmethod
+    def select_state(mask: torch.Tensor, new: State, old: State) -> State:
+        """Per utterance, take ``new`` where mask (B,) is true, else ``old``."""
+        return tuple(torch.where(mask.view(1, -1, *([1] * (n.dim() - 2))), n, o) for n, o in zip(new, old))
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor, labels: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training forward: features (B, T, F), lengths (B,), labels (B, U) -> logits (B, T', U+1, V), T'."""
+        enc, enc_lengths = self.encode(features, lengths)
+        start = torch.full((labels.shape[0], 1), self.vocabulary.blank, dtype=labels.dtype, device=labels.device)
+        pred, _ = self.predict(torch.cat([start, labels], dim=1), self.initial_state(labels.shape[0]))
+        return self.joint(enc.unsqueeze(2), pred.unsqueeze(1)), enc_lengths

@@ -1,0 +1,305 @@
+"""The ``mlperf-rnnt`` family: the MLPerf RNN-T topology at any size, and its released checkpoint layout.
+
+Topology (every size configurable): encoder = LSTM x ``encoder_pre_layers`` -> time stacking x
+``stack_time_factor`` -> LSTM x ``encoder_post_layers``; prediction = embedding with no blank row (blank stands
+for the zero start vector) -> LSTM x ``pred_layers``; joint = Linear(D + P -> J), ReLU, Dropout, Linear(J -> V).
+The joint's first Linear is held as two modules, the encoder and prediction column blocks, so decoding can
+project each encoder frame once; the checkpoint key map joins and splits them.
+
+Dimension letters: B batch, T feature frames, T' encoder frames, U labels, H hidden sizes, V outputs.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from asrshrink.audio.features import FeatureConfig
+from asrshrink.audio.text import MLPERF_LABELS, Vocabulary
+from asrshrink.errors import CheckpointError
+from asrshrink.models.base import State, Transducer
+from asrshrink.models.layers import LSTMStack, stack_time
+from asrshrink.models.registry import register_family
+
+
+@dataclass(frozen=True)
+class MlperfRnntConfig:
+    """Sizes of an MLPerf-topology RNN-T. The defaults are the MLPerf reference model (45.3 M parameters)."""
+
+    input_dim: int = 240
+    encoder_hidden: int = 1024
+    encoder_pre_layers: int = 2
+    stack_time_factor: int = 2
+    encoder_post_layers: int = 3
+    pred_hidden: int = 320
+    pred_layers: int = 2
+    joint_hidden: int = 512
+    dropout: float = 0.32
+    forget_gate_bias: float = 1.0
+    labels: tuple[str, ...] = MLPERF_LABELS
+    feature: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["labels"] = list(self.labels)
+        data["feature"] = self.feature.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "MlperfRnntConfig":
+        data = dict(data)
+        data["labels"] = tuple(data.get("labels", MLPERF_LABELS))
+        data["feature"] = FeatureConfig.from_json(data.get("feature", {}))
+        known = set(cls.__dataclass_fields__)
+        unknown = set(data) - known
+        if unknown:
+            raise CheckpointError(f"unknown mlperf-rnnt config fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+class Encoder(nn.Module):
+    def __init__(self, c: MlperfRnntConfig):
+        super().__init__()
+        self.stack_time_factor = c.stack_time_factor
+        self.pre_rnn = LSTMStack(c.input_dim, c.encoder_hidden, c.encoder_pre_layers, dropout=c.dropout,
+                                 forget_gate_bias=c.forget_gate_bias)
+        self.post_rnn = LSTMStack(c.stack_time_factor * c.encoder_hidden, c.encoder_hidden, c.encoder_post_layers,
+                                  dropout=c.dropout, forget_gate_bias=c.forget_gate_bias)
+
+    def forward(self, features: torch.Tensor, lengths: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """features (B, T, F), lengths (B,) -> output (B, T', H), lengths (B,) with T' = ceil(T / factor),
+        and the pre-stacking activations (B, T, H)."""
+        low, _ = self.pre_rnn(features.transpose(0, 1))            # (T, B, H)
+        x, lengths = stack_time(low, lengths, self.stack_time_factor)  # (T', B, factor * H)
+        x, _ = self.post_rnn(x)                                    # (T', B, H)
+        return x.transpose(0, 1), lengths.to(torch.int64), low.transpose(0, 1)
+
+
+class Prediction(nn.Module):
+    def __init__(self, c: MlperfRnntConfig):
+        super().__init__()
+        self.blank = len(c.labels)
+        self.embed = nn.Embedding(len(c.labels), c.pred_hidden)  # no row for blank
+        self.rnn = LSTMStack(c.pred_hidden, c.pred_hidden, c.pred_layers, dropout=c.dropout,
+                             forget_gate_bias=c.forget_gate_bias)
+
+    def forward(self, labels: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        """labels (B, U), blank = start symbol (zero vector); state (h, c) each (L, B, P) -> (B, U, P), state."""
+        is_label = labels != self.blank
+        x = self.embed(torch.where(is_label, labels, 0)) * is_label.unsqueeze(-1)  # (B, U, P)
+        y, state = self.rnn(x.transpose(0, 1), state)
+        return y.transpose(0, 1), state
+
+
+class Joint(nn.Module):
+    def __init__(self, c: MlperfRnntConfig):
+        super().__init__()
+        self.encoder_proj = nn.Linear(c.encoder_hidden, c.joint_hidden)
+        self.prediction_proj = nn.Linear(c.pred_hidden, c.joint_hidden, bias=False)
+        self.dropout = nn.Dropout(c.dropout) if c.dropout > 0 else nn.Identity()
+        self.output = nn.Linear(c.joint_hidden, len(c.labels) + 1)
+        # Same initialisation as one Linear(D + P -> J): uniform with bound 1/sqrt(D + P).
+        bound = (c.encoder_hidden + c.pred_hidden) ** -0.5
+        for tensor in (self.encoder_proj.weight, self.encoder_proj.bias, self.prediction_proj.weight):
+            nn.init.uniform_(tensor, -bound, bound)
+
+    def forward(self, enc_part: torch.Tensor, pred_part: torch.Tensor) -> torch.Tensor:
+        return self.output(self.dropout(torch.relu(enc_part + pred_part)))
+
+
+@register_family("mlperf-rnnt")
+class MlperfRnnt(Transducer):
+    """MLPerf-topology LSTM RNN-T."""
+
+    def __init__(self, config: MlperfRnntConfig = MlperfRnntConfig()):
+        if config.input_dim != config.feature.feature_dim:
+            raise CheckpointError(f"input_dim {config.input_dim} does not match the featurizer's "
+                                  f"{config.feature.feature_dim} features")
+        super().__init__(config.feature, Vocabulary(labels=config.labels, blank=len(config.labels)))
+        self.config = config
+        self.encoder = Encoder(config)
+        self.prediction = Prediction(config)
+        self.joint_net = Joint(config)
+
+    # --- configuration -------------------------------------------------------------------------------------
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_json()
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any]) -> "MlperfRnnt":
+        return cls(MlperfRnntConfig.from_json(config))
+
+    def components(self) -> dict[str, nn.Module]:
+        return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
+
+    def flops(self) -> dict[str, int]:
+        c = self.config
+        pre = sum(layer.flops_per_step() for layer in self.encoder.pre_rnn.layers)
+        post = sum(layer.flops_per_step() for layer in self.encoder.post_rnn.layers)
+        joint = 2 * (c.encoder_hidden + c.pred_hidden) * c.joint_hidden + 2 * c.joint_hidden * (len(c.labels) + 1)
+        return {
+            "encoder": c.stack_time_factor * pre + post,
+            "prediction": sum(layer.flops_per_step() for layer in self.prediction.rnn.layers),
+            "joint": joint,
+        }
+
+    # --- computation ---------------------------------------------------------------------------------------
+    def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        enc, enc_lengths, _ = self.encoder(features, lengths)
+        return enc, enc_lengths
+
+    def encode_with_aux(self, features: torch.Tensor, lengths: torch.Tensor
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Also returns the lower encoder's output (before time stacking), where an auxiliary CTC loss helps
+        a small model converge from scratch."""
+        enc, enc_lengths, low = self.encoder(features, lengths)
+        return enc, enc_lengths, low, lengths.to(torch.int64)
+
+    @property
+    def aux_dim(self) -> int:
+        return self.config.encoder_hidden
+
+    def initial_state(self, batch_size: int) -> State:
+        weight = self.prediction.embed.weight
+        shape = (self.config.pred_layers, batch_size, self.config.pred_hidden)
+        return (weight.new_zeros(shape), weight.new_zeros(shape))
+
+    def predict(self, labels: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
+        return self.prediction(labels, state)
+
+    def joint_encoder(self, enc: torch.Tensor) -> torch.Tensor:
+        return self.joint_net.encoder_proj(enc)
+
+    def joint_prediction(self, pred: torch.Tensor) -> torch.Tensor:
+        return self.joint_net.prediction_proj(pred)
+
+    def joint_output(self, enc_part: torch.Tensor, pred_part: torch.Tensor) -> torch.Tensor:
+        return self.joint_net(enc_part, pred_part)
+
+    # --- the released checkpoint layout --------------------------------------------------------------------
+    @classmethod
+    def matches_foreign(cls, state_dict: dict[str, torch.Tensor]) -> bool:
+        return ("encoder.pre_rnn.lstm.weight_ih_l0" in state_dict
+                and "prediction.dec_rnn.lstm.weight_ih_l0" in state_dict)
+
+    @classmethod
+    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str) -> "MlperfRnnt":
+        # The inference code's spelling of the joint (joint.net.N) loads like the training one (joint_net.N).
+        state_dict = {("joint_net." + k[len("joint.net."):] if k.startswith("joint.net.") else k): v
+                      for k, v in state_dict.items()}
+        config = _config_from_foreign(state_dict, source)
+        model = cls(config)
+        expected = model.to_foreign_state_dict()
+        missing = [k for k in expected if k not in state_dict]
+        unexpected = [k for k in state_dict if k not in expected]
+        if missing or unexpected:
+            parts = []
+            if missing:
+                parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+            if unexpected:
+                parts.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+            raise CheckpointError(f"{source}: not a complete mlperf-rnnt checkpoint: {'; '.join(parts)}")
+        for key, ref in expected.items():
+            got = state_dict[key]
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
+                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise CheckpointError(f"{source}: tensor {key} has shape {shape}, expected {tuple(ref.shape)} "
+                                      f"for the sizes inferred from the checkpoint")
+            if not got.is_floating_point():
+                raise CheckpointError(f"{source}: tensor {key} has dtype {got.dtype}, expected a float tensor")
+        mapped = _from_foreign_keys(state_dict, config)
+        # The featurizer buffers are recomputed from the feature config (as the reference does), not loaded.
+        mapped.update({k: v for k, v in model.state_dict().items() if k.startswith("featurizer.")})
+        model.load_state_dict(mapped, strict=True)
+        return model
+
+    def to_foreign_state_dict(self) -> dict[str, torch.Tensor]:
+        """State dict in the released MLPerf checkpoint layout (training names, fused multi-layer LSTMs)."""
+        c = self.config
+        out: dict[str, torch.Tensor] = {
+            "audio_preprocessor.featurizer.fb": self.featurizer.mel_fb.detach().unsqueeze(0).clone(),
+            "audio_preprocessor.featurizer.window": self.featurizer.window.detach().clone(),
+        }
+        for prefix, stack in (("encoder.pre_rnn.lstm", self.encoder.pre_rnn),
+                              ("encoder.post_rnn.lstm", self.encoder.post_rnn)):
+            out.update(_fused_lstm_keys(prefix, stack))
+        out["prediction.embed.weight"] = self.prediction.embed.weight.detach().clone()
+        out.update(_fused_lstm_keys("prediction.dec_rnn.lstm", self.prediction.rnn))
+        j = self.joint_net
+        out["joint_net.0.weight"] = torch.cat([j.encoder_proj.weight, j.prediction_proj.weight], 1).detach().clone()
+        out["joint_net.0.bias"] = j.encoder_proj.bias.detach().clone()
+        last = 3 if c.dropout > 0 else 2  # the reference numbers its Sequential with a Dropout only if p > 0
+        out[f"joint_net.{last}.weight"] = j.output.weight.detach().clone()
+        out[f"joint_net.{last}.bias"] = j.output.bias.detach().clone()
+        return out
+
+
+_LSTM_KEY = re.compile(r"^(weight_ih|weight_hh|bias_ih|bias_hh)_l(\d+)$")
+
+
+def _fused_lstm_keys(prefix: str, stack: LSTMStack) -> dict[str, torch.Tensor]:
+    out = {}
+    for i, layer in enumerate(stack.layers):
+        for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            out[f"{prefix}.{name}_l{i}"] = getattr(layer.lstm, f"{name}_l0").detach().clone()
+    return out
+
+
+def _count_layers(state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+    return sum(1 for k in state_dict if k.startswith(prefix + ".weight_ih_l"))
+
+
+def _config_from_foreign(sd: dict[str, torch.Tensor], source: str) -> MlperfRnntConfig:
+    def shape(key: str) -> tuple[int, ...]:
+        if key not in sd or not isinstance(sd[key], torch.Tensor):
+            raise CheckpointError(f"{source}: not a complete mlperf-rnnt checkpoint: missing key {key}")
+        return tuple(sd[key].shape)
+
+    wih0 = shape("encoder.pre_rnn.lstm.weight_ih_l0")
+    hidden = shape("encoder.pre_rnn.lstm.weight_hh_l0")[1]
+    post_in = shape("encoder.post_rnn.lstm.weight_ih_l0")[1]
+    embed = shape("prediction.embed.weight")
+    joint0 = shape("joint_net.0.weight")
+    outputs = [k for k in sd if re.fullmatch(r"joint_net\.[1-9]\d*\.weight", k)]
+    if len(outputs) != 1:
+        raise CheckpointError(f"{source}: expected one joint output layer joint_net.N.weight, found {outputs}")
+    last = int(outputs[0].split(".")[1])
+    num_out = shape(outputs[0])[0]
+    if post_in % hidden or embed[0] + 1 != num_out:
+        raise CheckpointError(f"{source}: inconsistent mlperf-rnnt sizes (post_rnn input {post_in}, hidden "
+                              f"{hidden}, {embed[0]} embedding rows, {num_out} joint outputs)")
+    labels = MLPERF_LABELS if embed[0] == len(MLPERF_LABELS) else tuple(f"<{i}>" for i in range(embed[0]))
+    return MlperfRnntConfig(
+        input_dim=wih0[1], encoder_hidden=hidden,
+        encoder_pre_layers=_count_layers(sd, "encoder.pre_rnn.lstm"), stack_time_factor=post_in // hidden,
+        encoder_post_layers=_count_layers(sd, "encoder.post_rnn.lstm"), pred_hidden=embed[1],
+        pred_layers=_count_layers(sd, "prediction.dec_rnn.lstm"), joint_hidden=joint0[0],
+        dropout=0.32 if last == 3 else 0.0, labels=labels)
+
+
+def _from_foreign_keys(sd: dict[str, torch.Tensor], c: MlperfRnntConfig) -> dict[str, torch.Tensor]:
+    """Map released-checkpoint keys onto this module's names (tensors cast to float32)."""
+    out: dict[str, torch.Tensor] = {}
+    stacks = {"encoder.pre_rnn.lstm": "encoder.pre_rnn", "encoder.post_rnn.lstm": "encoder.post_rnn",
+              "prediction.dec_rnn.lstm": "prediction.rnn"}
+    for key, tensor in sd.items():
+        tensor = tensor.detach().to(torch.float32)
+        prefix, _, name = key.rpartition(".")
+        m = _LSTM_KEY.match(name)
+        if prefix in stacks and m:
+            out[f"{stacks[prefix]}.layers.{m.group(2)}.lstm.{m.group(1)}_l0"] = tensor
+        elif key == "prediction.embed.weight":
+            out[key] = tensor
+        elif key == "joint_net.0.weight":
+            out["joint_net.encoder_proj.weight"] = tensor[:, :c.encoder_hidden]
+            out["joint_net.prediction_proj.weight"] = tensor[:, c.encoder_hidden:]
+        elif key == "joint_net.0.bias":
+            out["joint_net.encoder_proj.bias"] = tensor
+        elif re.fullmatch(r"joint_net\.[1-9]\d*\.(weight|bias)", key):
+            out[f"joint_net.output.{name}"] = tensor
+    return out

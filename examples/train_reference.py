@@ -1,0 +1,148 @@
+"""Train asrshrink's bundled reference RNN-T (``mlperf-rnnt`` family) on the synthetic espeak-ng corpus.
+
+    python examples/make_corpus.py data/synth                # the corpus (see that script)
+    python examples/train_reference.py train --corpus data/synth --out runs/reference --steps 8000
+    python examples/train_reference.py train --corpus data/synth --out runs/reference --steps 8000 --resume
+    python examples/train_reference.py export --out runs/reference --to asrshrink/assets/reference
+
+``train`` featurizes the train split once (cached in OUT/bank-train), then runs the resumable training loop:
+transducer loss plus an auxiliary CTC loss on the lower encoder, SpecAugment, AdamW with warm-up and cosine
+decay, gradient clipping, length-bucketed batches. It writes OUT/train_state.pt (atomically, every
+--checkpoint-every steps and on Ctrl-C / SIGTERM), OUT/train_log.jsonl (loss curve) and OUT/dev_log.jsonl
+(greedy dev WER at each checkpoint). ``--resume`` continues exactly where the last checkpoint stopped.
+``export`` writes the trained model in asrshrink's format (model.safetensors) to --to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from asrshrink.api import evaluate, open_dataset, save_model  # noqa: E402
+from asrshrink.models.mlperf_rnnt import MlperfRnnt, MlperfRnntConfig  # noqa: E402
+from asrshrink.training.data import FeatureBank  # noqa: E402
+from asrshrink.training.loop import TrainConfig, load_trained_modules, train  # noqa: E402
+from asrshrink.training.objectives import transducer_ctc_loss  # noqa: E402
+
+#: The bundled model's sizes: MLPerf topology, encoder 256 wide (2 + 3 LSTM, time stacking x2),
+#: one 256-wide prediction LSTM, joint 256. 3.5 M parameters, 14 MB in float32.
+REFERENCE = MlperfRnntConfig(encoder_hidden=256, encoder_pre_layers=2, stack_time_factor=2, encoder_post_layers=3,
+                             pred_hidden=256, pred_layers=1, joint_hidden=256, dropout=0.1)
+
+
+def log(message: str) -> None:
+    print(time.strftime("%H:%M:%S"), message, flush=True)
+
+
+def build(out: Path, ctc: bool) -> tuple[MlperfRnnt, nn.Module | None]:
+    model = MlperfRnnt(REFERENCE)
+    head = nn.Linear(model.aux_dim, model.vocabulary.size) if ctc else None
+    return model, head
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    model, head = build(out, args.ctc_weight > 0)
+    bank_dir = out / "bank-train"
+    if (bank_dir / "index.json").exists():
+        bank = FeatureBank.load(bank_dir)
+    else:
+        train_set = open_dataset(Path(args.corpus) / "train", vocabulary=model.vocabulary,
+                                 max_duration=args.max_duration)
+        log(f"featurizing {len(train_set)} training utterances into {bank_dir}")
+        started = time.perf_counter()
+
+        def progress(done: int, total: int) -> None:
+            if done % 2000 == 0 or done == total:
+                log(f"  featurized {done}/{total} ({time.perf_counter() - started:.0f} s)")
+
+        bank = FeatureBank.build(train_set, model.featurizer, model.vocabulary, bank_dir, progress)
+    hours = bank.lengths.sum() * model.feature_config.frame_shift_seconds / 3600
+    log(f"train bank: {len(bank)} utterances, {hours:.1f} h")
+    dev = open_dataset(Path(args.corpus) / "dev", vocabulary=model.vocabulary, limit=args.dev_limit, seed=0)
+    config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, max_frames=args.max_frames,
+                         max_batch=args.max_batch, seed=args.seed, checkpoint_every=args.checkpoint_every,
+                         log_every=args.log_every)
+    (out / "config.json").write_text(json.dumps({"model": REFERENCE.to_json(), "train": vars(args)}, indent=2))
+
+    def loss_fn(batch):
+        return transducer_ctc_loss(model, batch, ctc_head=head, ctc_weight=args.ctc_weight)
+
+    def on_log(step: int, m: dict) -> None:
+        audio_rate = m["frames_per_second"] * model.feature_config.frame_shift_seconds
+        log(f"step {step} loss {m['loss']:.3f} rnnt {m['rnnt']:.3f} ctc {m.get('ctc', 0):.3f} "
+            f"lr {m['lr']:.2e} |g| {m['grad_norm']:.2f} {audio_rate:.1f} audio-s/s epoch {m['epoch']}")
+
+    def on_checkpoint(step: int, m: dict) -> None:
+        if step % args.eval_every:
+            return
+        model.eval()
+        result = evaluate(model, dev)
+        model.train()
+        log(f"dev WER {result.wer:.2f} % CER {result.cer:.2f} % at step {step} ({result.seconds:.0f} s)")
+        with open(out / "dev_log.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "wer": result.wer, "cer": result.cer,
+                                "train_loss": m.get("loss")}) + "\n")
+
+    modules = {"ctc_head": head} if head is not None else {}
+    result = train(model, loss_fn, bank, config, out, extra_modules=modules, resume=args.resume,
+                   on_log=on_log, on_checkpoint=on_checkpoint)
+    log(f"stopped at step {result['step']}" + (" (interrupted; resume with --resume)" if result["interrupted"]
+                                                else ""))
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    model, head = build(Path(args.out), True)
+    modules = {"model": model}
+    state_path = Path(args.out) / "train_state.pt"
+    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    if "ctc_head" in state["modules"]:
+        modules["ctc_head"] = head
+    step = load_trained_modules(args.out, modules)
+    path = save_model(model.eval(), args.to, extra={"training": {"step": step, "recipe": "examples/train_reference.py"}})
+    log(f"wrote {path} (step {step}, {sum(p.numel() for p in model.parameters())} parameters)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="train (or resume) the reference model")
+    t.add_argument("--corpus", default="data/synth")
+    t.add_argument("--out", default="runs/reference")
+    t.add_argument("--steps", type=int, default=8000)
+    t.add_argument("--lr", type=float, default=1.5e-3)
+    t.add_argument("--warmup", type=int, default=300)
+    t.add_argument("--max-frames", type=int, default=3000, help="padded 30 ms feature frames per batch")
+    t.add_argument("--max-batch", type=int, default=48)
+    t.add_argument("--max-duration", type=float, default=15.0)
+    t.add_argument("--ctc-weight", type=float, default=0.5)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--threads", type=int, default=2)
+    t.add_argument("--checkpoint-every", type=int, default=100)
+    t.add_argument("--eval-every", type=int, default=500)
+    t.add_argument("--dev-limit", type=int, default=150)
+    t.add_argument("--log-every", type=int, default=20)
+    t.add_argument("--resume", action="store_true")
+    t.set_defaults(func=cmd_train)
+    e = sub.add_parser("export", help="write the trained model in asrshrink's format")
+    e.add_argument("--out", default="runs/reference")
+    e.add_argument("--to", default="asrshrink/assets/reference")
+    e.set_defaults(func=cmd_export)
+    args = parser.parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main()
