@@ -85,7 +85,7 @@ def read_torch_checkpoint(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Unsupported global" in text or "Unsupported operand" in text or "GLOBAL" in text:
+        if "Unsupported global" in text:
             raise CheckpointError(
                 f"{path}: refused: the file contains pickled Python objects that would run code when loaded; "
                 f"re-save only the tensors (torch.save({{'state_dict': model.state_dict()}})) and retry") from None

@@ -1,0 +1,117 @@
+"""The command line through Typer's CliRunner: exit codes, JSON outputs, one-line errors, no partial files."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+from typer.testing import CliRunner
+
+from asrshrink.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def model_path(mlperf_fixture_dir):
+    return str(mlperf_fixture_dir / "rnnt_random_small.pt")
+
+
+@pytest.fixture()
+def tiny_data(tmp_path):
+    """A folder of three short audio files with same-name transcripts."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, text in enumerate(["hello world", "a b c", "shrink me"]):
+        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 1000 * i)).astype(np.float32), 16000)
+        (folder / f"u{i}.txt").write_text(text)
+    return folder
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    text = result.stderr.strip()
+    assert text.startswith("error: ") and "Traceback" not in result.output
+    assert len(text.splitlines()) == 1 or text.count("error:") == 1
+    for fragment in fragments:
+        assert fragment in " ".join(text.split()), text
+
+
+@pytest.mark.parametrize("command", ["eval", "info", "dump"])
+def test_help_has_an_example(command):
+    result = runner.invoke(app, [command, "--help"])
+    assert result.exit_code == 0 and "Example:" in result.output
+
+
+def test_info_json(model_path):
+    result = runner.invoke(app, ["info", model_path, "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["family"] == "mlperf-rnnt" and data["params"] == 2_990_621
+    assert sum(data["params_by_component"].values()) == data["params"]
+    assert data["flops"]["encoder_per_frame"] > 0
+
+
+def test_eval_json_and_hypotheses(model_path, tiny_data, tmp_path):
+    hyp = tmp_path / "hyp.jsonl"
+    result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--json", "--hypotheses", str(hyp)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["num_utterances"] == 3 and data["num_words"] == 7
+    assert data["wer"] >= 0 and data["audio_seconds"] == pytest.approx((4000 + 5000 + 6000) / 16000)
+    rows = [json.loads(line) for line in hyp.read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["u0", "u1", "u2"] and rows[1]["reference"] == "a b c"
+
+
+def test_eval_limit(model_path, tiny_data):
+    result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--json", "--limit", "2"])
+    assert result.exit_code == 0 and json.loads(result.stdout)["num_utterances"] == 2
+
+
+def test_dump_writes_every_array(model_path, tiny_data, tmp_path):
+    out = tmp_path / "dump.npz"
+    result = runner.invoke(app, ["dump", model_path, str(tiny_data / "u0.wav"), str(tiny_data / "u2.wav"), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    arrays = np.load(out)
+    assert sorted(arrays.files) == sorted(f"{s}.{k}" for s in ("u0", "u2") for k in ("features", "encoder", "tokens"))
+    assert arrays["u0.features"].shape == (9, 240) and arrays["u0.encoder"].shape == (5, 256)
+
+
+def test_bad_audio_gives_one_line_and_no_partial_output(model_path, tiny_data, tmp_path):
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"RIFF....WAVEjunk")
+    out = tmp_path / "dump.npz"
+    result = runner.invoke(app, ["dump", model_path, str(tiny_data / "u0.wav"), str(bad), "-o", str(out)])
+    assert_one_line_error(result, str(bad))
+    assert not out.exists() and not list(tmp_path.glob(".dump.npz*"))
+
+
+def test_too_short_audio_names_the_file(model_path, tmp_path):
+    short = tmp_path / "short.wav"
+    sf.write(short, np.zeros(100, np.float32), 16000)
+    result = runner.invoke(app, ["dump", model_path, str(short), "-o", str(tmp_path / "x.npz")])
+    assert_one_line_error(result, str(short), "too short")
+
+
+def test_corrupt_model(tmp_path, tiny_data):
+    bad = tmp_path / "model.pt"
+    bad.write_bytes(b"garbage" * 100)
+    result = runner.invoke(app, ["eval", str(bad), "--data", str(tiny_data)])
+    assert_one_line_error(result, str(bad), "corrupt")
+
+
+def test_missing_data(model_path, tmp_path):
+    result = runner.invoke(app, ["eval", model_path, "--data", str(tmp_path / "nowhere")])
+    assert_one_line_error(result, "nowhere")
+
+
+def test_empty_after_filtering(model_path, tiny_data):
+    result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--max-duration", "0.1"])
+    assert_one_line_error(result, "max-duration")
+
+
+def test_missing_transcript(model_path, tiny_data):
+    (tiny_data / "u1.txt").unlink()
+    result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data)])
+    assert_one_line_error(result, "u1")
