@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import pytest
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported: see asrshrink/__init__.py
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
 
 #: Root of the shared test fixtures: $ASRSHRINK_FIXTURES, else ../shared/fixtures next to the project root.
 FIXTURES_ROOT = Path(os.environ.get("ASRSHRINK_FIXTURES")
@@ -16,7 +19,8 @@ FIXTURES_ROOT = Path(os.environ.get("ASRSHRINK_FIXTURES")
 def mlperf_fixture_dir() -> Path:
     """The MLPerf RNN-T conformance fixture directory; fails (never skips) when it is missing."""
     path = FIXTURES_ROOT / "mlperf_rnnt"
-    if not (path / "featurizer_reference.npz").is_file():
+    if not all((path / name).is_file() for name in ("featurizer_reference.npz", "rnnt_random_small.pt",
+                                                    "reference_small.npz", "inputs.npz")):
         pytest.fail(f"MLPerf RNN-T fixture not found at {path} (set ASRSHRINK_FIXTURES to the directory "
                     f"that holds mlperf_rnnt/)", pytrace=False)
     return path
