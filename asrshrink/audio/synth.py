@@ -19,8 +19,10 @@ from each other); ``test-heldout`` (voices and sentences both absent from every 
 Determinism: espeak-ng keeps synthesiser state (glottal phase, pitch flutter, filters) from one utterance to
 the next, so the same text can come out differently depending on what was spoken before. Every utterance is
 therefore synthesised in a child process forked from a worker whose engine has been initialised but has never
-spoken; all random choices come from a generator seeded with ``(seed, split, index)``. The audio is then the
-same whatever the number of workers or the order in which they pick up the work.
+spoken, and espeak-ng's own random generator (voice roughness, Klatt noise; seeded differently in every
+process by default) is reseeded for each utterance. All random choices come from a generator seeded with
+``(seed, split, index)``, so the audio is the same whatever the number of workers or the order in which they
+pick up the work.
 
 espeak-ng is GPL-3.0-or-later: it is loaded at run time from the optional ``espeakng-loader`` package
 (``pip install 'asrshrink[synth]'``) and never shipped with asrshrink.
@@ -38,6 +40,8 @@ import signal
 import sys
 import zlib
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from math import gcd
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -396,6 +400,11 @@ class Espeak:
         lib.espeak_Synchronize.restype = ctypes.c_int
         lib.espeak_Info.argtypes = [ctypes.c_void_p]
         lib.espeak_Info.restype = ctypes.c_char_p
+        if not hasattr(lib, "espeak_ng_SetRandSeed"):
+            raise DataError("espeak-ng 1.52 or newer is needed (espeak_ng_SetRandSeed makes synthesis "
+                            "repeatable): `pip install -U espeakng-loader`")
+        lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
+        lib.espeak_ng_SetRandSeed.restype = None
         parent = os.path.dirname(os.path.abspath(data_path)).encode()
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, parent, _INITIALIZE_DONT_EXIT)
         if rate <= 0:
@@ -417,9 +426,14 @@ class Espeak:
         return self._lib.espeak_SetVoiceByName(voice.encode()) == 0
 
     def synthesize_here(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
-                        word_gap: int) -> np.ndarray:
-        """int16 samples at :attr:`sample_rate`, synthesised in this process (depends on earlier calls)."""
+                        word_gap: int, rand_seed: int = 1) -> np.ndarray:
+        """int16 samples at :attr:`sample_rate`, synthesised in this process (depends on earlier calls).
+
+        ``rand_seed`` seeds espeak-ng's own generator (voice roughness, Klatt noise), which otherwise
+        starts from a different value in every process.
+        """
         lib = self._lib
+        lib.espeak_ng_SetRandSeed(int(rand_seed))
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise DataError(f"espeak-ng has no voice {voice!r}")
         for param, value in ((_PARAM_RATE, rate), (_PARAM_VOLUME, 100), (_PARAM_PITCH, pitch),
@@ -434,7 +448,7 @@ class Espeak:
         return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int16)
 
     def synthesize(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
-                   word_gap: int) -> np.ndarray:
+                   word_gap: int, rand_seed: int = 1) -> np.ndarray:
         """Like :meth:`synthesize_here`, but in a forked child so that this engine never speaks.
 
         The result depends only on the arguments (espeak-ng would otherwise carry state over from the
@@ -448,7 +462,7 @@ class Espeak:
                 os.close(read_fd)
                 signal.alarm(_CHILD_TIMEOUT_S)
                 try:
-                    audio = self.synthesize_here(text, voice, rate, pitch, pitch_range, word_gap)
+                    audio = self.synthesize_here(text, voice, rate, pitch, pitch_range, word_gap, rand_seed)
                 except DataError:
                     code = 3
                 else:
@@ -502,6 +516,7 @@ class UtteranceParams:
     noise: str
     snr_db: float
     peak_dbfs: float
+    rand_seed: int
 
 
 def draw_params(config: SynthConfig, rng: np.random.Generator) -> UtteranceParams:
@@ -515,7 +530,8 @@ def draw_params(config: SynthConfig, rng: np.random.Generator) -> UtteranceParam
     noise = str(config.noise_types[int(rng.integers(len(config.noise_types)))])
     snr = float(rng.uniform(*config.snr_db))
     peak = float(rng.uniform(*config.peak_dbfs))
-    return UtteranceParams(rate, pitch, pitch_range, word_gap, lead, trail, noise, snr, peak)
+    rand_seed = int(rng.integers(1, 2**31 - 1))
+    return UtteranceParams(rate, pitch, pitch_range, word_gap, lead, trail, noise, snr, peak, rand_seed)
 
 
 def speech_bounds(audio: np.ndarray, sample_rate: int, threshold_db: float = -40.0) -> tuple[int, int]:
@@ -545,6 +561,15 @@ def make_noise(kind: str, n: int, rng: np.random.Generator, sample_rate: int = S
     return white / np.sqrt(power) if power > 0 else white
 
 
+@lru_cache(maxsize=4)
+def _resampling_filter(up: int, down: int) -> np.ndarray:
+    """The low-pass FIR that ``resample_poly`` designs by default, made once instead of per call."""
+    from scipy.signal import firwin
+
+    max_rate = max(up, down)
+    return firwin(2 * 10 * max_rate + 1, 1.0 / max_rate, window=("kaiser", 5.0))
+
+
 def render_audio(raw: np.ndarray, source_rate: int, params: UtteranceParams,
                  rng: np.random.Generator) -> np.ndarray:
     """Trim/pad silence, resample to 16 kHz, add noise, peak-normalise; float64 in [-1, 1]."""
@@ -557,13 +582,9 @@ def render_audio(raw: np.ndarray, source_rate: int, params: UtteranceParams,
     left = x[max(0, start - lead):start]
     right = x[end:end + trail]
     x = np.concatenate([np.zeros(lead - len(left)), left, x[start:end], right, np.zeros(trail - len(right))])
-    if source_rate == 22050:
-        y = resample_poly(x, 160, 441)
-    else:
-        from math import gcd
-
-        g = gcd(SAMPLE_RATE, source_rate)
-        y = resample_poly(x, SAMPLE_RATE // g, source_rate // g)
+    g = gcd(SAMPLE_RATE, source_rate)  # 22050 Hz -> 16 kHz is 160/441
+    up, down = SAMPLE_RATE // g, source_rate // g
+    y = resample_poly(x, up, down, window=_resampling_filter(up, down))
     # speech power over the utterance without its padding
     a = int(round(params.lead_s * SAMPLE_RATE))
     b = max(a + 1, len(y) - int(round(params.trail_s * SAMPLE_RATE)))
@@ -623,7 +644,7 @@ def synthesize_utterance(utt: Utterance, config: SynthConfig, engine: Espeak | N
     rng = np.random.default_rng([config.seed, _split_code(utt.split), utt.index])
     params = draw_params(config, rng)
     raw = engine.synthesize(utt.text, utt.voice, params.rate, params.pitch, params.pitch_range,
-                            params.word_gap)
+                            params.word_gap, params.rand_seed)
     if len(raw) == 0:
         raise DataError(f"espeak-ng produced no audio for {utt.utt_id} ({utt.voice}): {utt.text!r}")
     return render_audio(raw, engine.sample_rate, params, rng)

@@ -42,12 +42,17 @@ class Transducer(nn.Module):
         raise NotImplementedError
 
     def apply_structure(self, structure: dict[str, Any]) -> None:
-        """Rebuild compressed layers (low rank, masks, sharing) described by a saved model's ``structure``."""
-        if structure:
-            from asrshrink.errors import CheckpointError
+        """Rebuild the compressed modules (low rank, ...) that a saved model's ``structure`` names, in place."""
+        from asrshrink.errors import CheckpointError
+        from asrshrink.models.layers import build_layer
 
-            raise CheckpointError(f"this asrshrink cannot rebuild the compression structure {sorted(structure)}; "
-                                  f"upgrade asrshrink")
+        for name, spec in structure.items():
+            try:
+                self.get_submodule(name)
+                self.set_submodule(name, build_layer(spec))
+            except (AttributeError, KeyError, ValueError, TypeError) as exc:
+                raise CheckpointError(f"cannot rebuild compressed module {name!r} ({exc}); the file was written "
+                                      f"by another asrshrink version or edited") from None
 
     @classmethod
     def matches_foreign(cls, state_dict: dict[str, torch.Tensor]) -> bool:

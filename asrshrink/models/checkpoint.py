@@ -22,6 +22,7 @@ import asrshrink
 from asrshrink.errors import CheckpointError
 from asrshrink.io import atomic_write, sha256_file
 from asrshrink.models.base import Transducer
+from asrshrink.models.layers import model_structure
 from asrshrink.models.registry import detect_family, get_family
 
 MODEL_FILENAME = "model.safetensors"
@@ -162,8 +163,10 @@ def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:
 
 
 def save_model(model: Transducer, path: str | Path, *, source_sha256: str = "",
-               structure: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` in asrshrink's format, atomically. ``path`` is a file or a directory (gets model.safetensors)."""
+               extra: dict[str, Any] | None = None) -> Path:
+    """Write ``model`` in asrshrink's format, atomically. ``path`` is a file or a directory (gets model.safetensors).
+
+    The compression structure (every replaced module and its shape) is read off the model itself."""
     path = Path(path)
     if path.suffix != ".safetensors":
         path = path / MODEL_FILENAME
@@ -172,7 +175,7 @@ def save_model(model: Transducer, path: str | Path, *, source_sha256: str = "",
         "format_version": FORMAT_VERSION,
         "family": model.family,
         "config": model.config_dict(),
-        "structure": structure or {},
+        "structure": model_structure(model),
         "asrshrink_version": asrshrink.__version__,
         "source_sha256": source_sha256,
         **(extra or {}),

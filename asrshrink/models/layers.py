@@ -79,3 +79,140 @@ def stack_time(x: torch.Tensor, lengths: torch.Tensor, factor: int) -> tuple[tor
         x = torch.cat([x, x.new_zeros(pad, b, d)], dim=0)
     x = x.transpose(0, 1).reshape(b, (t + pad) // factor, factor * d).transpose(0, 1)
     return x, torch.div(lengths + factor - 1, factor, rounding_mode="floor")
+
+
+class LowRankLinear(nn.Module):
+    """y = up(down(x)) + bias with ``down`` (G*r, I) and ``up`` (G, O/G, r): a rank-r factorisation of each
+    of G row blocks of an (O, I) weight. G = 1 factorises the whole matrix; G = 4 factorises each LSTM gate
+    separately ("rollout"). Parameters: G*r*I + O*r (+ O for the bias)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, groups: int = 1, bias: bool = True):
+        super().__init__()
+        if out_features % groups:
+            raise ValueError(f"{out_features} outputs do not split into {groups} groups")
+        self.in_features, self.out_features, self.rank, self.groups = in_features, out_features, rank, groups
+        self.down = nn.Parameter(torch.zeros(groups * rank, in_features))
+        self.up = nn.Parameter(torch.zeros(groups, out_features // groups, rank))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = torch.nn.functional.linear(x, self.down)                      # (..., G*r)
+        if self.groups == 1:
+            y = torch.nn.functional.linear(z, self.up[0])                 # (..., O)
+        else:
+            z = z.unflatten(-1, (self.groups, self.rank))                 # (..., G, r)
+            y = torch.einsum("...gr,gor->...go", z, self.up).flatten(-2)  # (..., O)
+        return y if self.bias is None else y + self.bias
+
+    def weight(self) -> torch.Tensor:
+        """The (O, I) matrix this factorisation stands for."""
+        down = self.down.unflatten(0, (self.groups, self.rank))           # (G, r, I)
+        return torch.bmm(self.up, down).flatten(0, 1)
+
+    def flops(self) -> int:
+        return 2 * (self.groups * self.rank * self.in_features + self.out_features * self.rank)
+
+
+class FactorizedLSTMLayer(nn.Module):
+    """An LSTM layer whose input-side and recurrent-side maps are arbitrary modules (dense ``nn.Linear`` or
+    ``LowRankLinear``), computed as W x via the factors, so a low-rank saving is real in FLOPs and parameters.
+
+    Same interface and gate order as LSTMLayer; the input side runs for all time steps at once, the recurrence
+    step by step.
+    """
+
+    def __init__(self, ih: nn.Module, hh: nn.Module, hidden_size: int):
+        super().__init__()
+        self.ih, self.hh = ih, hh
+        self.input_size = ih.in_features
+        self.hidden_size = hidden_size
+
+    def forward(self, x: torch.Tensor, state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
+        """x (T, B, I), state (h, c) each (1, B, H) or None -> y (T, B, H), new state."""
+        steps, batch = x.shape[:2]
+        pre = self.ih(x)                                                  # (T, B, 4H)
+        if state is None:
+            h = x.new_zeros(batch, self.hidden_size)
+            c = x.new_zeros(batch, self.hidden_size)
+        else:
+            h, c = state[0][0], state[1][0]
+        outputs = []
+        for t in range(steps):
+            i, f, g, o = (pre[t] + self.hh(h)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            outputs.append(h)
+        y = torch.stack(outputs) if outputs else x.new_zeros(0, batch, self.hidden_size)
+        return y, (h.unsqueeze(0), c.unsqueeze(0))
+
+    def flops_per_step(self) -> int:
+        def cost(m: nn.Module) -> int:
+            return m.flops() if isinstance(m, LowRankLinear) else 2 * m.in_features * m.out_features
+
+        return cost(self.ih) + cost(self.hh)
+
+
+# --- compression structure: which modules a method replaced, as JSON, so a saved model rebuilds itself -------
+
+def _side_spec(m: nn.Module) -> dict:
+    if isinstance(m, LowRankLinear):
+        return {"type": "lowrank", "in": m.in_features, "out": m.out_features, "rank": m.rank,
+                "groups": m.groups, "bias": m.bias is not None}
+    return {"type": "dense", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
+
+
+def _build_side(spec: dict) -> nn.Module:
+    if spec["type"] == "lowrank":
+        return LowRankLinear(spec["in"], spec["out"], spec["rank"], groups=spec["groups"], bias=spec["bias"])
+    if spec["type"] == "dense":
+        return nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+    raise ValueError(f"unknown layer side type {spec['type']!r}")
+
+
+def layer_spec(module: nn.Module) -> dict | None:
+    """JSON description of a replaced (compressed) module, or None for a module of the family's own build."""
+    if isinstance(module, FactorizedLSTMLayer):
+        return {"type": "factorized_lstm", "hidden_size": module.hidden_size, "ih": _side_spec(module.ih),
+                "hh": _side_spec(module.hh)}
+    if isinstance(module, LowRankLinear):
+        return _side_spec(module)
+    return None
+
+
+def build_layer(spec: dict) -> nn.Module:
+    """The module a ``layer_spec`` describes, with uninitialised weights (a state dict fills them)."""
+    if spec["type"] == "factorized_lstm":
+        return FactorizedLSTMLayer(_build_side(spec["ih"]), _build_side(spec["hh"]), spec["hidden_size"])
+    return _build_side(spec)
+
+
+def model_structure(model: nn.Module) -> dict[str, dict]:
+    """Every replaced module of ``model`` by its dotted name (outermost only)."""
+    found: dict[str, dict] = {}
+    for name, module in model.named_modules():
+        if any(name.startswith(prefix + ".") for prefix in found):
+            continue
+        spec = layer_spec(module)
+        if spec is not None:
+            found[name] = spec
+    return found
+
+
+def lstm_side_weights(layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """The effective (weight (4H, I or H), bias (4H,)) of an LSTM layer's input ("ih") and recurrent ("hh") side."""
+    if isinstance(layer, LSTMLayer):
+        lstm = layer.lstm
+        return {"ih": (lstm.weight_ih_l0.detach(), lstm.bias_ih_l0.detach()),
+                "hh": (lstm.weight_hh_l0.detach(), lstm.bias_hh_l0.detach())}
+    out = {}
+    for side in ("ih", "hh"):
+        m = getattr(layer, side)
+        weight = m.weight() if isinstance(m, LowRankLinear) else m.weight
+        bias = m.bias if m.bias is not None else torch.zeros(m.out_features)
+        out[side] = (weight.detach(), bias.detach())
+    return out
+
+
+def named_lstm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    """LSTM layers (dense or factorised) inside ``module``, in registration (forward) order."""
+    return [(name, m) for name, m in module.named_modules() if isinstance(m, (LSTMLayer, FactorizedLSTMLayer))]

@@ -1,0 +1,149 @@
+"""Truncated SVD of LSTM weight matrices: the pure factorisation, rank rules, and the model-level method.
+
+Dimension letters: O outputs (4H for an LSTM side), I inputs, G row groups (1 stacked, 4 per gate), r rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from asrshrink.errors import AsrshrinkError
+from asrshrink.models.base import Transducer
+from asrshrink.models.layers import (FactorizedLSTMLayer, LowRankLinear, lstm_side_weights, named_lstm_layers)
+
+MODES = {"stacked": 1, "rollout": 4}
+
+
+def rank_for_threshold(rows: int, cols: int, threshold: float) -> int:
+    """Keep the top ceil(threshold * min(rows, cols)) singular values (the PSVD paper's threshold)."""
+    return max(1, math.ceil(threshold * min(rows, cols) - 1e-9))
+
+
+def factorisation_saves(rows: int, cols: int, rank: int) -> bool:
+    """Whether rank-r factors (r (rows + cols) numbers) are smaller than the dense (rows x cols) block."""
+    return rank * (rows + cols) < rows * cols
+
+
+def svd_factors(weight: torch.Tensor, rank: int, *, groups: int = 1, scale: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best rank-r factors of each of ``groups`` row blocks of ``weight`` (O, I).
+
+    Returns up (G, O/G, r) and down (G*r, I) with block g equal to up[g] @ down[g*r:(g+1)*r]. The singular
+    values are split evenly (sqrt into each factor). With ``scale`` S (I, I) invertible, the truncation is
+    optimal for W S instead of W, and down is mapped back by S^-1: with S the lower Cholesky factor of the
+    inputs' second moment E[x x^T], this minimises the expected output error E||(W - W_r) x||^2 (data-aware).
+    Computed in float64, returned in weight's dtype.
+    """
+    w = weight.to(torch.float64)
+    blocks = w.unflatten(0, (groups, w.shape[0] // groups))                    # (G, O/G, I)
+    if scale is not None:
+        blocks = blocks @ scale.to(torch.float64)
+    u, s, vh = torch.linalg.svd(blocks, full_matrices=False)                   # (G,O/G,k), (G,k), (G,k,I)
+    root = s[:, :rank].sqrt()
+    up = u[:, :, :rank] * root.unsqueeze(1)                                    # (G, O/G, r)
+    down = root.unsqueeze(-1) * vh[:, :rank]                                   # (G, r, I)
+    if scale is not None:  # down S^-1, by a triangular solve of S^T X^T = down^T
+        down = torch.linalg.solve_triangular(scale.to(torch.float64).T, down.transpose(1, 2), upper=True
+                                             ).transpose(1, 2)
+    return up.to(weight.dtype), down.flatten(0, 1).to(weight.dtype)
+
+
+def lowrank_from_svd(weight: torch.Tensor, bias: torch.Tensor, rank: int, *, groups: int = 1,
+                     scale: torch.Tensor | None = None) -> LowRankLinear:
+    out, inp = weight.shape
+    module = LowRankLinear(inp, out, rank, groups=groups)
+    up, down = svd_factors(weight, rank, groups=groups, scale=scale)
+    with torch.no_grad():
+        module.up.copy_(up)
+        module.down.copy_(down)
+        module.bias.copy_(bias)
+    return module
+
+
+def dense_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
+    module = nn.Linear(weight.shape[1], weight.shape[0])
+    with torch.no_grad():
+        module.weight.copy_(weight)
+        module.bias.copy_(bias)
+    return module
+
+
+@dataclass(frozen=True)
+class SideChoice:
+    """What happens to one side (ih or hh) of one LSTM layer."""
+
+    layer: str
+    side: str
+    rows: int
+    cols: int
+    rank: int | None      # None: kept dense
+    reason: str           # "factorised", "no saving at this rank", ...
+
+    def params(self, groups: int) -> int:
+        if self.rank is None:
+            return self.rows * self.cols
+        return self.rank * (groups * self.cols + self.rows)
+
+
+def choose_ranks(model: Transducer, components: list[str], *, threshold: float | None = None,
+                 rank: int | None = None, mode: str = "stacked",
+                 ranks: dict[tuple[str, str], int] | None = None) -> list[SideChoice]:
+    """Per LSTM side of the chosen components: the rank to keep, or None where factorising would not save."""
+    if mode not in MODES:
+        raise AsrshrinkError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
+    groups = MODES[mode]
+    known = model.components()
+    unknown = [c for c in components if c not in known]
+    if unknown:
+        raise AsrshrinkError(f"unknown component(s) {unknown}; this model has {', '.join(known)}")
+    choices = []
+    for component in components:
+        for name, layer in named_lstm_layers(known[component]):
+            full = f"{component}.{name}" if name else component
+            for side, (weight, _) in lstm_side_weights(layer).items():
+                rows, cols = weight.shape[0] // groups, weight.shape[1]
+                if ranks is not None:
+                    r = ranks.get((full, side))
+                elif rank is not None:
+                    r = min(rank, rows, cols)
+                else:
+                    r = rank_for_threshold(rows, cols, threshold)
+                if r is None:
+                    choices.append(SideChoice(full, side, weight.shape[0], cols, None, "kept dense by the budget"))
+                elif not factorisation_saves(rows, cols, r):
+                    choices.append(SideChoice(full, side, weight.shape[0], cols, None,
+                                              f"rank {r} >= {rows}x{cols}/({rows}+{cols}): no saving, kept dense"))
+                else:
+                    choices.append(SideChoice(full, side, weight.shape[0], cols, r, "factorised"))
+    return choices
+
+
+def svd_compress(model: Transducer, choices: list[SideChoice], *, mode: str = "stacked",
+                 scales: dict[tuple[str, str], torch.Tensor] | None = None) -> Transducer:
+    """A copy of ``model`` whose chosen LSTM sides are truncated-SVD factorised (``scales``: data-aware)."""
+    groups = MODES[mode]
+    new = copy.deepcopy(model)
+    by_layer: dict[str, dict[str, SideChoice]] = {}
+    for choice in choices:
+        by_layer.setdefault(choice.layer, {})[choice.side] = choice
+    for layer_name, sides in by_layer.items():
+        if all(c.rank is None for c in sides.values()):
+            continue
+        old = new.get_submodule(layer_name)
+        weights = lstm_side_weights(old)
+        parts = {}
+        for side in ("ih", "hh"):
+            weight, bias = weights[side]
+            choice = sides.get(side)
+            if choice is None or choice.rank is None:
+                parts[side] = dense_linear(weight, bias)
+            else:
+                scale = None if scales is None else scales.get((layer_name, side))
+                parts[side] = lowrank_from_svd(weight, bias, choice.rank, groups=groups, scale=scale)
+        new.set_submodule(layer_name, FactorizedLSTMLayer(parts["ih"], parts["hh"], old.hidden_size))
+    return new.eval()
