@@ -550,13 +550,16 @@ def speech_bounds(audio: np.ndarray, sample_rate: int, threshold_db: float = -40
 
 def make_noise(kind: str, n: int, rng: np.random.Generator, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Unit-power white or pink (1/f power, flat below 20 Hz, no DC) noise."""
-    white = rng.standard_normal(n)
     if kind == "pink" and n > 1:
-        spectrum = np.fft.rfft(white)
-        freqs = np.fft.rfftfreq(n, 1.0 / sample_rate)
-        spectrum /= np.sqrt(np.maximum(freqs, 20.0) / 20.0)
+        from scipy.fft import irfft, next_fast_len, rfft, rfftfreq
+
+        m = next_fast_len(n, real=True)  # shaped at a fast FFT length, then cut to n
+        spectrum = rfft(rng.standard_normal(m))
+        spectrum /= np.sqrt(np.maximum(rfftfreq(m, 1.0 / sample_rate), 20.0) / 20.0)
         spectrum[0] = 0.0
-        white = np.fft.irfft(spectrum, n)
+        white = irfft(spectrum, m)[:n]
+    else:
+        white = rng.standard_normal(n)
     power = float(np.mean(white * white)) if n else 0.0
     return white / np.sqrt(power) if power > 0 else white
 

@@ -7,7 +7,8 @@ P prediction output size, J joint hidden size, V joint outputs (labels + blank).
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,6 +17,19 @@ from asrshrink.audio.features import FeatureConfig, Featurizer
 from asrshrink.audio.text import Vocabulary
 
 State = tuple[torch.Tensor, ...]  # prediction-network state; every tensor has the batch on dim 1
+
+
+@dataclass
+class Block:
+    """One step of a component run as a chain: (x (T, B, D), lengths (B,)) -> (x (T', B, D'), lengths).
+
+    ``layer`` is the compressible layer the step runs (an LSTM layer), or None for a parameter-free step such
+    as time stacking. ``name`` is the layer's dotted name in the model.
+    """
+
+    name: str
+    layer: nn.Module | None
+    run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 class Transducer(nn.Module):
@@ -62,6 +76,15 @@ class Transducer(nn.Module):
     @classmethod
     def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str) -> "Transducer":
         """Build and load a model from this family's training-checkpoint state dict (exact, shape-checked)."""
+        raise NotImplementedError
+
+    def blocks(self, component: str) -> list[Block]:
+        """``component`` (e.g. "encoder") as a chain of blocks, so calibration can run it block by block."""
+        raise NotImplementedError
+
+    def block_inputs(self, component: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first block's input (T, B, D) and lengths for a batch with features, feature_lengths, labels,
+        label_lengths (labels are needed only by the prediction network)."""
         raise NotImplementedError
 
     def components(self) -> dict[str, nn.Module]:

@@ -21,7 +21,7 @@ from torch import nn
 from asrshrink.audio.features import FeatureConfig
 from asrshrink.audio.text import MLPERF_LABELS, Vocabulary
 from asrshrink.errors import CheckpointError
-from asrshrink.models.base import State, Transducer
+from asrshrink.models.base import Block, State, Transducer
 from asrshrink.models.layers import LSTMStack, stack_time
 from asrshrink.models.registry import register_family
 
@@ -136,6 +136,31 @@ class MlperfRnnt(Transducer):
 
     def components(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
+
+    def blocks(self, component: str) -> list[Block]:
+        def layer_block(prefix: str, i: int, layer: nn.Module) -> Block:
+            return Block(f"{prefix}.layers.{i}", layer, lambda x, lengths: (layer(x)[0], lengths))
+
+        if component == "encoder":
+            factor = self.config.stack_time_factor
+            return ([layer_block("encoder.pre_rnn", i, m) for i, m in enumerate(self.encoder.pre_rnn.layers)]
+                    + [Block("encoder.stack_time", None, lambda x, lengths: stack_time(x, lengths, factor))]
+                    + [layer_block("encoder.post_rnn", i, m) for i, m in enumerate(self.encoder.post_rnn.layers)])
+        if component == "prediction":
+            return [layer_block("prediction.rnn", i, m) for i, m in enumerate(self.prediction.rnn.layers)]
+        raise CheckpointError(f"component {component!r} has no LSTM blocks; choose encoder or prediction")
+
+    def block_inputs(self, component: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        if component == "encoder":
+            return batch["features"].transpose(0, 1), batch["feature_lengths"]
+        if component == "prediction":
+            labels = batch["labels"]
+            start = torch.full((labels.shape[0], 1), self.vocabulary.blank, dtype=labels.dtype)
+            history = torch.cat([start, labels], 1)
+            is_label = history != self.vocabulary.blank
+            x = self.prediction.embed(torch.where(is_label, history, 0)) * is_label.unsqueeze(-1)
+            return x.transpose(0, 1), batch["label_lengths"] + 1
+        raise CheckpointError(f"component {component!r} has no LSTM blocks; choose encoder or prediction")
 
     def flops(self) -> dict[str, int]:
         c = self.config

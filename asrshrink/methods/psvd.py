@@ -1,0 +1,231 @@
+"""PSVD: layer-sequential least-squares post-training of an SVD-compressed LSTM stack, on calibration data,
+without back-propagation.
+
+For every factorised LSTM layer, first to last, the layer's pre-activations are fitted to the uncompressed
+model's: the input side U_x (V_x x~) + b_x to W_x x + b_x, and the recurrent side U_h (V_h h~) + b_h to
+W_h h + b_h, where x, h are the uncompressed model's inputs and hidden states and x~, h~ the compressed
+model's (its inputs come from the already-compressed layers before it). The paper solves for an N x N matrix M
+applied to the compressed pre-activation; M [U b] spans exactly the affine maps of V x~ (when [U b] has full
+column rank), so this module solves for the left factor and bias directly: k + 1 unknowns per output instead
+of N, the same optimum. ``variant="joint"`` fits both sides at once to the summed pre-activation (what the
+gates see). Repeated for several iterations. Statistics are float64 and only the current layer's are alive.
+
+Dimension letters: T frames, B batch, N rows (valid frames), I inputs, H hidden, O = 4H outputs, k rank.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from asrshrink.models.base import Transducer
+from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, lstm_side_weights
+
+VARIANTS = ("paper", "joint")
+
+
+# --- pure math ------------------------------------------------------------------------------------------------
+
+@dataclass
+class RegressionStats:
+    """Sufficient statistics of a least-squares fit target = A z + c over rows (z regressors, float64).
+
+    gram = sum [z;1][z;1]^T, cross = sum [z;1] target^T, energy = sum ||target||^2, rows = count.
+    """
+
+    gram: torch.Tensor
+    cross: torch.Tensor
+    energy: float = 0.0
+    rows: int = 0
+
+    @classmethod
+    def empty(cls, regressors: int, outputs: int) -> "RegressionStats":
+        return cls(torch.zeros(regressors + 1, regressors + 1, dtype=torch.float64),
+                   torch.zeros(regressors + 1, outputs, dtype=torch.float64))
+
+    def add(self, z: torch.Tensor, target: torch.Tensor) -> None:
+        """z (N, k), target (N, O): one batch of rows (products in float32, sums in float64)."""
+        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        self.gram += (z1.T @ z1).double()
+        self.cross += (z1.T @ target).double()
+        self.energy += float(target.double().square().sum())
+        self.rows += z.shape[0]
+
+
+def solve_regression(stats: RegressionStats, ridge: float = 1e-7) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least-squares A (O, k) and c (O,) minimising sum ||A z + c - target||^2 (+ ridge * mean diag * ||A||^2)."""
+    gram = stats.gram.clone()
+    k = gram.shape[0] - 1
+    damp = ridge * float(gram.diagonal()[:k].mean()) if k else 0.0
+    gram[range(k), range(k)] += damp
+    solution = torch.linalg.solve(gram, stats.cross)  # (k+1, O)
+    return solution[:k].T.contiguous(), solution[k].contiguous()
+
+
+def regression_error(stats: RegressionStats, a: torch.Tensor, c: torch.Tensor) -> float:
+    """sum ||A z + c - target||^2 / sum ||target||^2, from the statistics alone."""
+    ac = torch.cat([a.double().T, c.double().unsqueeze(0)], 0)  # (k+1, O)
+    residual = float((ac * (stats.gram @ ac)).sum() - 2 * (ac * stats.cross).sum()) + stats.energy
+    return max(residual, 0.0) / max(stats.energy, 1e-30)
+
+
+def fold_correction(up: torch.Tensor, bias: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The paper's correction M (O, O) applied after U (V x) + b, folded into the factors: (M U, M b)."""
+    return m @ up, m @ bias
+
+
+# --- the layer-sequential driver ----------------------------------------------------------------------------
+
+@dataclass
+class LayerReport:
+    iteration: int
+    layer: str
+    ranks: dict[str, int]
+    rows: int
+    error_before: dict[str, float]
+    error_after: dict[str, float]
+    seconds: float
+
+    def to_json(self) -> dict:
+        return {"iteration": self.iteration, "layer": self.layer, "ranks": self.ranks, "rows": self.rows,
+                "error_before": self.error_before, "error_after": self.error_after, "seconds": self.seconds}
+
+
+@dataclass
+class PsvdConfig:
+    iterations: int = 3
+    variant: str = "paper"
+    ridge: float = 1e-7
+    components: tuple[str, ...] = ("encoder",)
+
+
+Activations = list[tuple[torch.Tensor, torch.Tensor]]  # per calibration batch: (x (T, B, D), lengths (B,))
+
+
+def _shift(h: torch.Tensor) -> torch.Tensor:
+    """Hidden states h_{t-1} for every t: (T, B, H) shifted by one step, zeros first."""
+    return torch.cat([torch.zeros_like(h[:1]), h[:-1]], 0)
+
+
+def _valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """Rows of (T, B, D) at valid frames -> (N, D)."""
+    mask = torch.arange(x.shape[0]).unsqueeze(1) < lengths.unsqueeze(0)
+    return x[mask]
+
+
+def _regressors(side: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x, side.down)
+
+
+def _sides(layer: FactorizedLSTMLayer) -> list[str]:
+    return [s for s in ("ih", "hh") if isinstance(getattr(layer, s), LowRankLinear)]
+
+
+@torch.no_grad()
+def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs: Activations,
+              comp_inputs: Activations, *, variant: str = "paper", ridge: float = 1e-7
+              ) -> tuple[FactorizedLSTMLayer, int, dict[str, float], dict[str, float]]:
+    """One PSVD step on one layer: returns the refitted layer, rows used, relative errors before and after.
+
+    One regression per side ("paper") or one for both sides ("joint"), and per gate when the factors are per
+    gate (rollout). A fit replaces the current factors only if it lowers their error, so the error never rises.
+    """
+    sides = _sides(compressed)
+    members = [sides] if variant == "joint" else [[s] for s in sides]
+    parts = {s: getattr(compressed, s) for s in ("ih", "hh")}
+    groups = parts[sides[0]].groups
+    units = [(m, g) for m in members for g in range(groups)]
+    target_w = lstm_side_weights(original)
+    stats: dict[int, RegressionStats] = {}
+    rows = 0
+    for (x_o, lengths), (x_c, _) in zip(orig_inputs, comp_inputs):
+        h_o, _ = original(x_o)
+        h_c, _ = compressed(x_c)
+        inputs_o = {"ih": _valid(x_o, lengths), "hh": _valid(_shift(h_o), lengths)}
+        inputs_c = {"ih": _valid(x_c, lengths), "hh": _valid(_shift(h_c), lengths)}
+        rows += inputs_o["ih"].shape[0]
+        z_all = {s: _regressors(parts[s], inputs_c[s]) for s in sides}                 # (N, G*r)
+        t_all = {s: torch.nn.functional.linear(inputs_o[s], *target_w[s]) for s in sides}  # (N, O)
+        for u, (unit, g) in enumerate(units):
+            r, o = parts[unit[0]].rank, parts[unit[0]].out_features // groups
+            z = torch.cat([z_all[s][:, g * r:(g + 1) * r] for s in unit], 1)
+            target = sum(t_all[s][:, g * o:(g + 1) * o] for s in unit)
+            if u not in stats:
+                stats[u] = RegressionStats.empty(z.shape[1], target.shape[1])
+            stats[u].add(z, target)
+    ups = {s: parts[s].up.detach().clone() for s in sides}
+    biases = {s: parts[s].bias.detach().clone() for s in sides}
+    energy = {}
+    residual_before, residual_after = {}, {}
+    for u, (unit, g) in enumerate(units):
+        o = parts[unit[0]].out_features // groups
+        rows_g = slice(g * o, (g + 1) * o)
+        current_a = torch.cat([ups[s][g] for s in unit], 1)
+        current_c = sum(biases[s][rows_g] for s in unit)
+        before = regression_error(stats[u], current_a, current_c)
+        a, c = solve_regression(stats[u], ridge)
+        fitted = regression_error(stats[u], a, c)
+        key = "+".join(unit)
+        energy[key] = energy.get(key, 0.0) + stats[u].energy
+        residual_before[key] = residual_before.get(key, 0.0) + before * stats[u].energy
+        residual_after[key] = residual_after.get(key, 0.0) + min(before, fitted) * stats[u].energy
+        if fitted >= before:
+            continue
+        offset = 0
+        for i, s in enumerate(unit):
+            r = parts[s].rank
+            ups[s][g] = a[:, offset:offset + r].to(ups[s].dtype)
+            biases[s][rows_g] = c.to(biases[s].dtype) if i == 0 else 0.0
+            offset += r
+    for s in sides:
+        new = LowRankLinear(parts[s].in_features, parts[s].out_features, parts[s].rank, groups=groups)
+        new.down.copy_(parts[s].down)
+        new.up.copy_(ups[s])
+        new.bias.copy_(biases[s])
+        parts[s] = new
+    before = {k: residual_before[k] / max(energy[k], 1e-30) for k in energy}
+    after = {k: residual_after[k] / max(energy[k], 1e-30) for k in energy}
+    return FactorizedLSTMLayer(parts["ih"], parts["hh"], compressed.hidden_size), rows, before, after
+
+
+LayerHook = Callable[[LayerReport, Transducer, int, int], None]
+
+
+@torch.no_grad()
+def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
+         config: PsvdConfig, *, on_layer: LayerHook | None = None, start: tuple[int, int] = (0, 0)
+         ) -> list[LayerReport]:
+    """Refit every factorised LSTM layer of ``compressed`` (in place) to ``original`` on calibration batches.
+
+    batches: dicts with features (B, T, F), feature_lengths, labels, label_lengths. ``on_layer(report, model,
+    iteration, block)`` is called after each layer (for logging and resumable checkpoints); ``start`` =
+    (iteration, block) skips the fits before it (their results are already in ``compressed``).
+    """
+    reports = []
+    for iteration in range(config.iterations):
+        for component in config.components:
+            orig_acts = [original.block_inputs(component, b) for b in batches]
+            comp_acts = [compressed.block_inputs(component, b) for b in batches]
+            for j in range(len(original.blocks(component))):
+                o_block = original.blocks(component)[j]
+                c_block = compressed.blocks(component)[j]
+                layer = c_block.layer
+                if isinstance(layer, FactorizedLSTMLayer) and _sides(layer) and (iteration, j) >= start:
+                    started = time.perf_counter()
+                    new, rows, before, after = fit_layer(o_block.layer, layer, orig_acts, comp_acts,
+                                                         variant=config.variant, ridge=config.ridge)
+                    compressed.set_submodule(c_block.name, new)
+                    c_block = compressed.blocks(component)[j]
+                    report = LayerReport(iteration + 1, c_block.name,
+                                         {s: getattr(new, s).rank for s in _sides(new)}, rows, before, after,
+                                         time.perf_counter() - started)
+                    reports.append(report)
+                    if on_layer:
+                        on_layer(report, compressed, iteration, j)
+                orig_acts = [o_block.run(x, n) for x, n in orig_acts]
+                comp_acts = [c_block.run(x, n) for x, n in comp_acts]
+    return reports
