@@ -192,10 +192,40 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
     return FactorizedLSTMLayer(parts["ih"], parts["hh"], compressed.hidden_size), rows, before, after
 
 
-LayerHook = Callable[[LayerReport, Transducer, int, int], None]
+Visit = Callable[[nn.Module, str, nn.Module, Activations, Activations, int], nn.Module | None]
 
 
 @torch.no_grad()
+def walk_layers(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
+                components: tuple[str, ...], visit: Visit, *, skip: Callable[[int], bool] = lambda j: False
+                ) -> None:
+    """Run ``original`` and ``compressed`` block by block over calibration batches, side by side.
+
+    At LSTM layer j, ``visit(original_layer, name, compressed_layer, original_inputs, compressed_inputs, j)``
+    may return a replacement for the compressed layer, which is swapped in before its outputs feed the next
+    block. Only the current block's activations are alive. Blocks are numbered across all components in
+    order; ``skip(j)`` skips the visit of block j.
+    """
+    index = -1
+    for component in components:
+        orig_acts = [original.block_inputs(component, b) for b in batches]
+        comp_acts = [compressed.block_inputs(component, b) for b in batches]
+        for j in range(len(original.blocks(component))):
+            index += 1
+            o_block = original.blocks(component)[j]
+            c_block = compressed.blocks(component)[j]
+            if c_block.layer is not None and not skip(index):
+                new = visit(o_block.layer, c_block.name, c_block.layer, orig_acts, comp_acts, index)
+                if new is not None:
+                    compressed.set_submodule(c_block.name, new)
+                    c_block = compressed.blocks(component)[j]
+            orig_acts = [o_block.run(x, n) for x, n in orig_acts]
+            comp_acts = [c_block.run(x, n) for x, n in comp_acts]
+
+
+LayerHook = Callable[[LayerReport, Transducer, int, int], None]
+
+
 def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
          config: PsvdConfig, *, on_layer: LayerHook | None = None, start: tuple[int, int] = (0, 0)
          ) -> list[LayerReport]:
@@ -205,27 +235,25 @@ def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, t
     iteration, block)`` is called after each layer (for logging and resumable checkpoints); ``start`` =
     (iteration, block) skips the fits before it (their results are already in ``compressed``).
     """
-    reports = []
+    if config.variant not in VARIANTS:
+        raise ValueError(f"unknown PSVD variant {config.variant!r}; choose one of {', '.join(VARIANTS)}")
+    reports: list[LayerReport] = []
     for iteration in range(config.iterations):
-        for component in config.components:
-            orig_acts = [original.block_inputs(component, b) for b in batches]
-            comp_acts = [compressed.block_inputs(component, b) for b in batches]
-            for j in range(len(original.blocks(component))):
-                o_block = original.blocks(component)[j]
-                c_block = compressed.blocks(component)[j]
-                layer = c_block.layer
-                if isinstance(layer, FactorizedLSTMLayer) and _sides(layer) and (iteration, j) >= start:
-                    started = time.perf_counter()
-                    new, rows, before, after = fit_layer(o_block.layer, layer, orig_acts, comp_acts,
-                                                         variant=config.variant, ridge=config.ridge)
-                    compressed.set_submodule(c_block.name, new)
-                    c_block = compressed.blocks(component)[j]
-                    report = LayerReport(iteration + 1, c_block.name,
-                                         {s: getattr(new, s).rank for s in _sides(new)}, rows, before, after,
-                                         time.perf_counter() - started)
-                    reports.append(report)
-                    if on_layer:
-                        on_layer(report, compressed, iteration, j)
-                orig_acts = [o_block.run(x, n) for x, n in orig_acts]
-                comp_acts = [c_block.run(x, n) for x, n in comp_acts]
+        def visit(o_layer, name, c_layer, orig_acts, comp_acts, block):
+            if not isinstance(c_layer, FactorizedLSTMLayer) or not _sides(c_layer):
+                return None
+            started = time.perf_counter()
+            new, rows, before, after = fit_layer(o_layer, c_layer, orig_acts, comp_acts, variant=config.variant,
+                                                 ridge=config.ridge)
+            report = LayerReport(iteration + 1, name, {s: getattr(new, s).rank for s in _sides(new)}, rows,
+                                 before, after, time.perf_counter() - started)
+            reports.append(report)
+            compressed.set_submodule(name, new)
+            if on_layer:
+                on_layer(report, compressed, iteration, block)
+            return new
+
+        walk_layers(original, compressed, batches, config.components, visit,
+                    skip=lambda j, it=iteration: (it, j) < start)
     return reports
+

@@ -1,0 +1,100 @@
+"""Run records of compressing commands: ``report.json`` (versioned schema) and ``report.md``.
+
+Schema ``asrshrink.report/1`` (every key always present; null where not measured):
+  schema, command, asrshrink_version, created (UTC ISO 8601), seconds (wall time of the whole run),
+  source {path, sha256, family}, output {path, sha256},
+  options {...the command's options...},
+  before / after {params, bytes, params_by_component, bytes_by_component, flops},
+  compression_ratio {model, by_component}: parameters before / after,
+  layers [per-layer rows from the method: name, side, shape, rank, status, and for post-training the
+          relative pre-activation errors before/after and seconds],
+  eval {data, num_utterances, num_words, before {wer, cer}, after {wer, cer}} or null.
+"""
+
+from __future__ import annotations
+
+import datetime
+from pathlib import Path
+from typing import Any
+
+import asrshrink
+from asrshrink.io import sha256_file, write_json_atomic, write_text_atomic
+
+SCHEMA = "asrshrink.report/1"
+
+
+def build_report(command: str, *, source: dict, output: Path, options: dict, before: dict, after: dict,
+                 layers: list[dict], seconds: float, evaluation: dict | None = None) -> dict[str, Any]:
+    def sizes(d: dict) -> dict:
+        return {k: d[k] for k in ("params", "bytes", "params_by_component", "bytes_by_component", "flops")}
+
+    ratio_by = {name: before["params_by_component"][name] / max(after["params_by_component"][name], 1)
+                for name in before["params_by_component"]}
+    return {
+        "schema": SCHEMA,
+        "command": command,
+        "asrshrink_version": asrshrink.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "seconds": seconds,
+        "source": source,
+        "output": {"path": str(output), "sha256": sha256_file(output)},
+        "options": options,
+        "before": sizes(before),
+        "after": sizes(after),
+        "compression_ratio": {"model": before["params"] / max(after["params"], 1), "by_component": ratio_by},
+        "layers": layers,
+        "eval": evaluation,
+    }
+
+
+def render_markdown(report: dict) -> str:
+    b, a = report["before"], report["after"]
+    lines = [f"# asrshrink {report['command']}", "",
+             f"Source `{report['source']['path']}` (sha256 `{report['source']['sha256'][:16]}…`, "
+             f"{report['source']['family']}), written by asrshrink {report['asrshrink_version']} on "
+             f"{report['created']} in {report['seconds']:.1f} s.", "",
+             "Options: " + ", ".join(f"`{k}={v}`" for k, v in report["options"].items()), "",
+             "| component | params before | params after | ratio | MB before | MB after |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name in b["params_by_component"]:
+        lines.append(f"| {name} | {b['params_by_component'][name]:,} | {a['params_by_component'][name]:,} | "
+                     f"{report['compression_ratio']['by_component'][name]:.2f} | "
+                     f"{b['bytes_by_component'][name] / 1e6:.2f} | {a['bytes_by_component'][name] / 1e6:.2f} |")
+    lines.append(f"| **total** | {b['params']:,} | {a['params']:,} | {report['compression_ratio']['model']:.2f} | "
+                 f"{b['bytes'] / 1e6:.2f} | {a['bytes'] / 1e6:.2f} |")
+    fb, fa = b["flops"]["encoder_per_frame"], a["flops"]["encoder_per_frame"]
+    lines += ["", f"Encoder FLOPs per frame: {fb / 1e6:.2f} M -> {fa / 1e6:.2f} M ({fb / max(fa, 1):.2f}x fewer).",
+              ""]
+    if report["eval"]:
+        e = report["eval"]
+        lines += [f"WER on `{e['data']}` ({e['num_utterances']} utterances, {e['num_words']} words): "
+                  f"{e['before']['wer']:.2f} % before, {e['after']['wer']:.2f} % after "
+                  f"(CER {e['before']['cer']:.2f} % -> {e['after']['cer']:.2f} %).", ""]
+    if report["layers"]:
+        keys = [k for k in report["layers"][0] if k not in ("error_before", "error_after")]
+        has_errors = "error_before" in report["layers"][0]
+        header = keys + (["error before", "error after"] if has_errors else [])
+        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        for row in report["layers"]:
+            cells = [_cell(row[k]) for k in keys]
+            if has_errors:
+                cells += [_errors(row["error_before"]), _errors(row["error_after"])]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.2f}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v}" for k, v in value.items())
+    return "" if value is None else str(value)
+
+
+def _errors(errors: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
+
+
+def write_report(out_dir: Path, report: dict) -> None:
+    write_json_atomic(out_dir / "report.json", report)
+    write_text_atomic(out_dir / "report.md", render_markdown(report))
