@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from asrshrink.calibrate import Activations, shift, valid_rows, walk_layers
 from asrshrink.models.base import Transducer
 from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, lstm_side_weights
 
@@ -103,20 +104,6 @@ class PsvdConfig:
     components: tuple[str, ...] = ("encoder",)
 
 
-Activations = list[tuple[torch.Tensor, torch.Tensor]]  # per calibration batch: (x (T, B, D), lengths (B,))
-
-
-def _shift(h: torch.Tensor) -> torch.Tensor:
-    """Hidden states h_{t-1} for every t: (T, B, H) shifted by one step, zeros first."""
-    return torch.cat([torch.zeros_like(h[:1]), h[:-1]], 0)
-
-
-def _valid(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-    """Rows of (T, B, D) at valid frames -> (N, D)."""
-    mask = torch.arange(x.shape[0]).unsqueeze(1) < lengths.unsqueeze(0)
-    return x[mask]
-
-
 def _regressors(side: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, side.down)
 
@@ -145,8 +132,8 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
     for (x_o, lengths), (x_c, _) in zip(orig_inputs, comp_inputs):
         h_o, _ = original(x_o)
         h_c, _ = compressed(x_c)
-        inputs_o = {"ih": _valid(x_o, lengths), "hh": _valid(_shift(h_o), lengths)}
-        inputs_c = {"ih": _valid(x_c, lengths), "hh": _valid(_shift(h_c), lengths)}
+        inputs_o = {"ih": valid_rows(x_o, lengths), "hh": valid_rows(shift(h_o), lengths)}
+        inputs_c = {"ih": valid_rows(x_c, lengths), "hh": valid_rows(shift(h_c), lengths)}
         rows += inputs_o["ih"].shape[0]
         z_all = {s: _regressors(parts[s], inputs_c[s]) for s in sides}                 # (N, G*r)
         t_all = {s: torch.nn.functional.linear(inputs_o[s], *target_w[s]) for s in sides}  # (N, O)
@@ -190,37 +177,6 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
     before = {k: residual_before[k] / max(energy[k], 1e-30) for k in energy}
     after = {k: residual_after[k] / max(energy[k], 1e-30) for k in energy}
     return FactorizedLSTMLayer(parts["ih"], parts["hh"], compressed.hidden_size), rows, before, after
-
-
-Visit = Callable[[nn.Module, str, nn.Module, Activations, Activations, int], nn.Module | None]
-
-
-@torch.no_grad()
-def walk_layers(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
-                components: tuple[str, ...], visit: Visit, *, skip: Callable[[int], bool] = lambda j: False
-                ) -> None:
-    """Run ``original`` and ``compressed`` block by block over calibration batches, side by side.
-
-    At LSTM layer j, ``visit(original_layer, name, compressed_layer, original_inputs, compressed_inputs, j)``
-    may return a replacement for the compressed layer, which is swapped in before its outputs feed the next
-    block. Only the current block's activations are alive. Blocks are numbered across all components in
-    order; ``skip(j)`` skips the visit of block j.
-    """
-    index = -1
-    for component in components:
-        orig_acts = [original.block_inputs(component, b) for b in batches]
-        comp_acts = [compressed.block_inputs(component, b) for b in batches]
-        for j in range(len(original.blocks(component))):
-            index += 1
-            o_block = original.blocks(component)[j]
-            c_block = compressed.blocks(component)[j]
-            if c_block.layer is not None and not skip(index):
-                new = visit(o_block.layer, c_block.name, c_block.layer, orig_acts, comp_acts, index)
-                if new is not None:
-                    compressed.set_submodule(c_block.name, new)
-                    c_block = compressed.blocks(component)[j]
-            orig_acts = [o_block.run(x, n) for x, n in orig_acts]
-            comp_acts = [c_block.run(x, n) for x, n in comp_acts]
 
 
 LayerHook = Callable[[LayerReport, Transducer, int, int], None]

@@ -123,27 +123,82 @@ def choose_ranks(model: Transducer, components: list[str], *, threshold: float |
     return choices
 
 
-def svd_compress(model: Transducer, choices: list[SideChoice], *, mode: str = "stacked",
-                 scales: dict[tuple[str, str], torch.Tensor] | None = None) -> Transducer:
-    """A copy of ``model`` whose chosen LSTM sides are truncated-SVD factorised (``scales``: data-aware)."""
-    groups = MODES[mode]
-    new = copy.deepcopy(model)
-    by_layer: dict[str, dict[str, SideChoice]] = {}
+def factorize_layer(layer: nn.Module, sides: dict[str, SideChoice], groups: int,
+                    scales: dict[str, torch.Tensor] | None = None) -> FactorizedLSTMLayer | None:
+    """The factorised version of one LSTM layer per its side choices (None when every side stays dense)."""
+    if all(c.rank is None for c in sides.values()):
+        return None
+    weights = lstm_side_weights(layer)
+    parts = {}
+    for side in ("ih", "hh"):
+        weight, bias = weights[side]
+        choice = sides.get(side)
+        if choice is None or choice.rank is None:
+            parts[side] = dense_linear(weight, bias)
+        else:
+            scale = None if scales is None else scales.get(side)
+            parts[side] = lowrank_from_svd(weight, bias, choice.rank, groups=groups, scale=scale)
+    return FactorizedLSTMLayer(parts["ih"], parts["hh"], layer.hidden_size)
+
+
+def _by_layer(choices: list[SideChoice]) -> dict[str, dict[str, SideChoice]]:
+    out: dict[str, dict[str, SideChoice]] = {}
     for choice in choices:
-        by_layer.setdefault(choice.layer, {})[choice.side] = choice
-    for layer_name, sides in by_layer.items():
-        if all(c.rank is None for c in sides.values()):
-            continue
-        old = new.get_submodule(layer_name)
-        weights = lstm_side_weights(old)
-        parts = {}
-        for side in ("ih", "hh"):
-            weight, bias = weights[side]
-            choice = sides.get(side)
-            if choice is None or choice.rank is None:
-                parts[side] = dense_linear(weight, bias)
-            else:
-                scale = None if scales is None else scales.get((layer_name, side))
-                parts[side] = lowrank_from_svd(weight, bias, choice.rank, groups=groups, scale=scale)
-        new.set_submodule(layer_name, FactorizedLSTMLayer(parts["ih"], parts["hh"], old.hidden_size))
+        out.setdefault(choice.layer, {})[choice.side] = choice
+    return out
+
+
+def svd_compress(model: Transducer, choices: list[SideChoice], *, mode: str = "stacked") -> Transducer:
+    """A copy of ``model`` whose chosen LSTM sides are truncated-SVD factorised."""
+    new = copy.deepcopy(model)
+    for layer_name, sides in _by_layer(choices).items():
+        replacement = factorize_layer(new.get_submodule(layer_name), sides, MODES[mode])
+        if replacement is not None:
+            new.set_submodule(layer_name, replacement)
     return new.eval()
+
+
+def cholesky_scale(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
+    """Lower Cholesky factor of a second-moment matrix, damped by ``damping`` x its mean diagonal."""
+    gram = gram.to(torch.float64)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    jitter = damping * float(gram.diagonal().mean().clamp(min=1e-30))
+    for _ in range(6):
+        factor, info = torch.linalg.cholesky_ex(gram + jitter * eye)
+        if int(info) == 0:
+            return factor
+        jitter *= 100
+    raise ValueError("calibration second moment is not positive definite")
+
+
+@torch.no_grad()
+def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batches: list[dict[str, torch.Tensor]],
+                            *, mode: str = "stacked") -> Transducer:
+    """SVD truncation that minimises each layer's output error on calibration inputs (SVD of W S).
+
+    Layers are factorised first to last; a layer's input statistics come from the already-compressed layers
+    before it, its recurrent statistics from the original layer's hidden states on those inputs.
+    """
+    from asrshrink.calibrate import shift, valid_rows, walk_layers
+
+    by_layer = _by_layer(choices)
+    components = tuple(dict.fromkeys(c.layer.split(".")[0] for c in choices))
+    compressed = copy.deepcopy(model).eval()
+
+    def visit(o_layer, name, c_layer, orig_acts, comp_acts, index):
+        sides = by_layer.get(name)
+        if not sides or all(c.rank is None for c in sides.values()):
+            return None
+        grams = {"ih": 0.0, "hh": 0.0}
+        rows = 0
+        for x, lengths in comp_acts:
+            h, _ = o_layer(x)
+            xs, hs = valid_rows(x, lengths), valid_rows(shift(h), lengths)
+            grams["ih"] = grams["ih"] + (xs.T @ xs).double()
+            grams["hh"] = grams["hh"] + (hs.T @ hs).double()
+            rows += xs.shape[0]
+        scales = {side: cholesky_scale(grams[side] / max(rows, 1)) for side in grams}
+        return factorize_layer(o_layer, sides, MODES[mode], scales)
+
+    walk_layers(model, compressed, batches, components, visit)
+    return compressed.eval()
