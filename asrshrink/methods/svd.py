@@ -75,38 +75,53 @@ def dense_linear(weight: torch.Tensor, bias: torch.Tensor) -> nn.Linear:
 
 @dataclass(frozen=True)
 class SideChoice:
-    """What happens to one side (ih or hh) of one LSTM layer."""
+    """What happens to one weight of one layer: an LSTM side ("ih", "hh") or a Linear ("linear")."""
 
-    layer: str
+    layer: str            # dotted module name in the model
     side: str
-    rows: int
-    cols: int
+    rows: int             # O
+    cols: int             # I
+    groups: int           # 1, or 4 for per-gate (rollout) factors of an LSTM side
     rank: int | None      # None: kept dense
-    reason: str           # "factorised", "no saving at this rank", ...
+    reason: str
 
-    def params(self, groups: int) -> int:
+    @property
+    def params(self) -> int:
+        """Weight parameters after the choice (biases not counted)."""
         if self.rank is None:
             return self.rows * self.cols
-        return self.rank * (groups * self.cols + self.rows)
+        return self.rank * (self.groups * self.cols + self.rows)
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "side": self.side, "shape": [self.rows, self.cols], "groups": self.groups,
+                "rank": self.rank, "status": self.reason}
 
 
 def choose_ranks(model: Transducer, components: list[str], *, threshold: float | None = None,
                  rank: int | None = None, mode: str = "stacked",
-                 ranks: dict[tuple[str, str], int] | None = None) -> list[SideChoice]:
-    """Per LSTM side of the chosen components: the rank to keep, or None where factorising would not save."""
+                 ranks: dict[tuple[str, str], int | None] | None = None) -> list[SideChoice]:
+    """For each LSTM side and Linear of the chosen components: the rank to keep (by ``ranks``, else ``rank``,
+    else ``threshold``), or None where factorising would not save parameters."""
     if mode not in MODES:
         raise AsrshrinkError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
-    groups = MODES[mode]
     known = model.components()
     unknown = [c for c in components if c not in known]
     if unknown:
         raise AsrshrinkError(f"unknown component(s) {unknown}; this model has {', '.join(known)}")
+    paths = {id(m): n for n, m in model.named_modules()}
     choices = []
     for component in components:
-        for name, layer in named_lstm_layers(known[component]):
-            full = f"{component}.{name}" if name else component
-            for side, (weight, _) in lstm_side_weights(layer).items():
-                rows, cols = weight.shape[0] // groups, weight.shape[1]
+        prefix = paths[id(known[component])]
+        lstm_names = {name for name, _ in named_lstm_layers(known[component])}
+        for name, layer in _factorisable(known[component]):
+            full = f"{prefix}.{name}" if name else prefix
+            if name in lstm_names:
+                sides = {side: w.shape for side, (w, _) in lstm_side_weights(layer).items()}
+                groups = MODES[mode]
+            else:
+                sides, groups = {"linear": layer.weight.shape}, 1
+            for side, (out_rows, cols) in sides.items():
+                rows = out_rows // groups
                 if ranks is not None:
                     r = ranks.get((full, side))
                 elif rank is not None:
@@ -114,20 +129,33 @@ def choose_ranks(model: Transducer, components: list[str], *, threshold: float |
                 else:
                     r = rank_for_threshold(rows, cols, threshold)
                 if r is None:
-                    choices.append(SideChoice(full, side, weight.shape[0], cols, None, "kept dense by the budget"))
+                    reason = "kept dense by the budget"
                 elif not factorisation_saves(rows, cols, r):
-                    choices.append(SideChoice(full, side, weight.shape[0], cols, None,
-                                              f"rank {r} >= {rows}x{cols}/({rows}+{cols}): no saving, kept dense"))
+                    reason, r = f"rank {r} >= {rows}x{cols}/({rows}+{cols}): no saving, kept dense", None
                 else:
-                    choices.append(SideChoice(full, side, weight.shape[0], cols, r, "factorised"))
+                    reason = "factorised"
+                choices.append(SideChoice(full, side, out_rows, cols, groups, r, reason))
     return choices
 
 
-def factorize_layer(layer: nn.Module, sides: dict[str, SideChoice], groups: int,
+def _factorisable(component: nn.Module) -> list[tuple[str, nn.Module]]:
+    """LSTM layers and plain Linear layers of a component (not the Linears inside factorised LSTM layers)."""
+    lstms = named_lstm_layers(component)
+    inside = tuple(name + "." for name, _ in lstms)
+    linears = [(n, m) for n, m in component.named_modules()
+               if type(m) is nn.Linear and not n.startswith(inside)]
+    return sorted(lstms + linears, key=lambda item: [n for n, _ in component.named_modules()].index(item[0]))
+
+
+def factorize_layer(layer: nn.Module, sides: dict[str, SideChoice],
                     scales: dict[str, torch.Tensor] | None = None) -> FactorizedLSTMLayer | None:
-    """The factorised version of one LSTM layer per its side choices (None when every side stays dense)."""
+    """The factorised version of one LSTM layer (or Linear, side "linear") per its side choices (None when
+    every side stays dense)."""
     if all(c.rank is None for c in sides.values()):
         return None
+    if "linear" in sides:
+        return lowrank_from_svd(layer.weight.detach(), _bias(layer), sides["linear"].rank,
+                                scale=None if scales is None else scales.get("linear"))
     weights = lstm_side_weights(layer)
     parts = {}
     for side in ("ih", "hh"):
@@ -137,8 +165,12 @@ def factorize_layer(layer: nn.Module, sides: dict[str, SideChoice], groups: int,
             parts[side] = dense_linear(weight, bias)
         else:
             scale = None if scales is None else scales.get(side)
-            parts[side] = lowrank_from_svd(weight, bias, choice.rank, groups=groups, scale=scale)
+            parts[side] = lowrank_from_svd(weight, bias, choice.rank, groups=choice.groups, scale=scale)
     return FactorizedLSTMLayer(parts["ih"], parts["hh"], layer.hidden_size)
+
+
+def _bias(layer: nn.Linear) -> torch.Tensor:
+    return layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
 
 
 def _by_layer(choices: list[SideChoice]) -> dict[str, dict[str, SideChoice]]:
@@ -148,11 +180,11 @@ def _by_layer(choices: list[SideChoice]) -> dict[str, dict[str, SideChoice]]:
     return out
 
 
-def svd_compress(model: Transducer, choices: list[SideChoice], *, mode: str = "stacked") -> Transducer:
+def svd_compress(model: Transducer, choices: list[SideChoice]) -> Transducer:
     """A copy of ``model`` whose chosen LSTM sides are truncated-SVD factorised."""
     new = copy.deepcopy(model)
     for layer_name, sides in _by_layer(choices).items():
-        replacement = factorize_layer(new.get_submodule(layer_name), sides, MODES[mode])
+        replacement = factorize_layer(new.get_submodule(layer_name), sides)
         if replacement is not None:
             new.set_submodule(layer_name, replacement)
     return new.eval()
@@ -172,8 +204,8 @@ def cholesky_scale(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
 
 
 @torch.no_grad()
-def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batches: list[dict[str, torch.Tensor]],
-                            *, mode: str = "stacked") -> Transducer:
+def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batches: list[dict[str, torch.Tensor]]
+                            ) -> Transducer:
     """SVD truncation that minimises each layer's output error on calibration inputs (SVD of W S).
 
     Layers are factorised first to last; a layer's input statistics come from the already-compressed layers
@@ -182,11 +214,13 @@ def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batche
     from asrshrink.calibrate import shift, valid_rows, walk_layers
 
     by_layer = _by_layer(choices)
-    components = tuple(dict.fromkeys(c.layer.split(".")[0] for c in choices))
+    lstm_layers = {c.layer for c in choices if c.side != "linear"}
+    components = tuple(name for name, module in model.components().items()
+                       if any(n in lstm_layers for n, _ in _walkable(model, name)))
     compressed = copy.deepcopy(model).eval()
 
     def visit(o_layer, name, c_layer, orig_acts, comp_acts, index):
-        sides = by_layer.get(name)
+        sides = {k: v for k, v in by_layer.get(name, {}).items() if k != "linear"}
         if not sides or all(c.rank is None for c in sides.values()):
             return None
         grams = {"ih": 0.0, "hh": 0.0}
@@ -198,7 +232,20 @@ def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batche
             grams["hh"] = grams["hh"] + (hs.T @ hs).double()
             rows += xs.shape[0]
         scales = {side: cholesky_scale(grams[side] / max(rows, 1)) for side in grams}
-        return factorize_layer(o_layer, sides, MODES[mode], scales)
+        return factorize_layer(o_layer, sides, scales)
 
     walk_layers(model, compressed, batches, components, visit)
+    # Linear layers (the joint) have no calibration walk: they get plain truncation.
+    for layer_name, sides in by_layer.items():
+        if "linear" in sides:
+            replacement = factorize_layer(compressed.get_submodule(layer_name), sides)
+            if replacement is not None:
+                compressed.set_submodule(layer_name, replacement)
     return compressed.eval()
+
+
+def _walkable(model: Transducer, component: str) -> list[tuple[str, nn.Module]]:
+    try:
+        return [(b.name, b.layer) for b in model.blocks(component)]
+    except AsrshrinkError:
+        return []

@@ -63,7 +63,7 @@ def test_full_rank_factorised_model_computes_the_same_function():
     model = tiny()
     choices = choose_ranks(model, ["encoder", "prediction"], threshold=1.0)
     # at full rank nothing saves, so force factorisation to check the computation itself
-    forced = [c.__class__(c.layer, c.side, c.rows, c.cols, min(c.rows, c.cols), "forced") for c in choices]
+    forced = [c.__class__(c.layer, c.side, c.rows, c.cols, 1, min(c.rows, c.cols), "forced") for c in choices]
     compressed = svd_compress(model, forced)
     assert all(isinstance(layer, FactorizedLSTMLayer) for _, layer in named_lstm_layers(compressed))
     feats = torch.randn(2, 15, 240)
@@ -83,7 +83,7 @@ def test_threshold_compression_reduces_parameters_and_flops_and_round_trips(tmp_
     compressed = svd_compress(model, choices)
     before = sum(p.numel() for p in model.encoder.parameters())
     after = sum(p.numel() for p in compressed.encoder.parameters())
-    predicted = sum(c.params(1) + c.rows for c in choices)  # + one bias per side
+    predicted = sum(c.params + c.rows for c in choices)  # + one bias per side
     assert after == predicted < before
     assert compressed.flops()["encoder"] < model.flops()["encoder"]
     save_model(compressed, tmp_path)
@@ -97,7 +97,7 @@ def test_threshold_compression_reduces_parameters_and_flops_and_round_trips(tmp_
 def test_rollout_factorises_each_gate():
     model = tiny()
     choices = choose_ranks(model, ["encoder"], rank=3, mode="rollout")
-    compressed = svd_compress(model, choices, mode="rollout")
+    compressed = svd_compress(model, choices)
     side = compressed.encoder.post_rnn.layers[1].hh
     assert isinstance(side, LowRankLinear) and side.groups == 4 and side.rank == 3
     assert side.up.shape == (4, 24, 3) and side.down.shape == (12, 24)
