@@ -6,8 +6,9 @@ Schema ``asrshrink.report/1`` (every key always present; null where not measured
   options {...the command's options...},
   before / after {params, bytes, params_by_component, bytes_by_component, flops},
   compression_ratio {model, by_component}: parameters before / after,
-  layers [per-layer rows from the method: name, side, shape, rank, status, and for post-training the
-          relative pre-activation errors before/after and seconds],
+  layers [one row per weight the method considered: layer, side, shape, groups, rank, status],
+  post_training [one row per refitted layer and iteration: iteration, layer, ranks, rows, error_before,
+                 error_after (relative pre-activation errors on the calibration data), seconds] (empty if none),
   eval {data, num_utterances, num_words, before {wer, cer}, after {wer, cer}} or null.
 """
 
@@ -24,7 +25,8 @@ SCHEMA = "asrshrink.report/1"
 
 
 def build_report(command: str, *, source: dict, output: Path, options: dict, before: dict, after: dict,
-                 layers: list[dict], seconds: float, evaluation: dict | None = None) -> dict[str, Any]:
+                 layers: list[dict], seconds: float, post_training: list[dict] | None = None,
+                 evaluation: dict | None = None) -> dict[str, Any]:
     def sizes(d: dict) -> dict:
         return {k: d[k] for k in ("params", "bytes", "params_by_component", "bytes_by_component", "flops")}
 
@@ -43,6 +45,7 @@ def build_report(command: str, *, source: dict, output: Path, options: dict, bef
         "after": sizes(after),
         "compression_ratio": {"model": before["params"] / max(after["params"], 1), "by_component": ratio_by},
         "layers": layers,
+        "post_training": post_training or [],
         "eval": evaluation,
     }
 
@@ -71,15 +74,18 @@ def render_markdown(report: dict) -> str:
                   f"{e['before']['wer']:.2f} % before, {e['after']['wer']:.2f} % after "
                   f"(CER {e['before']['cer']:.2f} % -> {e['after']['cer']:.2f} %).", ""]
     if report["layers"]:
-        keys = [k for k in report["layers"][0] if k not in ("error_before", "error_after")]
-        has_errors = "error_before" in report["layers"][0]
-        header = keys + (["error before", "error after"] if has_errors else [])
-        lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| layer | side | shape | rank | status |", "| --- | --- | --- | ---: | --- |"]
         for row in report["layers"]:
-            cells = [_cell(row[k]) for k in keys]
-            if has_errors:
-                cells += [_errors(row["error_before"]), _errors(row["error_after"])]
-            lines.append("| " + " | ".join(cells) + " |")
+            lines.append(f"| {row['layer']} | {row['side']} | {row['shape'][0]}x{row['shape'][1]}"
+                         f"{' (per gate)' if row['groups'] > 1 else ''} | {_cell(row['rank'])} | {row['status']} |")
+        lines.append("")
+    if report["post_training"]:
+        lines += ["Post-training (relative pre-activation error on the calibration data):", "",
+                  "| iteration | layer | ranks | rows | error before | error after | seconds |",
+                  "| ---: | --- | --- | ---: | --- | --- | ---: |"]
+        for row in report["post_training"]:
+            lines.append(f"| {row['iteration']} | {row['layer']} | {_cell(row['ranks'])} | {row['rows']} | "
+                         f"{_errors(row['error_before'])} | {_errors(row['error_after'])} | {row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -186,5 +186,8 @@ def main() -> None:
     app()
 
 
+from asrshrink.cli import compress  # noqa: E402,F401  (registers svd and psvd on the app)
+
+
 if __name__ == "__main__":
     main()

@@ -96,8 +96,11 @@ class LayerReport:
                 "error_before": self.error_before, "error_after": self.error_after, "seconds": self.seconds}
 
 
-@dataclass
+@dataclass(frozen=True)
 class PsvdConfig:
+    """PSVD post-training: ``iterations`` passes over the layers, first to last; ``variant`` "paper" fits each
+    side on its own, "joint" fits both sides to the summed pre-activation."""
+
     iterations: int = 3
     variant: str = "paper"
     ridge: float = 1e-7
@@ -138,8 +141,8 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
         z_all = {s: _regressors(parts[s], inputs_c[s]) for s in sides}                 # (N, G*r)
         t_all = {s: torch.nn.functional.linear(inputs_o[s], *target_w[s]) for s in sides}  # (N, O)
         for u, (unit, g) in enumerate(units):
-            r, o = parts[unit[0]].rank, parts[unit[0]].out_features // groups
-            z = torch.cat([z_all[s][:, g * r:(g + 1) * r] for s in unit], 1)
+            o = parts[unit[0]].out_features // groups
+            z = torch.cat([z_all[s][:, g * parts[s].rank:(g + 1) * parts[s].rank] for s in unit], 1)
             target = sum(t_all[s][:, g * o:(g + 1) * o] for s in unit)
             if u not in stats:
                 stats[u] = RegressionStats.empty(z.shape[1], target.shape[1])

@@ -1,0 +1,147 @@
+"""The ``svd`` and ``psvd`` commands: options -> configs -> ``asrshrink.compress.run`` -> a summary."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from asrshrink.cli.main import ModelArg, app, err, handle_errors, progress_bar
+
+COMPONENTS = {"encoder": ("encoder",), "prediction": ("prediction",), "joint": ("joint",),
+              "all": ("encoder", "prediction", "joint")}
+
+Out = Annotated[Path, typer.Option("-o", "--output", help="Output directory (model.safetensors, report.json, "
+                                                          "report.md).")]
+Threshold = Annotated[float, typer.Option("--rank-threshold", help="Keep the top ceil(T * min(m, n)) singular "
+                                                                   "values of each weight matrix.")]
+Rank = Annotated[Optional[int], typer.Option(help="An explicit rank for every matrix (overrides the threshold).")]
+Mode = Annotated[str, typer.Option(help="stacked: the four gates as one matrix (the paper's default); rollout: "
+                                        "each gate on its own.")]
+Components = Annotated[str, typer.Option(help="encoder, prediction, joint or all.")]
+DataAware = Annotated[bool, typer.Option("--data-aware/--plain", help="Truncate W S instead of W, with S the "
+                                                                      "Cholesky factor of the calibration inputs' "
+                                                                      "second moment (needs --calib).")]
+Calib = Annotated[Optional[Path], typer.Option(help="Calibration speech (any --data layout); default: the "
+                                                    "bundled calibration sample.", show_default=False)]
+NumUtts = Annotated[int, typer.Option(help="Calibration utterances (a seeded random subset).")]
+Seed = Annotated[int, typer.Option(help="Seed of the calibration and evaluation subsets.")]
+Eval = Annotated[Optional[Path], typer.Option("--eval", help="Dataset on which to report WER before and after.",
+                                              show_default=False)]
+EvalLimit = Annotated[Optional[int], typer.Option(help="Evaluate a seeded random subset of N utterances.")]
+Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
+
+
+def _components(value: str) -> tuple[str, ...]:
+    from asrshrink.errors import AsrshrinkError
+
+    if value not in COMPONENTS:
+        raise AsrshrinkError(f"--components must be one of {', '.join(COMPONENTS)}, got {value!r}")
+    return COMPONENTS[value]
+
+
+class _Bars:
+    """A rich progress bar per long step, created on first use."""
+
+    def __init__(self, bar):
+        self.bar, self.tasks = bar, {}
+
+    def __call__(self, description: str, done: int, total: int) -> None:
+        if description not in self.tasks:
+            self.tasks[description] = self.bar.add_task(description, total=total)
+        self.bar.update(self.tasks[description], completed=done)
+
+
+def _run(command: str, json_out: bool, **kwargs) -> None:
+    from asrshrink import compress
+
+    with progress_bar("") as bar:
+        report = (compress.resume(kwargs["out"], log=bar.console.print, progress=_Bars(bar))
+                  if kwargs.pop("resume_run", False) else
+                  compress.run(command, log=lambda line: bar.console.print(line, markup=False, highlight=False),
+                               progress=_Bars(bar), **kwargs))
+    _summary(report)
+    if json_out:
+        print(json.dumps(report))
+
+
+def _summary(report: dict) -> None:
+    b, a = report["before"], report["after"]
+    table = Table(title=f"asrshrink {report['command']} -> {report['output']['path']}")
+    for column in ("", "params", "MB", "encoder MFLOPs/frame", "WER %"):
+        table.add_column(column, justify="right")
+    e = report["eval"]
+    for name, d in (("before", b), ("after", a)):
+        table.add_row(name, f"{d['params']:,}", f"{d['bytes'] / 1e6:.2f}",
+                      f"{d['flops']['encoder_per_frame'] / 1e6:.2f}", f"{e[name]['wer']:.2f}" if e else "-")
+    err.print(table)
+    err.print(f"compression ratio {report['compression_ratio']['model']:.2f}x (encoder "
+              f"{report['compression_ratio']['by_component'].get('encoder', 1):.2f}x) in {report['seconds']:.1f} s")
+
+
+@app.command("svd")
+@handle_errors
+def svd_command(
+    model: ModelArg = None, out: Out = Path("svd-out"), rank_threshold: Threshold = 0.2, rank: Rank = None,
+    mode: Mode = "stacked", components: Components = "encoder", data_aware: DataAware = False,
+    calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
+    eval_limit: EvalLimit = None, json_out: Json = False,
+) -> None:
+    """Low-rank factorisation (truncated SVD) of LSTM and Linear weights; a factorised layer computes
+    W x as U (V x), so the saving is real in FLOPs and parameters. Matrices where a factorisation would not
+    save (rank >= m n / (m + n)) stay dense, and the report says so.
+
+    Example: asrshrink svd rnnt.pt --rank-threshold 0.2 -o out/ --eval LibriSpeech/dev-clean
+    """
+    from asrshrink.compress import EvalConfig
+    from asrshrink.config import CalibConfig, SvdConfig
+
+    _run("svd", json_out, model=model, out=out,
+         svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=_components(components),
+                       data_aware=data_aware),
+         calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
+         evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
+
+
+@app.command("psvd")
+@handle_errors
+def psvd_command(
+    model: ModelArg = None, out: Out = Path("psvd-out"), calib: Calib = None, rank_threshold: Threshold = 0.2,
+    rank: Rank = None, iterations: Annotated[int, typer.Option(help="Passes over the layers, first to last.")] = 3,
+    num_utterances: NumUtts = 400, mode: Mode = "stacked", components: Components = "encoder",
+    variant: Annotated[str, typer.Option(help="paper: fit the input and recurrent sides separately (Algorithm 1); "
+                                              "joint: fit both to the summed pre-activation.")] = "paper",
+    data_aware: DataAware = False, seed: Seed = 0, eval_data: Eval = None, eval_limit: EvalLimit = None,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this output directory "
+                                                        "(its options are reused).", show_default=False)] = None,
+    json_out: Json = False,
+) -> None:
+    """SVD, then PSVD: layer-sequential least-squares post-training on calibration speech, no backprop.
+
+    Each factorised LSTM layer, first to last, is refitted so its input-side and recurrent-side
+    pre-activations match the uncompressed model's, with its inputs taken from the already-compressed layers;
+    repeated --iterations times. One log line per layer; resumable per layer with --resume OUT.
+
+    Example: asrshrink psvd rnnt.pt --calib LibriSpeech/dev-clean --rank-threshold 0.2 -o out/
+    """
+    from asrshrink.compress import EvalConfig
+    from asrshrink.config import CalibConfig, SvdConfig
+    from asrshrink.methods.psvd import VARIANTS, PsvdConfig
+
+    if resume is not None:
+        _run("psvd", json_out, out=resume, resume_run=True)
+        return
+    if variant not in VARIANTS:
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
+    comps = _components(components)
+    _run("psvd", json_out, model=model, out=out,
+         svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=comps, data_aware=data_aware),
+         calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
+         post=PsvdConfig(iterations=iterations, variant=variant,
+                         components=tuple(c for c in comps if c != "joint")),
+         evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))

@@ -1,0 +1,50 @@
+"""Options of every compression method as frozen dataclasses, with a JSON round trip into outputs."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from asrshrink.errors import AsrshrinkError
+
+
+@dataclass(frozen=True)
+class SvdConfig:
+    """Truncated SVD: ``threshold`` keeps ceil(T * min(m, n)) singular values, unless ``rank`` is given."""
+
+    threshold: float | None = 0.2
+    rank: int | None = None
+    mode: str = "stacked"                      # "stacked" (4 gates as one matrix) or "rollout" (per gate)
+    components: tuple[str, ...] = ("encoder",)
+    data_aware: bool = False                   # truncate W S (S: Cholesky factor of the inputs' second moment)
+
+    def check(self) -> None:
+        if self.rank is None and (self.threshold is None or not 0 < self.threshold <= 1):
+            raise AsrshrinkError(f"--rank-threshold must be in (0, 1], got {self.threshold}")
+        if self.rank is not None and self.rank < 1:
+            raise AsrshrinkError(f"--rank must be at least 1, got {self.rank}")
+
+
+@dataclass(frozen=True)
+class CalibConfig:
+    """Calibration utterances: ``path`` None means the bundled calibration sample."""
+
+    path: str | None = None
+    num_utterances: int = 400
+    seed: int = 0
+    max_duration: float | None = 15.0
+    batch_size: int = 32
+
+
+def to_json(config: Any) -> dict[str, Any]:
+    data = asdict(config)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}
+
+
+def from_json(cls: type, data: dict[str, Any]) -> Any:
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            kwargs[f.name] = tuple(value) if isinstance(value, list) else value
+    return cls(**kwargs)
