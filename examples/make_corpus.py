@@ -1,4 +1,4 @@
-"""python examples/make_corpus.py OUT_DIR --train 20000 --dev 300 --test 300 --test-heldout 300 --calib 200 --seed 0 --workers 2
+"""python examples/make_corpus.py OUT_DIR --train 20000 --dev 300 --test 300 --test-heldout 300 --calib 200 --seed 0 --workers 2 [--format flac --subtype PCM_16]
 
 Synthesises the reference speech corpus with espeak-ng (``pip install 'asrshrink[synth]'``; sentences from
 ``apt-get install wordnet-base fortunes fortunes-min``) and writes it to OUT_DIR as a LibriSpeech-style tree:
