@@ -382,9 +382,25 @@ def espeak_paths() -> tuple[str, str]:
 
 
 class Espeak:
-    """An initialised espeak-ng engine (the library has process-wide state: one per process)."""
+    """Handle on the process's espeak-ng engine.
+
+    The library has process-wide state, so it is loaded and initialised once per process and shared by all
+    handles. Synthesis normally runs in forked children (:meth:`synthesize`), which keeps the engine in
+    this process in its just-initialised state.
+    """
+
+    _shared: dict[int, tuple[ctypes.CDLL, int, str]] = {}  # pid -> (library, sample rate, version)
 
     def __init__(self) -> None:
+        pid = os.getpid()
+        if pid not in Espeak._shared:
+            Espeak._shared[pid] = self._load()
+        self._lib, self.sample_rate, self.version = Espeak._shared[pid]
+        self._chunks: list[np.ndarray] = []
+        self._callback = _CALLBACK(self._collect)
+
+    @staticmethod
+    def _load() -> tuple[ctypes.CDLL, int, str]:
         lib_path, data_path = espeak_paths()
         lib = ctypes.CDLL(lib_path)
         lib.espeak_Initialize.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_char_p, ctypes.c_int]
@@ -409,21 +425,12 @@ class Espeak:
         rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, 0, parent, _INITIALIZE_DONT_EXIT)
         if rate <= 0:
             raise DataError(f"espeak-ng failed to initialise with data in {data_path}")
-        self._lib = lib
-        self._chunks: list[np.ndarray] = []
-        self._callback = _CALLBACK(self._collect)
-        lib.espeak_SetSynthCallback(self._callback)
-        self.sample_rate = int(rate)
-        self.version = (lib.espeak_Info(None) or b"?").decode()
+        return lib, int(rate), (lib.espeak_Info(None) or b"?").decode()
 
     def _collect(self, wav, n: int, _events) -> int:
         if n > 0 and wav:
             self._chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
         return 0
-
-    def has_voice(self, voice: str) -> bool:
-        """Whether ``voice`` loads (this changes only the selected voice, not the synthesiser state)."""
-        return self._lib.espeak_SetVoiceByName(voice.encode()) == 0
 
     def synthesize_here(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
                         word_gap: int, rand_seed: int = 1) -> np.ndarray:
@@ -433,6 +440,7 @@ class Espeak:
         starts from a different value in every process.
         """
         lib = self._lib
+        lib.espeak_SetSynthCallback(self._callback)
         lib.espeak_ng_SetRandSeed(int(rand_seed))
         if lib.espeak_SetVoiceByName(voice.encode()) != 0:
             raise DataError(f"espeak-ng has no voice {voice!r}")
@@ -449,40 +457,60 @@ class Espeak:
 
     def synthesize(self, text: str, voice: str, rate: int, pitch: int, pitch_range: int,
                    word_gap: int, rand_seed: int = 1) -> np.ndarray:
-        """Like :meth:`synthesize_here`, but in a forked child so that this engine never speaks.
+        """Like :meth:`synthesize_here`, but in a forked child so that this process's engine never speaks.
 
         The result depends only on the arguments (espeak-ng would otherwise carry state over from the
         previous utterance). Costs a fork per call (about 10-20 ms).
         """
-        read_fd, write_fd = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # child: synthesise, send the samples, exit without Python clean-up
-            code = 0
-            try:
-                os.close(read_fd)
-                signal.alarm(_CHILD_TIMEOUT_S)
-                try:
-                    audio = self.synthesize_here(text, voice, rate, pitch, pitch_range, word_gap, rand_seed)
-                except DataError:
-                    code = 3
-                else:
-                    view = memoryview(audio.astype("<i2").tobytes())
-                    while view:
-                        view = view[os.write(write_fd, view):]
-            except BaseException:  # noqa: BLE001 - the child must always reach os._exit
-                code = 4
-            finally:
-                os._exit(code)
-        os.close(write_fd)
-        with os.fdopen(read_fd, "rb") as fh:
-            payload = fh.read()
-        _, status = os.waitpid(pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        if code == 3:
-            raise DataError(f"espeak-ng could not load voice {voice!r} or synthesise {text!r}")
-        if code != 0 or len(payload) % 2:
-            raise DataError(f"espeak-ng child process failed (exit {code}) for {voice!r}: {text!r}")
+        def job() -> bytes:
+            audio = self.synthesize_here(text, voice, rate, pitch, pitch_range, word_gap, rand_seed)
+            return audio.astype("<i2").tobytes()
+
+        payload = _run_in_child(job, f"{voice!r}: {text!r}")
+        if len(payload) % 2:
+            raise DataError(f"espeak-ng child process returned a truncated result for {voice!r}: {text!r}")
         return np.frombuffer(payload, dtype="<i2").astype(np.int16)
+
+    def missing_voices(self, voices: Sequence[str]) -> list[str]:
+        """Names in ``voices`` that espeak-ng cannot load (checked in a forked child)."""
+        def job() -> bytes:
+            lib = self._lib
+            bad = [v for v in voices if lib.espeak_SetVoiceByName(v.encode()) != 0]
+            return "\n".join(bad).encode()
+
+        return [v for v in _run_in_child(job, "voice check").decode().split("\n") if v]
+
+
+def _run_in_child(job: Callable[[], bytes], what: str) -> bytes:
+    """Run ``job`` in a forked child and return the bytes it produced (a DataError raised there is re-raised)."""
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns, and skips the parent's clean-up handlers
+        code = 0
+        try:
+            os.close(read_fd)
+            signal.alarm(_CHILD_TIMEOUT_S)
+            try:
+                payload = job()
+            except DataError as exc:
+                payload, code = str(exc).encode(), 3
+            view = memoryview(payload)
+            while view:
+                view = view[os.write(write_fd, view):]
+        except BaseException:  # noqa: BLE001 - the child must always reach os._exit
+            code = 4
+        finally:
+            os._exit(code)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as fh:
+        payload = fh.read()
+    _, status = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code == 3:
+        raise DataError(payload.decode("utf-8", "replace"))
+    if code != 0:
+        raise DataError(f"espeak-ng child process failed (exit status {code}) for {what}")
+    return payload
 
 
 def espeak_version() -> str:
@@ -495,8 +523,7 @@ def espeak_version() -> str:
 
 def check_voices(voices: Sequence[str] = VOICES) -> list[str]:
     """Voice names from ``voices`` that espeak-ng cannot load (empty when all load)."""
-    engine = _engine()
-    return [v for v in voices if not engine.has_voice(v)]
+    return _engine().missing_voices(list(voices))
 
 
 # --------------------------------------------------------------------------------------------------------

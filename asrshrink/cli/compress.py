@@ -59,10 +59,17 @@ def _run(command: str, json_out: bool, **kwargs) -> None:
     from asrshrink import compress
 
     with progress_bar("") as bar:
-        report = (compress.resume(kwargs["out"], log=bar.console.print, progress=_Bars(bar))
-                  if kwargs.pop("resume_run", False) else
-                  compress.run(command, log=lambda line: bar.console.print(line, markup=False, highlight=False),
-                               progress=_Bars(bar), **kwargs))
+        def log(line: str) -> None:
+            bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+        try:
+            report = (compress.resume(kwargs["out"], log=log, progress=_Bars(bar))
+                      if kwargs.pop("resume_run", False) else
+                      compress.run(command, log=log, progress=_Bars(bar), **kwargs))
+        except KeyboardInterrupt:
+            if command == "psvd":
+                log(f"interrupted; continue with: asrshrink psvd --resume {kwargs['out']}")
+            raise typer.Exit(130) from None
     _summary(report)
     if json_out:
         print(json.dumps(report))

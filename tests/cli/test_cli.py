@@ -115,3 +115,47 @@ def test_missing_transcript(model_path, tiny_data):
     (tiny_data / "u1.txt").unlink()
     result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data)])
     assert_one_line_error(result, "u1")
+
+
+def test_svd_writes_model_and_reports(model_path, tiny_data, tmp_path):
+    out = tmp_path / "svd"
+    result = runner.invoke(app, ["svd", model_path, "--rank-threshold", "0.1", "-o", str(out), "--json",
+                                 "--eval", str(tiny_data)])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["schema"] == "asrshrink.report/1" and report["command"] == "svd"
+    assert report["after"]["params"] < report["before"]["params"]
+    assert report["compression_ratio"]["by_component"]["encoder"] > 5
+    assert set(report["eval"]) >= {"before", "after", "num_words"}
+    assert json.loads((out / "report.json").read_text())["output"]["sha256"] == report["output"]["sha256"]
+    assert "| encoder.pre_rnn.layers.0 | ih |" in (out / "report.md").read_text()
+    info = runner.invoke(app, ["info", str(out), "--json"])
+    assert json.loads(info.stdout)["params"] == report["after"]["params"]
+    assert json.loads(info.stdout)["structure"]
+
+
+def test_psvd_runs_and_logs_every_layer(model_path, tiny_data, tmp_path):
+    out = tmp_path / "psvd"
+    result = runner.invoke(app, ["psvd", model_path, "--calib", str(tiny_data), "--iterations", "1",
+                                 "--rank", "16", "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert [r["layer"] for r in report["post_training"]] == [f"encoder.pre_rnn.layers.{i}" for i in range(2)] + [
+        f"encoder.post_rnn.layers.{i}" for i in range(3)]
+    assert result.stderr.count("relative error") == 5
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--rank-threshold", "1.5"], "--rank-threshold"),
+    (["--components", "decoder"], "--components"),
+    (["--mode", "diagonal"], "--mode"),
+])
+def test_svd_bad_options(model_path, tmp_path, args, fragment):
+    result = runner.invoke(app, ["svd", model_path, "-o", str(tmp_path / "o"), *args])
+    assert_one_line_error(result, fragment)
+    assert not (tmp_path / "o" / "model.safetensors").exists()
+
+
+def test_resume_without_an_interrupted_run(tmp_path):
+    result = runner.invoke(app, ["psvd", "--resume", str(tmp_path)])
+    assert_one_line_error(result, "no interrupted run")
