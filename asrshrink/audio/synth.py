@@ -612,7 +612,7 @@ def render_audio(raw: np.ndarray, source_rate: int, params: UtteranceParams,
     left = x[max(0, start - lead):start]
     right = x[end:end + trail]
     x = np.concatenate([np.zeros(lead - len(left)), left, x[start:end], right, np.zeros(trail - len(right))])
-    g = gcd(SAMPLE_RATE, source_rate)  # 22050 Hz -> 16 kHz is 160/441
+    g = gcd(SAMPLE_RATE, source_rate)  # 22050 Hz -> 16 kHz is up 320, down 441
     up, down = SAMPLE_RATE // g, source_rate // g
     y = resample_poly(x, up, down, window=_resampling_filter(up, down))
     # speech power over the utterance without its padding

@@ -70,7 +70,8 @@ def test_clean_sentence_normalises_and_filters():
 
 
 def test_filter_sentences_dedupes_and_sorts():
-    raw = ["The cat sat on the mat.", "the CAT sat on the mat", "A dog ran in the park!", "No.", "Zebras eat lots of grass"]
+    raw = ["The cat sat on the mat.", "the CAT sat on the mat", "A dog ran in the park!", "No.",
+           "Zebras eat lots of grass"]
     assert filter_sentences(raw) == ["a dog ran in the park", "the cat sat on the mat", "zebras eat lots of grass"]
     assert filter_sentences(raw, max_words=5) == ["zebras eat lots of grass"]
     assert all(set(s) <= set(MLPERF_LABELS) for s in filter_sentences(raw))
