@@ -62,7 +62,7 @@ def calibration_batches(model: Transducer, dataset: Dataset, *, batch_size: int 
     return batches
 
 
-Visit = Callable[[nn.Module, str, nn.Module, Activations, Activations, int], nn.Module | None]
+Visit = Callable[[nn.Module, str, nn.Module, Activations, Activations, int, Activations], nn.Module | None]
 
 
 @torch.no_grad()
@@ -71,9 +71,9 @@ def walk_layers(original: Transducer, compressed: Transducer, batches: list[dict
                 ) -> None:
     """Run ``original`` and ``compressed`` block by block over calibration batches, side by side.
 
-    At LSTM layer j, ``visit(original_layer, name, compressed_layer, original_inputs, compressed_inputs, j)``
-    may return a replacement for the compressed layer, which is swapped in before its outputs feed the next
-    block. Only the current block's activations are alive. Blocks are numbered across all components in
+    At LSTM layer j, ``visit(original_layer, name, compressed_layer, original_inputs, compressed_inputs, j,
+    original_outputs)`` may return a replacement for the compressed layer, which is swapped in before its
+    outputs feed the next block. Only the current block's activations are alive. Blocks are numbered across all components in
     order; ``skip(j)`` skips the visit of block j.
     """
     index = -1
@@ -84,12 +84,13 @@ def walk_layers(original: Transducer, compressed: Transducer, batches: list[dict
             index += 1
             o_block = original.blocks(component)[j]
             c_block = compressed.blocks(component)[j]
+            orig_next = [o_block.run(x, n) for x, n in orig_acts]
             if c_block.layer is not None and not skip(index):
-                new = visit(o_block.layer, c_block.name, c_block.layer, orig_acts, comp_acts, index)
+                new = visit(o_block.layer, c_block.name, c_block.layer, orig_acts, comp_acts, index, orig_next)
                 if new is not None:
                     compressed.set_submodule(c_block.name, new)
                     c_block = compressed.blocks(component)[j]
-            orig_acts = [o_block.run(x, n) for x, n in orig_acts]
+            orig_acts = orig_next
             comp_acts = [c_block.run(x, n) for x, n in comp_acts]
 
 

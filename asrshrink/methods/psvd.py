@@ -68,10 +68,13 @@ def solve_regression(stats: RegressionStats, ridge: float = 1e-7) -> tuple[torch
 
 
 def regression_error(stats: RegressionStats, a: torch.Tensor, c: torch.Tensor) -> float:
-    """sum ||A z + c - target||^2 / sum ||target||^2, from the statistics alone."""
+    """sum ||A z + c - target||^2 / sum ||target||^2, from the statistics alone (with ``energy`` 0: the
+    residual minus the unknown constant sum ||target||^2, still fine for comparing two fits)."""
     ac = torch.cat([a.double().T, c.double().unsqueeze(0)], 0)  # (k+1, O)
     residual = float((ac * (stats.gram @ ac)).sum() - 2 * (ac * stats.cross).sum()) + stats.energy
-    return max(residual, 0.0) / max(stats.energy, 1e-30)
+    if stats.energy == 0.0:
+        return residual
+    return max(residual, 0.0) / stats.energy
 
 
 def fold_correction(up: torch.Tensor, bias: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,14 +118,48 @@ def _sides(layer: FactorizedLSTMLayer) -> list[str]:
     return [s for s in ("ih", "hh") if isinstance(getattr(layer, s), LowRankLinear)]
 
 
+class ProjectedStats:
+    """Regression statistics for targets that are affine maps of known inputs, target = sum_s (W_s x_s + b_s),
+    without forming the targets: cross = sum_s (sum [z;1] x_s^T) W_s^T + (sum [z;1]) (sum_s b_s)^T.
+
+    Cost per row (k+1)(k + 1 + sum_s I_s) instead of (k+1) O plus the O x I_s products of the targets."""
+
+    def __init__(self, regressors: int, maps: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.maps = [(w.double(), b.double()) for w, b in maps]
+        self.gram = torch.zeros(regressors + 1, regressors + 1, dtype=torch.float64)
+        self.moments = [torch.zeros(regressors + 1, w.shape[1], dtype=torch.float64) for w, _ in self.maps]
+        self.rows = 0
+
+    def add(self, z: torch.Tensor, inputs: list[torch.Tensor]) -> None:
+        """z (N, k), inputs[s] (N, I_s) for each map s."""
+        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
+        self.gram += (z1.T @ z1).double()
+        for moment, x in zip(self.moments, inputs):
+            moment += (z1.T @ x).double()
+        self.rows += z.shape[0]
+
+    def regression(self) -> RegressionStats:
+        """The equivalent RegressionStats (energy unknown, set to 0: errors from it are offsets, not ratios)."""
+        cross = sum(m @ w.T for m, (w, _) in zip(self.moments, self.maps))
+        cross = cross + self.gram[:, -1:] @ sum(b for _, b in self.maps).unsqueeze(0)
+        return RegressionStats(self.gram, cross, 0.0, self.rows)
+
+
+#: Relative errors in the log are measured on every SAMPLE_EVERY-th calibration row.
+SAMPLE_EVERY = 16
+
+
 @torch.no_grad()
 def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs: Activations,
-              comp_inputs: Activations, *, variant: str = "paper", ridge: float = 1e-7
+              comp_inputs: Activations, *, variant: str = "paper", ridge: float = 1e-7,
+              orig_outputs: list[torch.Tensor] | None = None
               ) -> tuple[FactorizedLSTMLayer, int, dict[str, float], dict[str, float]]:
-    """One PSVD step on one layer: returns the refitted layer, rows used, relative errors before and after.
+    """One PSVD step on one layer: returns the refitted layer, rows used, relative errors before and after
+    (measured on a 1/SAMPLE_EVERY subsample of the rows).
 
     One regression per side ("paper") or one for both sides ("joint"), and per gate when the factors are per
-    gate (rollout). A fit replaces the current factors only if it lowers their error, so the error never rises.
+    gate (rollout). A fit replaces the current factors only if it lowers their squared error on all rows, so
+    the error never rises. ``orig_outputs`` (T, B, H) per batch: the original layer's outputs, if known.
     """
     sides = _sides(compressed)
     members = [sides] if variant == "joint" else [[s] for s in sides]
@@ -130,59 +167,68 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
     groups = parts[sides[0]].groups
     units = [(m, g) for m in members for g in range(groups)]
     target_w = lstm_side_weights(original)
-    stats: dict[int, RegressionStats] = {}
+    out = parts[sides[0]].out_features // groups
+
+    def gate_map(side: str, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w, b = target_w[side]
+        return w[g * out:(g + 1) * out], b[g * out:(g + 1) * out]
+
+    stats = [ProjectedStats(sum(parts[s].rank for s in unit), [gate_map(s, g) for s in unit]) for unit, g in units]
+    sample_z: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
+    sample_x: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
     rows = 0
-    for (x_o, lengths), (x_c, _) in zip(orig_inputs, comp_inputs):
-        h_o, _ = original(x_o)
+    for n, ((x_o, lengths), (x_c, _)) in enumerate(zip(orig_inputs, comp_inputs)):
+        h_o = orig_outputs[n] if orig_outputs is not None else original(x_o)[0]
         h_c, _ = compressed(x_c)
         inputs_o = {"ih": valid_rows(x_o, lengths), "hh": valid_rows(shift(h_o), lengths)}
         inputs_c = {"ih": valid_rows(x_c, lengths), "hh": valid_rows(shift(h_c), lengths)}
         rows += inputs_o["ih"].shape[0]
         z_all = {s: _regressors(parts[s], inputs_c[s]) for s in sides}                 # (N, G*r)
-        t_all = {s: torch.nn.functional.linear(inputs_o[s], *target_w[s]) for s in sides}  # (N, O)
-        for u, (unit, g) in enumerate(units):
-            o = parts[unit[0]].out_features // groups
+        for s in sides:
+            sample_z[s].append(z_all[s][::SAMPLE_EVERY])
+            sample_x[s].append(inputs_o[s][::SAMPLE_EVERY])
+        for (unit, g), st in zip(units, stats):
             z = torch.cat([z_all[s][:, g * parts[s].rank:(g + 1) * parts[s].rank] for s in unit], 1)
-            target = sum(t_all[s][:, g * o:(g + 1) * o] for s in unit)
-            if u not in stats:
-                stats[u] = RegressionStats.empty(z.shape[1], target.shape[1])
-            stats[u].add(z, target)
+            st.add(z, [inputs_o[s] for s in unit])
     ups = {s: parts[s].up.detach().clone() for s in sides}
     biases = {s: parts[s].bias.detach().clone() for s in sides}
-    energy = {}
-    residual_before, residual_after = {}, {}
-    for u, (unit, g) in enumerate(units):
-        o = parts[unit[0]].out_features // groups
-        rows_g = slice(g * o, (g + 1) * o)
+    z_sample = {s: torch.cat(v) for s, v in sample_z.items()}
+    x_sample = {s: torch.cat(v) for s, v in sample_x.items()}
+
+    def sample_error(unit: list[str]) -> float:
+        """Relative squared error of the unit's summed pre-activation on the row subsample."""
+        target = sum(torch.nn.functional.linear(x_sample[s], *target_w[s]) for s in unit)
+        pred = sum(torch.nn.functional.linear(z_sample[s], _block_up(ups[s]), biases[s]) for s in unit)
+        return float((pred - target).square().sum() / target.square().sum().clamp(min=1e-30))
+
+    before = {"+".join(unit): sample_error(unit) for unit in members}
+    for (unit, g), st in zip(units, stats):
+        reg = st.regression()
+        rows_g = slice(g * out, (g + 1) * out)
         current_a = torch.cat([ups[s][g] for s in unit], 1)
         current_c = sum(biases[s][rows_g] for s in unit)
-        before = regression_error(stats[u], current_a, current_c)
-        a, c = solve_regression(stats[u], ridge)
-        fitted = regression_error(stats[u], a, c)
-        key = "+".join(unit)
-        energy[key] = energy.get(key, 0.0) + stats[u].energy
-        residual_before[key] = residual_before.get(key, 0.0) + before * stats[u].energy
-        residual_after[key] = residual_after.get(key, 0.0) + min(before, fitted) * stats[u].energy
-        if fitted >= before:
-            continue
+        a, c = solve_regression(reg, ridge)
+        if regression_error(reg, a, c) >= regression_error(reg, current_a, current_c):
+            continue  # (energy 0: both are the residual minus the same constant)
         offset = 0
         for i, s in enumerate(unit):
             r = parts[s].rank
             ups[s][g] = a[:, offset:offset + r].to(ups[s].dtype)
             biases[s][rows_g] = c.to(biases[s].dtype) if i == 0 else 0.0
             offset += r
+    after = {"+".join(unit): sample_error(unit) for unit in members}
     for s in sides:
         new = LowRankLinear(parts[s].in_features, parts[s].out_features, parts[s].rank, groups=groups)
         new.down.copy_(parts[s].down)
         new.up.copy_(ups[s])
         new.bias.copy_(biases[s])
         parts[s] = new
-    before = {k: residual_before[k] / max(energy[k], 1e-30) for k in energy}
-    after = {k: residual_after[k] / max(energy[k], 1e-30) for k in energy}
     return FactorizedLSTMLayer(parts["ih"], parts["hh"], compressed.hidden_size), rows, before, after
 
 
-LayerHook = Callable[[LayerReport, Transducer, int, int], None]
+def _block_up(up: torch.Tensor) -> torch.Tensor:
+    """(G, O/G, r) per-group factors -> the (O, G*r) block-diagonal matrix."""
+    return torch.block_diag(*up) if up.shape[0] > 1 else up[0]
 
 
 def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
@@ -198,12 +244,12 @@ def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, t
         raise ValueError(f"unknown PSVD variant {config.variant!r}; choose one of {', '.join(VARIANTS)}")
     reports: list[LayerReport] = []
     for iteration in range(config.iterations):
-        def visit(o_layer, name, c_layer, orig_acts, comp_acts, block):
+        def visit(o_layer, name, c_layer, orig_acts, comp_acts, block, orig_outputs):
             if not isinstance(c_layer, FactorizedLSTMLayer) or not _sides(c_layer):
                 return None
             started = time.perf_counter()
             new, rows, before, after = fit_layer(o_layer, c_layer, orig_acts, comp_acts, variant=config.variant,
-                                                 ridge=config.ridge)
+                                                 ridge=config.ridge, orig_outputs=[x for x, _ in orig_outputs])
             report = LayerReport(iteration + 1, name, {s: getattr(new, s).rank for s in _sides(new)}, rows,
                                  before, after, time.perf_counter() - started)
             reports.append(report)

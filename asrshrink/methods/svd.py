@@ -219,7 +219,7 @@ def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batche
                        if any(n in lstm_layers for n, _ in _walkable(model, name)))
     compressed = copy.deepcopy(model).eval()
 
-    def visit(o_layer, name, c_layer, orig_acts, comp_acts, index):
+    def visit(o_layer, name, c_layer, orig_acts, comp_acts, index, orig_outputs):
         sides = {k: v for k, v in by_layer.get(name, {}).items() if k != "linear"}
         if not sides or all(c.rank is None for c in sides.values()):
             return None
