@@ -20,7 +20,8 @@ from asrshrink.config import CalibConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import write_json_atomic
 from asrshrink.methods.psvd import LayerReport, PsvdConfig, psvd
-from asrshrink.methods.svd import choose_ranks, data_aware_svd_compress, svd_compress
+from asrshrink.methods.svd import (budget_ranks, choose_ranks, data_aware_svd_compress, input_scales,
+                                   svd_compress)
 from asrshrink.models.checkpoint import MODEL_FILENAME, ASSETS, load_model, save_model
 from asrshrink.report import build_report, write_report
 
@@ -57,10 +58,6 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
     if state is not None and state["source_sha256"] != info.sha256:
         raise AsrshrinkError(f"{out}: the interrupted run compressed another model (sha256 "
                              f"{state['source_sha256'][:12]}…); pass the same MODEL or a new -o")
-    choices = choose_ranks(original, list(svd.components), threshold=svd.threshold, rank=svd.rank, mode=svd.mode)
-    for choice in choices:
-        if choice.rank is None:
-            log(f"{choice.layer} {choice.side} {choice.rows}x{choice.cols}: {choice.reason}")
     batches = []
     if post is not None or svd.data_aware:
         calib = calib or CalibConfig()
@@ -72,6 +69,16 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
                                       if progress else None)
         frames = sum(int(b["feature_lengths"].sum()) for b in batches)
         log(f"calibration: {len(dataset)} utterances from {dataset.source}, {frames} feature frames")
+    ranks = None
+    if svd.budgeted:
+        scales = input_scales(original, batches, svd.components) if svd.data_aware else None
+        ranks = budget_ranks(original, list(svd.components), mode=svd.mode, scales=scales,
+                             compression_ratio=svd.compression_ratio, target_params=svd.target_params)
+    choices = choose_ranks(original, list(svd.components), threshold=svd.threshold, rank=svd.rank, mode=svd.mode,
+                           ranks=ranks)
+    for choice in choices:
+        if choice.rank is None:
+            log(f"{choice.layer} {choice.side} {choice.rows}x{choice.cols}: {choice.reason}")
     layer_rows: list[dict] = list(state["layers"]) if state else []
     if state is not None:
         compressed, _ = load_model(progress_dir / MODEL_FILENAME)

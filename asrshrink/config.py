@@ -17,6 +17,12 @@ class SvdConfig:
     mode: str = "stacked"                      # "stacked" (4 gates as one matrix) or "rollout" (per gate)
     components: tuple[str, ...] = ("encoder",)
     data_aware: bool = False                   # truncate W S (S: Cholesky factor of the inputs' second moment)
+    compression_ratio: float | None = None     # per-layer ranks under a global budget instead of a threshold
+    target_params: int | None = None
+
+    @property
+    def budgeted(self) -> bool:
+        return self.compression_ratio is not None or self.target_params is not None
 
     def check(self) -> None:
         if self.rank is None and (self.threshold is None or not 0 < self.threshold <= 1):

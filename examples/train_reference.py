@@ -75,7 +75,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, max_frames=args.max_frames,
                          max_batch=args.max_batch, seed=args.seed, checkpoint_every=args.checkpoint_every,
                          log_every=args.log_every)
-    (out / "config.json").write_text(json.dumps({"model": REFERENCE.to_json(), "train": vars(args)}, indent=2))
+    options = {k: v for k, v in vars(args).items() if k != "func"}
+    (out / "config.json").write_text(json.dumps({"model": REFERENCE.to_json(), "train": options}, indent=2))
 
     def loss_fn(batch):
         return transducer_ctc_loss(model, batch, ctc_head=head, ctc_weight=args.ctc_weight)

@@ -33,6 +33,11 @@ Eval = Annotated[Optional[Path], typer.Option("--eval", help="Dataset on which t
                                               show_default=False)]
 EvalLimit = Annotated[Optional[int], typer.Option(help="Evaluate a seeded random subset of N utterances.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
+Ratio = Annotated[Optional[float], typer.Option(help="Per-layer ranks under a global budget: the chosen components "
+                                                     "shrink by this factor; the ranks go where the measured "
+                                                     "per-layer error drops most per parameter.")]
+TargetParams = Annotated[Optional[int], typer.Option(help="Per-layer ranks under a global budget: the whole model "
+                                                          "keeps at most this many parameters.")]
 
 
 def _components(value: str) -> tuple[str, ...]:
@@ -95,7 +100,8 @@ def svd_command(
     model: ModelArg = None, out: Out = Path("svd-out"), rank_threshold: Threshold = 0.2, rank: Rank = None,
     mode: Mode = "stacked", components: Components = "encoder", data_aware: DataAware = False,
     calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
-    eval_limit: EvalLimit = None, json_out: Json = False,
+    eval_limit: EvalLimit = None, compression_ratio: Ratio = None, target_params: TargetParams = None,
+    json_out: Json = False,
 ) -> None:
     """Low-rank factorisation (truncated SVD) of LSTM and Linear weights; a factorised layer computes
     W x as U (V x), so the saving is real in FLOPs and parameters. Matrices where a factorisation would not
@@ -108,7 +114,7 @@ def svd_command(
 
     _run("svd", json_out, model=model, out=out,
          svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=_components(components),
-                       data_aware=data_aware),
+                       data_aware=data_aware, compression_ratio=compression_ratio, target_params=target_params),
          calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
          evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
 
@@ -122,6 +128,7 @@ def psvd_command(
     variant: Annotated[str, typer.Option(help="paper: fit the input and recurrent sides separately (Algorithm 1); "
                                               "joint: fit both to the summed pre-activation.")] = "paper",
     data_aware: DataAware = False, seed: Seed = 0, eval_data: Eval = None, eval_limit: EvalLimit = None,
+    compression_ratio: Ratio = None, target_params: TargetParams = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this output directory "
                                                         "(its options are reused).", show_default=False)] = None,
     json_out: Json = False,
@@ -147,7 +154,8 @@ def psvd_command(
         raise AsrshrinkError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     comps = _components(components)
     _run("psvd", json_out, model=model, out=out,
-         svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=comps, data_aware=data_aware),
+         svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=comps, data_aware=data_aware,
+                       compression_ratio=compression_ratio, target_params=target_params),
          calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
          post=PsvdConfig(iterations=iterations, variant=variant,
                          components=tuple(c for c in comps if c != "joint")),

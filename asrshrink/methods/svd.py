@@ -129,7 +129,7 @@ def choose_ranks(model: Transducer, components: list[str], *, threshold: float |
                 else:
                     r = rank_for_threshold(rows, cols, threshold)
                 if r is None:
-                    reason = "kept dense by the budget"
+                    reason = "kept dense by the budget" if ranks is not None else "not factorised"
                 elif not factorisation_saves(rows, cols, r):
                     reason, r = f"rank {r} >= {rows}x{cols}/({rows}+{cols}): no saving, kept dense", None
                 else:
@@ -249,3 +249,122 @@ def _walkable(model: Transducer, component: str) -> list[tuple[str, nn.Module]]:
         return [(b.name, b.layer) for b in model.blocks(component)]
     except AsrshrinkError:
         return []
+
+
+# --- per-layer ranks under a global budget -------------------------------------------------------------------
+
+def error_curve(weight: torch.Tensor, groups: int = 1, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Relative truncation error for every rank r = 0..min(O/G, I): sum of the dropped squared singular values
+    (of W, or of W S when ``scale`` is given: the output error on the calibration inputs) over the total."""
+    w = weight.to(torch.float64).unflatten(0, (groups, weight.shape[0] // groups))
+    if scale is not None:
+        w = w @ scale.to(torch.float64)
+    energy = torch.linalg.svdvals(w).square()                              # (G, k)
+    tail = energy.sum(0).flip(0).cumsum(0).flip(0)                          # dropped energy from rank r on
+    curve = torch.cat([tail, tail.new_zeros(1)])
+    return curve / curve[0].clamp(min=1e-30)
+
+
+def allocate_ranks(curves: dict[tuple[str, str], torch.Tensor], shapes: dict[tuple[str, str], tuple[int, int, int]],
+                   budget: int) -> dict[tuple[str, str], int | None]:
+    """Ranks that minimise the summed relative error with at most ``budget`` weight parameters in total.
+
+    shapes[(layer, side)] = (O, I, G). A side may also stay dense (error 0, O*I parameters). Solved by a
+    Lagrange multiplier on parameters, bisected until the budget is met; each side then picks its best
+    rank independently.
+    """
+    def options(key):
+        rows, cols, groups = shapes[key]
+        curve = curves[key]
+        ranks = [r for r in range(1, len(curve)) if factorisation_saves(rows // groups, cols, r)]
+        return [(r, float(curve[r]), r * (groups * cols + rows)) for r in ranks] + [(None, 0.0, rows * cols)]
+
+    table = {key: options(key) for key in curves}
+
+    def pick(lam: float):
+        chosen = {key: min(opts, key=lambda o: o[1] + lam * o[2]) for key, opts in table.items()}
+        return chosen, sum(o[2] for o in chosen.values())
+
+    smallest = sum(min(o[2] for o in opts) for opts in table.values())
+    if budget < smallest:
+        raise AsrshrinkError(f"the budget of {budget:,} weight parameters is below the smallest factorisation "
+                             f"({smallest:,} at rank 1 everywhere); ask for less compression")
+    lo, hi = 0.0, 1.0
+    while pick(hi)[1] > budget:
+        hi *= 2
+    for _ in range(60):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if pick(mid)[1] > budget else (lo, mid)
+    chosen, cost = pick(hi)
+    # The multiplier only reaches points on each side's lower convex hull (a side near its no-saving rank
+    # jumps to dense); spend what is left greedily, one rank step at a time, best error drop per parameter.
+    while True:
+        best = None
+        for key, opts in table.items():
+            current = chosen[key]
+            for option in opts:
+                extra = option[2] - current[2]
+                gain = current[1] - option[1]
+                if 0 < extra <= budget - cost and gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, key, option)
+        if best is None:
+            break
+        _, key, option = best
+        cost += option[2] - chosen[key][2]
+        chosen[key] = option
+    return {key: option[0] for key, option in chosen.items()}
+
+
+@torch.no_grad()
+def input_scales(model: Transducer, batches: list[dict[str, torch.Tensor]], components: tuple[str, ...]
+                 ) -> dict[tuple[str, str], torch.Tensor]:
+    """Cholesky factors of every LSTM side's input second moment on calibration data, in the original model."""
+    from asrshrink.calibrate import shift, valid_rows, walk_layers
+
+    scales: dict[tuple[str, str], torch.Tensor] = {}
+
+    def visit(o_layer, name, c_layer, orig_acts, comp_acts, index, orig_outputs):
+        grams = {"ih": 0.0, "hh": 0.0}
+        rows = 0
+        for (x, lengths), (h, _) in zip(orig_acts, orig_outputs):
+            xs, hs = valid_rows(x, lengths), valid_rows(shift(h), lengths)
+            grams["ih"] = grams["ih"] + (xs.T @ xs).double()
+            grams["hh"] = grams["hh"] + (hs.T @ hs).double()
+            rows += xs.shape[0]
+        for side, gram in grams.items():
+            scales[(name, side)] = cholesky_scale(gram / max(rows, 1))
+        return None
+
+    walkable = tuple(c for c in components if _walkable(model, c))
+    walk_layers(model, model, batches, walkable, visit)
+    return scales
+
+
+def budget_ranks(model: Transducer, components: list[str], *, mode: str, compression_ratio: float | None = None,
+                 target_params: int | None = None, scales: dict[tuple[str, str], torch.Tensor] | None = None
+                 ) -> dict[tuple[str, str], int | None]:
+    """Per-side ranks meeting a global size: ``compression_ratio`` of the chosen components' parameters, or
+    ``target_params`` parameters for the whole model. Errors are measured per side (data-aware with
+    ``scales``) and the budget goes where it removes the most error per parameter."""
+    full = choose_ranks(model, components, rank=1, mode=mode)  # every side, with its shape and groups
+    shapes = {(c.layer, c.side): (c.rows, c.cols, c.groups) for c in full}
+    weights = {}
+    for c in full:
+        layer = model.get_submodule(c.layer)
+        weights[(c.layer, c.side)] = (layer.weight.detach() if c.side == "linear"
+                                      else lstm_side_weights(layer)[c.side][0])
+    dense_weights = sum(rows * cols for rows, cols, _ in shapes.values())
+    known = model.components()
+    component_params = sum(p.numel() for name in components for p in known[name].parameters())
+    model_params = sum(p.numel() for p in model.parameters())
+    if compression_ratio is not None:
+        if compression_ratio <= 1:
+            raise AsrshrinkError(f"--compression-ratio must be above 1, got {compression_ratio}")
+        budget = int(component_params / compression_ratio) - (component_params - dense_weights)
+    elif target_params is not None:
+        budget = int(target_params) - (model_params - dense_weights)
+    else:
+        raise AsrshrinkError("give --compression-ratio or --target-params")
+    curves = {key: error_curve(w, shapes[key][2], None if scales is None else scales.get(key))
+              for key, w in weights.items()}
+    return allocate_ranks(curves, shapes, budget)

@@ -108,3 +108,22 @@ def test_no_saving_keeps_a_side_dense():
     choices = choose_ranks(model, ["encoder"], rank=23)  # 96x24 at rank 23 would not save; 96x240 would
     assert all((c.rank is None and "no saving" in c.reason) == (c.cols == 24) for c in choices)
     assert svd_compress(model, choices).encoder.post_rnn.layers[1].__class__.__name__ == "LSTMLayer"
+
+
+def test_budgeted_ranks_meet_the_target_and_spend_it_where_the_error_is():
+    from asrshrink.methods.svd import allocate_ranks, budget_ranks, error_curve
+
+    model = tiny()
+    ranks = budget_ranks(model, ["encoder"], mode="stacked", compression_ratio=3.0)
+    compressed = svd_compress(model, choose_ranks(model, ["encoder"], ranks=ranks))
+    before = sum(p.numel() for p in model.encoder.parameters())
+    assert before / sum(p.numel() for p in compressed.encoder.parameters()) >= 3.0
+    # A matrix of rank 2 needs no more than rank 2; a full-rank one of the same size gets the rest.
+    torch.manual_seed(0)
+    low = torch.randn(64, 2) @ torch.randn(2, 48)
+    full = torch.randn(64, 48)
+    curves = {("a", "linear"): error_curve(low), ("b", "linear"): error_curve(full)}
+    shapes = {("a", "linear"): (64, 48, 1), ("b", "linear"): (64, 48, 1)}
+    chosen = allocate_ranks(curves, shapes, budget=20 * (64 + 48))
+    assert chosen[("a", "linear")] == 2 and chosen[("b", "linear")] == 18
+    assert float(error_curve(low)[2]) < 1e-12 and float(error_curve(full)[0]) == 1.0
