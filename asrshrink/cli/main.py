@@ -147,10 +147,26 @@ def info_command(
     out.print(table)
     flops = summary["flops"]
     frame_ms = summary["encoder_frame_seconds"] * 1000
+    if summary.get("structure"):
+        ranks = Table(title="compressed layers")
+        for column in ("layer", "input side", "recurrent side"):
+            ranks.add_column(column)
+        for name, spec in summary["structure"].items():
+            sides = [spec["ih"], spec["hh"]] if spec["type"] == "factorized_lstm" else [spec, None]
+            ranks.add_row(name, *[_side_text(side) for side in sides])
+        out.print(ranks)
     out.print(f"FLOPs: encoder {flops['encoder_per_frame'] / 1e6:.2f} M per {frame_ms:.0f} ms frame "
               f"({flops['encoder_per_frame'] / summary['encoder_frame_seconds'] / 1e9:.2f} GFLOP per audio second), "
               f"prediction {flops['prediction_per_label'] / 1e6:.2f} M per label, "
               f"joint {flops['joint_per_evaluation'] / 1e6:.3f} M per evaluation")
+
+
+def _side_text(side: dict | None) -> str:
+    if side is None:
+        return ""
+    if side["type"] == "lowrank":
+        return f"{side['out']}x{side['in']} rank {side['rank']}" + (" per gate" if side["groups"] > 1 else "")
+    return f"{side['out']}x{side['in']} dense"
 
 
 @app.command("dump")
