@@ -48,7 +48,8 @@ def calibration_batches(model: Transducer, dataset: Dataset, *, batch_size: int 
         try:
             features, lengths = featurize(model, [u.audio for u in utterances])
         except DataError as exc:
-            raise DataError(f"{dataset.source}: {exc}") from None
+            shortest = min(range(len(group)), key=lambda k: len(utterances[k].audio))
+            raise DataError(f"{dataset.entries[group[shortest]].audio_path}: {exc}") from None
         labels = [model.vocabulary.encode(u.text) for u in utterances]
         label_lengths = torch.tensor([len(x) for x in labels])
         padded = torch.zeros(len(labels), max(1, int(label_lengths.max())), dtype=torch.long)
@@ -62,7 +63,7 @@ def calibration_batches(model: Transducer, dataset: Dataset, *, batch_size: int 
     return batches
 
 
-Visit = Callable[[nn.Module, str, nn.Module, Activations, Activations, int, Activations], nn.Module | None]
+Visit = Callable[..., "nn.Module | tuple[nn.Module, list[torch.Tensor]] | None"]
 
 
 @torch.no_grad()
@@ -72,9 +73,11 @@ def walk_layers(original: Transducer, compressed: Transducer, batches: list[dict
     """Run ``original`` and ``compressed`` block by block over calibration batches, side by side.
 
     At LSTM layer j, ``visit(original_layer, name, compressed_layer, original_inputs, compressed_inputs, j,
-    original_outputs)`` may return a replacement for the compressed layer, which is swapped in before its
-    outputs feed the next block. Only the current block's activations are alive. Blocks are numbered across all components in
-    order; ``skip(j)`` skips the visit of block j.
+    original_outputs)`` may return a replacement for the compressed layer (optionally with its outputs on
+    the compressed inputs, (T, B, H) per batch, to save recomputing them), which is swapped in before its
+    outputs feed the next block. Only the current block's inputs and outputs are alive: each list is updated
+    in place, batch by batch. Blocks are numbered across all components in order; ``skip(j)`` skips the
+    visit of block j.
     """
     index = -1
     for component in components:
@@ -85,12 +88,17 @@ def walk_layers(original: Transducer, compressed: Transducer, batches: list[dict
             o_block = original.blocks(component)[j]
             c_block = compressed.blocks(component)[j]
             orig_next = [o_block.run(x, n) for x, n in orig_acts]
+            outputs = None
             if c_block.layer is not None and not skip(index):
                 new = visit(o_block.layer, c_block.name, c_block.layer, orig_acts, comp_acts, index, orig_next)
+                if isinstance(new, tuple):
+                    new, outputs = new
                 if new is not None:
                     compressed.set_submodule(c_block.name, new)
                     c_block = compressed.blocks(component)[j]
             orig_acts = orig_next
-            comp_acts = [c_block.run(x, n) for x, n in comp_acts]
-
-
+            del orig_next
+            for i, (x, n) in enumerate(comp_acts):
+                comp_acts[i] = (outputs[i], n) if outputs is not None else c_block.run(x, n)
+                if outputs is not None:
+                    outputs[i] = None  # hand the tensor over

@@ -1,8 +1,10 @@
-"""Running a compression method end to end: load, calibrate, compress, save, evaluate, report.
+"""Running a compression method end to end: check options, load, calibrate, compress, evaluate, save, report.
 
 One place for what every compressing command shares; the methods themselves live in ``asrshrink.methods``.
-PSVD writes a progress checkpoint (the partially refitted model and its position) after every layer into
-``OUT/.progress``, so an interrupted run resumes from the last finished layer.
+Every option and input is checked before any long work starts, and the output model and reports are written
+only once everything has succeeded. PSVD writes a progress checkpoint after every layer into ``OUT/.progress``
+(the partially refitted model, with its position in its own metadata, so model and position are one atomic
+file), so an interrupted run resumes from the last finished layer.
 """
 
 from __future__ import annotations
@@ -19,10 +21,10 @@ from asrshrink.calibrate import calibration_batches
 from asrshrink.config import CalibConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import write_json_atomic
-from asrshrink.methods.psvd import LayerReport, PsvdConfig, psvd
-from asrshrink.methods.svd import (budget_ranks, choose_ranks, data_aware_svd_compress, input_scales,
+from asrshrink.methods.psvd import VARIANTS, LayerReport, PsvdConfig, psvd
+from asrshrink.methods.svd import (MODES, budget_ranks, choose_ranks, data_aware_svd_compress, input_scales,
                                    svd_compress)
-from asrshrink.models.checkpoint import MODEL_FILENAME, ASSETS, load_model, save_model
+from asrshrink.models.checkpoint import ASSETS, MODEL_FILENAME, load_model, save_model
 from asrshrink.report import build_report, write_report
 
 PROGRESS = ".progress"
@@ -46,21 +48,55 @@ def default_calibration() -> Path:
     return path
 
 
+def check_options(out: Path, svd: SvdConfig, post: PsvdConfig | None) -> None:
+    """Refuse bad options before any work is done."""
+    svd.check()
+    if svd.mode not in MODES:
+        raise AsrshrinkError(f"--mode must be one of {', '.join(MODES)}, got {svd.mode!r}")
+    if svd.rank is not None and svd.budgeted:
+        raise AsrshrinkError("give either --rank or a budget (--compression-ratio / --target-params), not both")
+    if svd.compression_ratio is not None and svd.target_params is not None:
+        raise AsrshrinkError("give either --compression-ratio or --target-params, not both")
+    if svd.compression_ratio is not None and svd.compression_ratio <= 1:
+        raise AsrshrinkError(f"--compression-ratio must be above 1, got {svd.compression_ratio}")
+    if svd.target_params is not None and svd.target_params <= 0:
+        raise AsrshrinkError(f"--target-params must be positive, got {svd.target_params}")
+    if post is not None:
+        if post.iterations < 1:
+            raise AsrshrinkError(f"--iterations must be at least 1, got {post.iterations}")
+        if post.variant not in VARIANTS:
+            raise AsrshrinkError(f"--variant must be one of {', '.join(VARIANTS)}, got {post.variant!r}")
+        if not post.components:
+            raise AsrshrinkError("psvd refits LSTM layers: --components must include encoder or prediction")
+    if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
+        raise AsrshrinkError(f"{out}: -o takes a directory (it receives model.safetensors, report.json and "
+                             f"report.md); choose a folder name")
+
+
 def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: CalibConfig | None = None,
         post: PsvdConfig | None = None, evaluation: EvalConfig | None = None, resume: bool = False,
         log: Log = lambda line: None, progress: Progress | None = None) -> dict:
     """Compress ``model`` with SVD (and PSVD when ``post`` is given) into ``out``; returns the report."""
     started = time.perf_counter()
-    svd.check()
+    out = Path(out)
+    check_options(out, svd, post)
     original, info = load_model(model)
+    eval_set = None
+    if evaluation is not None and evaluation.path:
+        eval_set = api.open_dataset(evaluation.path, vocabulary=original.vocabulary,
+                                    sample_rate=original.feature_config.sample_rate, limit=evaluation.limit,
+                                    seed=evaluation.seed, max_duration=evaluation.max_duration)
     progress_dir = out / PROGRESS
     state = _read_state(progress_dir) if resume else None
+    if resume and state is None:
+        raise AsrshrinkError(f"{out}: no finished layer to resume from; start the run again without --resume")
     if state is not None and state["source_sha256"] != info.sha256:
         raise AsrshrinkError(f"{out}: the interrupted run compressed another model (sha256 "
                              f"{state['source_sha256'][:12]}…); pass the same MODEL or a new -o")
-    batches = []
+    batches, calib_used = [], None
     if post is not None or svd.data_aware:
         calib = calib or CalibConfig()
+        calib.check()
         dataset = api.open_dataset(calib.path or default_calibration(), vocabulary=original.vocabulary,
                                    sample_rate=original.feature_config.sample_rate,
                                    max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
@@ -68,9 +104,11 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
                                       progress=(lambda d, t: progress("featurizing calibration audio", d, t))
                                       if progress else None)
         frames = sum(int(b["feature_lengths"].sum()) for b in batches)
+        calib_used = {"data": str(dataset.source), "utterances": len(dataset), "feature_frames": frames}
         log(f"calibration: {len(dataset)} utterances from {dataset.source}, {frames} feature frames")
     ranks = None
     if svd.budgeted:
+        log("measuring per-layer truncation errors for the budget")
         scales = input_scales(original, batches, svd.components) if svd.data_aware else None
         ranks = budget_ranks(original, list(svd.components), mode=svd.mode, scales=scales,
                              compression_ratio=svd.compression_ratio, target_params=svd.target_params)
@@ -80,66 +118,72 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
         if choice.rank is None:
             log(f"{choice.layer} {choice.side} {choice.rows}x{choice.cols}: {choice.reason}")
     layer_rows: list[dict] = list(state["layers"]) if state else []
+    earlier_seconds = state["seconds"] if state else 0.0
     if state is not None:
         compressed, _ = load_model(progress_dir / MODEL_FILENAME)
         start = (state["iteration"], state["block"] + 1)
-        log(f"resuming after iteration {state['iteration'] + 1}, block {state['block']}")
+        log(f"resuming in iteration {state['iteration'] + 1} after block {state['block']}")
     else:
-        shutil.rmtree(progress_dir, ignore_errors=True)
         if post is not None:
+            shutil.rmtree(progress_dir, ignore_errors=True)
             write_json_atomic(progress_dir / "options.json", {
-                "command": command, "model": str(info.path), "svd": to_json(svd),
-                "calib": to_json(calib) if calib else None, "psvd": to_json(post),
-                "evaluation": to_json(evaluation) if evaluation else None})
+                "command": command, "model": str(info.path.resolve()),
+                "svd": to_json(svd), "calib": to_json(_absolute(calib)), "psvd": to_json(post),
+                "evaluation": to_json(_absolute(evaluation)) if evaluation else None})
+        log(("data-aware " if svd.data_aware else "") + f"truncated SVD of {sum(c.rank is not None for c in choices)}"
+            " matrices")
         compressed = (data_aware_svd_compress(original, choices, batches) if svd.data_aware
                       else svd_compress(original, choices))
         start = (0, 0)
     if post is not None:
         def on_layer(report: LayerReport, model, iteration: int, block: int) -> None:
             layer_rows.append(report.to_json())
-            errors = ", ".join(f"{k} {report.error_before[k]:.4f} -> {report.error_after[k]:.4f}"
-                               for k in report.error_before)
-            log(f"iteration {report.iteration} {report.layer} rank {report.ranks} rows {report.rows}: "
-                f"relative error {errors} ({report.seconds:.1f} s)")
-            save_model(model, progress_dir / MODEL_FILENAME, source_sha256=info.source_sha256)
-            write_json_atomic(progress_dir / "state.json", {
-                "source_sha256": info.sha256, "iteration": iteration, "block": block, "layers": layer_rows})
+            log(f"iteration {report.iteration} {report.layer} ranks {report.ranks} rows {report.rows}: "
+                f"relative output error {report.error_before:.4f} -> {report.error_after:.4f} "
+                f"(step {report.step:g}, {report.seconds:.1f} s)")
+            save_model(model, progress_dir / MODEL_FILENAME, source_sha256=info.source_sha256, extra={
+                "psvd_progress": {"source_sha256": info.sha256, "iteration": iteration, "block": block,
+                                  "layers": layer_rows,
+                                  "seconds": earlier_seconds + time.perf_counter() - started}})
 
         psvd(original, compressed, batches, post, on_layer=on_layer, start=start)
     options = {"model": str(info.path), **to_json(svd)}
     if post is not None:
         options.update(psvd=to_json(post))
-    if calib is not None and batches:
-        options.update(calib=to_json(calib))
-    method = {"command": command, "options": options}
-    path = save_model(compressed, out, source_sha256=info.source_sha256, extra={"method": method})
-    evaluated = None
-    if evaluation is not None and evaluation.path:
-        evaluated = _evaluate_both(original, compressed, evaluation, log, progress)
+    if calib_used is not None:
+        options.update(calib=to_json(calib), calib_used=calib_used)
+    evaluated = _evaluate_both(original, compressed, eval_set, log, progress) if eval_set is not None else None
+    path = save_model(compressed, out, source_sha256=info.source_sha256,
+                      extra={"method": {"command": command, "options": options}})
     report = build_report(
         command, source={"path": str(info.path), "sha256": info.sha256, "family": original.family},
         output=path, options=options, before=api.describe(original), after=api.describe(compressed),
-        layers=[c.to_json() for c in choices], post_training=layer_rows, seconds=time.perf_counter() - started,
-        evaluation=evaluated)
+        layers=[c.to_json() for c in choices], post_training=layer_rows,
+        seconds=earlier_seconds + time.perf_counter() - started, evaluation=evaluated)
     write_report(out, report)
-    shutil.rmtree(progress_dir, ignore_errors=True)
+    if post is not None:
+        shutil.rmtree(progress_dir, ignore_errors=True)
     return report
 
 
+def _absolute(config):
+    """The config with its data path made absolute, so a resumed run finds it from any folder."""
+    if config is None or config.path is None:
+        return config
+    return type(config)(**{**config.__dict__, "path": str(Path(config.path).resolve())})
+
+
 def _read_state(progress_dir: Path) -> dict | None:
-    path = progress_dir / "state.json"
-    if not path.is_file() or not (progress_dir / MODEL_FILENAME).is_file():
+    if not (progress_dir / MODEL_FILENAME).is_file():
         return None
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
+        _, info = load_model(progress_dir / MODEL_FILENAME)
+    except AsrshrinkError:
         return None
+    return info.extra.get("psvd_progress")
 
 
-def _evaluate_both(original, compressed, evaluation: EvalConfig, log: Log, progress: Progress | None) -> dict:
-    dataset = api.open_dataset(evaluation.path, vocabulary=original.vocabulary,
-                               sample_rate=original.feature_config.sample_rate, limit=evaluation.limit,
-                               seed=evaluation.seed, max_duration=evaluation.max_duration)
+def _evaluate_both(original, compressed, dataset, log: Log, progress: Progress | None) -> dict:
     results = {}
     for name, model in (("before", original), ("after", compressed)):
         result = api.evaluate(model, dataset, progress=(lambda d, t, n=name: progress(f"evaluating ({n})", d, t))
@@ -152,13 +196,17 @@ def _evaluate_both(original, compressed, evaluation: EvalConfig, log: Log, progr
 
 def resume(out: Path, *, log: Log = lambda line: None, progress: Progress | None = None) -> dict:
     """Continue the interrupted PSVD run in ``out`` with the options it was started with."""
-    path = out / PROGRESS / "options.json"
+    path = Path(out) / PROGRESS / "options.json"
     if not path.is_file():
         raise AsrshrinkError(f"{out}: no interrupted run to resume here (no {PROGRESS}/options.json); "
                              f"start it again without --resume")
-    saved = json.loads(path.read_text())
-    return run(saved["command"], model=saved["model"], out=out, svd=from_json(SvdConfig, saved["svd"]),
-               calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
-               post=from_json(PsvdConfig, saved["psvd"]),
-               evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,
-               resume=True, log=log, progress=progress)
+    try:
+        saved = json.loads(path.read_text())
+        return run(saved["command"], model=saved["model"], out=Path(out), svd=from_json(SvdConfig, saved["svd"]),
+                   calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
+                   post=from_json(PsvdConfig, saved["psvd"]),
+                   evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,
+                   resume=True, log=log, progress=progress)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise AsrshrinkError(f"{path}: unreadable ({type(exc).__name__}: {exc}); delete {Path(out) / PROGRESS} "
+                             f"and start the run again") from None

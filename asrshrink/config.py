@@ -41,6 +41,10 @@ class CalibConfig:
     max_duration: float | None = 15.0
     batch_size: int = 32
 
+    def check(self) -> None:
+        if self.num_utterances < 1:
+            raise AsrshrinkError(f"--num-utterances must be at least 1, got {self.num_utterances}")
+
 
 def to_json(config: Any) -> dict[str, Any]:
     data = asdict(config)

@@ -19,6 +19,8 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     An interrupted or failed write leaves no file at ``path`` (and removes the temporary one).
     """
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(21, "is a directory, not a file", str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

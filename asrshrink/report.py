@@ -8,7 +8,9 @@ Schema ``asrshrink.report/1`` (every key always present; null where not measured
   compression_ratio {model, by_component}: parameters before / after,
   layers [one row per weight the method considered: layer, side, shape, groups, rank, status],
   post_training [one row per refitted layer and iteration: iteration, layer, ranks, rows, error_before,
-                 error_after (relative pre-activation errors on the calibration data), seconds] (empty if none),
+                 error_after (relative squared error of the layer's output against the uncompressed model's on
+                 the calibration data, measured by running the layer), step (0 to 1: how far towards the
+                 least-squares fit the layer moved), seconds] (empty if none),
   eval {data, num_utterances, num_words, before {wer, cer}, after {wer, cer}} or null.
 """
 
@@ -80,12 +82,13 @@ def render_markdown(report: dict) -> str:
                          f"{' (per gate)' if row['groups'] > 1 else ''} | {_cell(row['rank'])} | {row['status']} |")
         lines.append("")
     if report["post_training"]:
-        lines += ["Post-training (relative pre-activation error on the calibration data):", "",
-                  "| iteration | layer | ranks | rows | error before | error after | seconds |",
-                  "| ---: | --- | --- | ---: | --- | --- | ---: |"]
+        lines += ["Post-training (relative output error of each layer on the calibration data):", "",
+                  "| iteration | layer | ranks | rows | error before | error after | step | seconds |",
+                  "| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
         for row in report["post_training"]:
             lines.append(f"| {row['iteration']} | {row['layer']} | {_cell(row['ranks'])} | {row['rows']} | "
-                         f"{_errors(row['error_before'])} | {_errors(row['error_after'])} | {row['seconds']:.1f} |")
+                         f"{row['error_before']:.4f} | {row['error_after']:.4f} | {row['step']:g} | "
+                         f"{row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -95,10 +98,6 @@ def _cell(value: Any) -> str:
     if isinstance(value, dict):
         return ", ".join(f"{k} {v}" for k, v in value.items())
     return "" if value is None else str(value)
-
-
-def _errors(errors: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in errors.items())
 
 
 def write_report(out_dir: Path, report: dict) -> None:

@@ -411,9 +411,9 @@ def open_dataset(path: str | Path, *, vocabulary: Vocabulary = Vocabulary(), sam
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:
         raise DataError(f"sample rate must be a positive integer, got {sample_rate!r}")
     if max_duration is not None and not max_duration > 0:
-        raise DataError(f"--max-duration must be positive, got {max_duration!r}")
+        raise DataError(f"the maximum duration must be positive, got {max_duration!r}")
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit <= 0):
-        raise DataError(f"--limit must be a positive integer, got {limit!r}")
+        raise DataError(f"the number of utterances to use must be a positive integer, got {limit!r}")
 
     kind, entries = _detect(source, vocabulary)
     if not entries:
@@ -437,8 +437,8 @@ def open_dataset(path: str | Path, *, vocabulary: Vocabulary = Vocabulary(), sam
         kept = [e for e in timed if e.duration <= max_duration]
         dropped[DROP_LONG] = len(timed) - len(kept)
         if not kept:
-            raise DataError(f"{source}: all {len(timed)} utterances are longer than --max-duration "
-                            f"{max_duration:g} s; raise --max-duration or omit it")
+            raise DataError(f"{source}: all {len(timed)} utterances are longer than the maximum duration of "
+                            f"{max_duration:g} s; allow longer utterances (--max-duration) or pick other data")
         entries = kept
 
     if limit is not None and limit < len(entries):

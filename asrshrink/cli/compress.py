@@ -72,8 +72,13 @@ def _run(command: str, json_out: bool, **kwargs) -> None:
                       if kwargs.pop("resume_run", False) else
                       compress.run(command, log=log, progress=_Bars(bar), **kwargs))
         except KeyboardInterrupt:
-            if command == "psvd":
+            from asrshrink.compress import PROGRESS
+            from asrshrink.models.checkpoint import MODEL_FILENAME
+
+            if (Path(kwargs["out"]) / PROGRESS / MODEL_FILENAME).is_file():
                 log(f"interrupted; continue with: asrshrink psvd --resume {kwargs['out']}")
+            else:
+                log("interrupted before the first layer was finished; nothing to resume")
             raise typer.Exit(130) from None
     _summary(report)
     if json_out:
@@ -143,15 +148,11 @@ def psvd_command(
     """
     from asrshrink.compress import EvalConfig
     from asrshrink.config import CalibConfig, SvdConfig
-    from asrshrink.methods.psvd import VARIANTS, PsvdConfig
+    from asrshrink.methods.psvd import PsvdConfig
 
     if resume is not None:
         _run("psvd", json_out, out=resume, resume_run=True)
         return
-    if variant not in VARIANTS:
-        from asrshrink.errors import AsrshrinkError
-
-        raise AsrshrinkError(f"--variant must be one of {', '.join(VARIANTS)}, got {variant!r}")
     comps = _components(components)
     _run("psvd", json_out, model=model, out=out,
          svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=comps, data_aware=data_aware,

@@ -41,6 +41,11 @@ def handle_errors(fn: Callable) -> Callable:
         except AsrshrinkError as exc:
             err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except OSError as exc:  # the file system refused: a full disk, a folder where a file goes, permissions
+            where = exc.filename or ""
+            err.print(f"error: {where}: {exc.strerror or exc}; check the path and free space", markup=False,
+                      highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
 
     return wrapper
 
@@ -96,6 +101,10 @@ def eval_command(
     from asrshrink import api
     from asrshrink.io import write_text_atomic
 
+    if hypotheses is not None and hypotheses.is_dir():
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"{hypotheses}: --hypotheses takes a file name (JSONL), not a directory")
     net, info = api.load_model(model)
     dataset = api.open_dataset(data or default_data(), vocabulary=net.vocabulary,
                                sample_rate=net.feature_config.sample_rate, max_duration=max_duration,

@@ -50,9 +50,9 @@ class RegressionStats:
 
     def add(self, z: torch.Tensor, target: torch.Tensor) -> None:
         """z (N, k), target (N, O): one batch of rows (products in float32, sums in float64)."""
-        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-        self.gram += (z1.T @ z1).double()
-        self.cross += (z1.T @ target).double()
+        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1).double()
+        self.gram += z1.T @ z1
+        self.cross += z1.T @ target.double()
         self.energy += float(target.double().square().sum())
         self.rows += z.shape[0]
 
@@ -63,7 +63,10 @@ def solve_regression(stats: RegressionStats, ridge: float = 1e-7) -> tuple[torch
     k = gram.shape[0] - 1
     damp = ridge * float(gram.diagonal()[:k].mean()) if k else 0.0
     gram[range(k), range(k)] += damp
-    solution = torch.linalg.solve(gram, stats.cross)  # (k+1, O)
+    try:
+        solution = torch.linalg.solve(gram, stats.cross)  # (k+1, O)
+    except torch.linalg.LinAlgError:  # singular (e.g. fewer rows than unknowns): the minimum-norm solution
+        solution = torch.linalg.lstsq(gram, stats.cross, driver="gelsd").solution
     return solution[:k].T.contiguous(), solution[k].contiguous()
 
 
@@ -86,17 +89,21 @@ def fold_correction(up: torch.Tensor, bias: torch.Tensor, m: torch.Tensor) -> tu
 
 @dataclass
 class LayerReport:
+    """One line of the PSVD log: relative output error of the layer before and after its refit."""
+
     iteration: int
     layer: str
     ranks: dict[str, int]
     rows: int
-    error_before: dict[str, float]
-    error_after: dict[str, float]
+    error_before: float
+    error_after: float
+    step: float
     seconds: float
 
     def to_json(self) -> dict:
         return {"iteration": self.iteration, "layer": self.layer, "ranks": self.ranks, "rows": self.rows,
-                "error_before": self.error_before, "error_after": self.error_after, "seconds": self.seconds}
+                "error_before": self.error_before, "error_after": self.error_after, "step": self.step,
+                "seconds": self.seconds}
 
 
 @dataclass(frozen=True)
@@ -132,10 +139,10 @@ class ProjectedStats:
 
     def add(self, z: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         """z (N, k), inputs[s] (N, I_s) for each map s."""
-        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1)
-        self.gram += (z1.T @ z1).double()
+        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1).double()
+        self.gram += z1.T @ z1
         for moment, x in zip(self.moments, inputs):
-            moment += (z1.T @ x).double()
+            moment += z1.T @ x.double()
         self.rows += z.shape[0]
 
     def regression(self) -> RegressionStats:
@@ -145,22 +152,56 @@ class ProjectedStats:
         return RegressionStats(self.gram, cross, 0.0, self.rows)
 
 
-#: Relative errors in the log are measured on every SAMPLE_EVERY-th calibration row.
-SAMPLE_EVERY = 16
+#: Step sizes tried, in order, between the current factors (0) and the least-squares fit (1).
+STEPS = (1.0, 0.5, 0.25)
+
+
+@dataclass
+class LayerFit:
+    """One refit of one layer. Errors are relative squared errors of the layer's output (hidden states)
+    against the uncompressed model's, on all calibration rows, measured by running the layer."""
+
+    layer: FactorizedLSTMLayer
+    rows: int
+    error_before: float
+    error_after: float
+    step: float                                  # the step taken towards the fit (0: kept as it was)
+    outputs: list[torch.Tensor] = field(default_factory=list)  # the kept layer's outputs (T, B, H) per batch
+
+
+def _output_error(layer: nn.Module, comp_inputs: Activations, orig_outputs: list[torch.Tensor]
+                  ) -> tuple[float, list[torch.Tensor]]:
+    outputs, error, energy = [], 0.0, 0.0
+    for (x, lengths), h_o in zip(comp_inputs, orig_outputs):
+        h, _ = layer(x)
+        outputs.append(h)
+        error += float(valid_rows(h - h_o, lengths).double().square().sum())
+        energy += float(valid_rows(h_o, lengths).double().square().sum())
+    return error / max(energy, 1e-30), outputs
+
+
+def _blend(old: LowRankLinear, up: torch.Tensor, bias: torch.Tensor, step: float) -> LowRankLinear:
+    new = LowRankLinear(old.in_features, old.out_features, old.rank, groups=old.groups)
+    new.down.copy_(old.down)
+    new.up.copy_(old.up + step * (up - old.up))
+    new.bias.copy_(old.bias + step * (bias - old.bias))
+    return new
 
 
 @torch.no_grad()
 def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs: Activations,
               comp_inputs: Activations, *, variant: str = "paper", ridge: float = 1e-7,
-              orig_outputs: list[torch.Tensor] | None = None
-              ) -> tuple[FactorizedLSTMLayer, int, dict[str, float], dict[str, float]]:
-    """One PSVD step on one layer: returns the refitted layer, rows used, relative errors before and after
-    (measured on a 1/SAMPLE_EVERY subsample of the rows).
+              orig_outputs: list[torch.Tensor] | None = None) -> LayerFit:
+    """One PSVD step on one layer.
 
-    One regression per side ("paper") or one for both sides ("joint"), and per gate when the factors are per
-    gate (rollout). A fit replaces the current factors only if it lowers their squared error on all rows, so
-    the error never rises. ``orig_outputs`` (T, B, H) per batch: the original layer's outputs, if known.
+    The least-squares fits (one per side, "paper", or one for both sides, "joint"; per gate for rollout
+    factors) use the hidden states of the layer's current version as recurrent regressors. The fitted layer
+    then changes its own hidden states, so the fit is checked by running it: the largest step in STEPS towards
+    the fit that lowers the layer's measured output error is kept, else the layer stays as it was. The error
+    therefore never rises.
     """
+    if orig_outputs is None:
+        orig_outputs = [original(x)[0] for x, _ in orig_inputs]
     sides = _sides(compressed)
     members = [sides] if variant == "joint" else [[s] for s in sides]
     parts = {s: getattr(compressed, s) for s in ("ih", "hh")}
@@ -174,61 +215,49 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
         return w[g * out:(g + 1) * out], b[g * out:(g + 1) * out]
 
     stats = [ProjectedStats(sum(parts[s].rank for s in unit), [gate_map(s, g) for s in unit]) for unit, g in units]
-    sample_z: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
-    sample_x: dict[str, list[torch.Tensor]] = {s: [] for s in sides}
-    rows = 0
-    for n, ((x_o, lengths), (x_c, _)) in enumerate(zip(orig_inputs, comp_inputs)):
-        h_o = orig_outputs[n] if orig_outputs is not None else original(x_o)[0]
+    rows, error, energy = 0, 0.0, 0.0
+    for (x_o, lengths), (x_c, _), h_o in zip(orig_inputs, comp_inputs, orig_outputs):
         h_c, _ = compressed(x_c)
+        error += float(valid_rows(h_c - h_o, lengths).double().square().sum())
+        energy += float(valid_rows(h_o, lengths).double().square().sum())
         inputs_o = {"ih": valid_rows(x_o, lengths), "hh": valid_rows(shift(h_o), lengths)}
         inputs_c = {"ih": valid_rows(x_c, lengths), "hh": valid_rows(shift(h_c), lengths)}
         rows += inputs_o["ih"].shape[0]
         z_all = {s: _regressors(parts[s], inputs_c[s]) for s in sides}                 # (N, G*r)
-        for s in sides:
-            sample_z[s].append(z_all[s][::SAMPLE_EVERY])
-            sample_x[s].append(inputs_o[s][::SAMPLE_EVERY])
         for (unit, g), st in zip(units, stats):
             z = torch.cat([z_all[s][:, g * parts[s].rank:(g + 1) * parts[s].rank] for s in unit], 1)
             st.add(z, [inputs_o[s] for s in unit])
+        del h_c, inputs_o, inputs_c, z_all
+    before = error / max(energy, 1e-30)
     ups = {s: parts[s].up.detach().clone() for s in sides}
     biases = {s: parts[s].bias.detach().clone() for s in sides}
-    z_sample = {s: torch.cat(v) for s, v in sample_z.items()}
-    x_sample = {s: torch.cat(v) for s, v in sample_x.items()}
-
-    def sample_error(unit: list[str]) -> float:
-        """Relative squared error of the unit's summed pre-activation on the row subsample."""
-        target = sum(torch.nn.functional.linear(x_sample[s], *target_w[s]) for s in unit)
-        pred = sum(torch.nn.functional.linear(z_sample[s], _block_up(ups[s]), biases[s]) for s in unit)
-        return float((pred - target).square().sum() / target.square().sum().clamp(min=1e-30))
-
-    before = {"+".join(unit): sample_error(unit) for unit in members}
     for (unit, g), st in zip(units, stats):
         reg = st.regression()
         rows_g = slice(g * out, (g + 1) * out)
-        current_a = torch.cat([ups[s][g] for s in unit], 1)
-        current_c = sum(biases[s][rows_g] for s in unit)
         a, c = solve_regression(reg, ridge)
-        if regression_error(reg, a, c) >= regression_error(reg, current_a, current_c):
-            continue  # (energy 0: both are the residual minus the same constant)
         offset = 0
         for i, s in enumerate(unit):
             r = parts[s].rank
             ups[s][g] = a[:, offset:offset + r].to(ups[s].dtype)
             biases[s][rows_g] = c.to(biases[s].dtype) if i == 0 else 0.0
             offset += r
-    after = {"+".join(unit): sample_error(unit) for unit in members}
-    for s in sides:
-        new = LowRankLinear(parts[s].in_features, parts[s].out_features, parts[s].rank, groups=groups)
-        new.down.copy_(parts[s].down)
-        new.up.copy_(ups[s])
-        new.bias.copy_(biases[s])
-        parts[s] = new
-    return FactorizedLSTMLayer(parts["ih"], parts["hh"], compressed.hidden_size), rows, before, after
+    for step in STEPS:
+        candidate = FactorizedLSTMLayer(
+            *[_blend(parts[s], ups[s], biases[s], step) if s in sides else parts[s] for s in ("ih", "hh")],
+            compressed.hidden_size)
+        after, outputs = _output_error(candidate, comp_inputs, orig_outputs)
+        if after < before:
+            return LayerFit(candidate, rows, before, after, step, outputs)
+        del outputs
+    return LayerFit(compressed, rows, before, before, 0.0, [])
 
 
 def _block_up(up: torch.Tensor) -> torch.Tensor:
     """(G, O/G, r) per-group factors -> the (O, G*r) block-diagonal matrix."""
     return torch.block_diag(*up) if up.shape[0] > 1 else up[0]
+
+
+LayerHook = Callable[[LayerReport, Transducer, int, int], None]
 
 
 def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
@@ -243,22 +272,22 @@ def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, t
     if config.variant not in VARIANTS:
         raise ValueError(f"unknown PSVD variant {config.variant!r}; choose one of {', '.join(VARIANTS)}")
     reports: list[LayerReport] = []
-    for iteration in range(config.iterations):
+    for iteration in range(start[0], config.iterations):
         def visit(o_layer, name, c_layer, orig_acts, comp_acts, block, orig_outputs):
             if not isinstance(c_layer, FactorizedLSTMLayer) or not _sides(c_layer):
                 return None
             started = time.perf_counter()
-            new, rows, before, after = fit_layer(o_layer, c_layer, orig_acts, comp_acts, variant=config.variant,
-                                                 ridge=config.ridge, orig_outputs=[x for x, _ in orig_outputs])
-            report = LayerReport(iteration + 1, name, {s: getattr(new, s).rank for s in _sides(new)}, rows,
-                                 before, after, time.perf_counter() - started)
+            fit = fit_layer(o_layer, c_layer, orig_acts, comp_acts, variant=config.variant, ridge=config.ridge,
+                            orig_outputs=[x for x, _ in orig_outputs])
+            report = LayerReport(iteration + 1, name, {s: getattr(fit.layer, s).rank for s in _sides(fit.layer)},
+                                 fit.rows, fit.error_before, fit.error_after, fit.step,
+                                 time.perf_counter() - started)
             reports.append(report)
-            compressed.set_submodule(name, new)
+            compressed.set_submodule(name, fit.layer)
             if on_layer:
                 on_layer(report, compressed, iteration, block)
-            return new
+            return (fit.layer, fit.outputs) if fit.outputs else fit.layer
 
         walk_layers(original, compressed, batches, config.components, visit,
                     skip=lambda j, it=iteration: (it, j) < start)
     return reports
-

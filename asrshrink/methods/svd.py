@@ -200,7 +200,8 @@ def cholesky_scale(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
         if int(info) == 0:
             return factor
         jitter *= 100
-    raise ValueError("calibration second moment is not positive definite")
+    raise AsrshrinkError("the calibration inputs' second moment is not positive definite (too few or constant "
+                         "calibration frames); use more calibration utterances or drop --data-aware")
 
 
 @torch.no_grad()

@@ -68,6 +68,12 @@ class LSTMStack(nn.Module):
         return x, (torch.cat(hs, 0), torch.cat(cs, 0))
 
 
+def mask_time(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    """x (T, B, D) with the frames at or past each utterance's length (B,) set to zero."""
+    return x * (torch.arange(x.shape[0], device=x.device).unsqueeze(1) < lengths.to(x.device).unsqueeze(0)
+                ).unsqueeze(-1).to(x.dtype)
+
+
 def stack_time(x: torch.Tensor, lengths: torch.Tensor, factor: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Concatenate each run of ``factor`` consecutive frames, zero-padding the end.
 

@@ -22,7 +22,7 @@ from asrshrink.audio.features import FeatureConfig
 from asrshrink.audio.text import MLPERF_LABELS, Vocabulary
 from asrshrink.errors import CheckpointError
 from asrshrink.models.base import Block, State, Transducer
-from asrshrink.models.layers import LSTMStack, stack_time
+from asrshrink.models.layers import LSTMStack, mask_time, stack_time
 from asrshrink.models.registry import register_family
 
 
@@ -75,6 +75,8 @@ class Encoder(nn.Module):
         """features (B, T, F), lengths (B,) -> output (B, T', H), lengths (B,) with T' = ceil(T / factor),
         and the pre-stacking activations (B, T, H)."""
         low, _ = self.pre_rnn(features.transpose(0, 1))            # (T, B, H)
+        # Frames past an utterance's end are zero before stacking, as they are when it runs alone (batch 1).
+        low = mask_time(low, lengths)
         x, lengths = stack_time(low, lengths, self.stack_time_factor)  # (T', B, factor * H)
         x, _ = self.post_rnn(x)                                    # (T', B, H)
         return x.transpose(0, 1), lengths.to(torch.int64), low.transpose(0, 1)
@@ -119,7 +121,8 @@ class MlperfRnnt(Transducer):
     def __init__(self, config: MlperfRnntConfig = MlperfRnntConfig()):
         if config.input_dim != config.feature.feature_dim:
             raise CheckpointError(f"input_dim {config.input_dim} does not match the featurizer's "
-                                  f"{config.feature.feature_dim} features")
+                                  f"{config.feature.feature_dim} features (80 mels x 3 spliced frames); "
+                                  f"this is not an MLPerf-featurizer model")
         super().__init__(config.feature, Vocabulary(labels=config.labels, blank=len(config.labels)))
         self.config = config
         self.encoder = Encoder(config)
@@ -144,7 +147,8 @@ class MlperfRnnt(Transducer):
         if component == "encoder":
             factor = self.config.stack_time_factor
             return ([layer_block("encoder.pre_rnn", i, m) for i, m in enumerate(self.encoder.pre_rnn.layers)]
-                    + [Block("encoder.stack_time", None, lambda x, lengths: stack_time(x, lengths, factor))]
+                    + [Block("encoder.stack_time", None, lambda x, lengths: stack_time(mask_time(x, lengths),
+                                                                                       lengths, factor))]
                     + [layer_block("encoder.post_rnn", i, m) for i, m in enumerate(self.encoder.post_rnn.layers)])
         if component == "prediction":
             return [layer_block("prediction.rnn", i, m) for i, m in enumerate(self.prediction.rnn.layers)]
@@ -218,7 +222,10 @@ class MlperfRnnt(Transducer):
         state_dict = {("joint_net." + k[len("joint.net."):] if k.startswith("joint.net.") else k): v
                       for k, v in state_dict.items()}
         config = _config_from_foreign(state_dict, source)
-        model = cls(config)
+        try:
+            model = cls(config)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{source}: {exc}") from None
         expected = model.to_foreign_state_dict()
         missing = [k for k in expected if k not in state_dict]
         unexpected = [k for k in state_dict if k not in expected]

@@ -190,7 +190,7 @@ def test_max_duration_with_manifest_and_header_durations(tmp_path):
 
 def test_max_duration_removes_everything(tmp_path):
     split = make_librispeech(tmp_path, durations=(0.2, 0.3))
-    with pytest.raises(DataError, match=r"all 2 utterances are longer than --max-duration 0.1 s"):
+    with pytest.raises(DataError, match=r"all 2 utterances are longer than the maximum duration of 0.1 s"):
         open_dataset(split, max_duration=0.1)
 
 
@@ -324,9 +324,9 @@ def test_empty_manifest_and_bad_options(tmp_path):
     with pytest.raises(DataError, match=r"m\.json: no utterances found"):
         open_dataset(manifest)
     make_folder(tmp_path / "f", {"a": 0.1})
-    with pytest.raises(DataError, match="--limit must be a positive integer"):
+    with pytest.raises(DataError, match="number of utterances to use must be a positive integer"):
         open_dataset(tmp_path / "f", limit=0)
-    with pytest.raises(DataError, match="--max-duration must be positive"):
+    with pytest.raises(DataError, match="maximum duration must be positive"):
         open_dataset(tmp_path / "f", max_duration=0)
 
 

@@ -31,14 +31,15 @@ def tiny_data(tmp_path):
 
 def assert_one_line_error(result, *fragments):
     assert result.exit_code == 2, result.output
-    text = result.stderr.strip()
-    assert text.startswith("error: ") and "Traceback" not in result.output
-    assert len(text.splitlines()) == 1 or text.count("error:") == 1
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.output
+    text = errors[0]
     for fragment in fragments:
         assert fragment in " ".join(text.split()), text
 
 
-@pytest.mark.parametrize("command", ["eval", "info", "dump"])
+@pytest.mark.parametrize("command", ["eval", "info", "dump", "svd", "psvd"])
 def test_help_has_an_example(command):
     result = runner.invoke(app, [command, "--help"])
     assert result.exit_code == 0 and "Example:" in result.output
@@ -142,7 +143,7 @@ def test_psvd_runs_and_logs_every_layer(model_path, tiny_data, tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert [r["layer"] for r in report["post_training"]] == [f"encoder.pre_rnn.layers.{i}" for i in range(2)] + [
         f"encoder.post_rnn.layers.{i}" for i in range(3)]
-    assert result.stderr.count("relative error") == 5
+    assert result.stderr.count("relative output error") == 5
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -159,3 +160,33 @@ def test_svd_bad_options(model_path, tmp_path, args, fragment):
 def test_resume_without_an_interrupted_run(tmp_path):
     result = runner.invoke(app, ["psvd", "--resume", str(tmp_path)])
     assert_one_line_error(result, "no interrupted run")
+
+
+def test_bad_eval_data_is_refused_before_any_output(model_path, tmp_path):
+    out = tmp_path / "o"
+    result = runner.invoke(app, ["svd", model_path, "-o", str(out), "--eval", str(tmp_path / "nowhere")])
+    assert_one_line_error(result, "nowhere")
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_output_must_be_a_directory(model_path, tmp_path):
+    target = tmp_path / "model.safetensors"
+    result = runner.invoke(app, ["svd", model_path, "-o", str(target)])
+    assert_one_line_error(result, "-o takes a directory")
+    assert not target.exists()
+
+
+def test_hypotheses_into_a_directory_is_a_one_line_error(model_path, tiny_data, tmp_path):
+    result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--hypotheses", str(tmp_path)])
+    assert_one_line_error(result, str(tmp_path))
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--iterations", "0"], "--iterations"),
+    (["--components", "joint"], "--components must include"),
+    (["--rank", "4", "--compression-ratio", "3"], "not both"),
+    (["--num-utterances", "0"], "--num-utterances"),
+])
+def test_psvd_bad_options(model_path, tiny_data, tmp_path, args, fragment):
+    result = runner.invoke(app, ["psvd", model_path, "--calib", str(tiny_data), "-o", str(tmp_path / "o"), *args])
+    assert_one_line_error(result, fragment)

@@ -63,22 +63,9 @@ def test_solving_for_the_factor_equals_the_papers_correction_matrix():
     assert torch.allclose(direct, paper, atol=1e-6)
 
 
-def _preactivation_error(original_layer, layer, x_orig, x_comp):
-    """Relative error of (ih, hh) pre-activations of ``layer`` on compressed inputs vs the original's."""
-    h_o, _ = original_layer(x_orig)
-    h_c, _ = layer(x_comp)
-    w_o, w_c = lstm_side_weights(original_layer), lstm_side_weights(layer)
-    out = {}
-    for side, (xo, xc) in {"ih": (x_orig, x_comp), "hh": (shift(h_o), shift(h_c))}.items():
-        target = torch.nn.functional.linear(xo, *w_o[side])
-        pred = torch.nn.functional.linear(xc, *w_c[side])
-        out[side] = float(((pred - target) ** 2).sum() / (target ** 2).sum())
-    return out
-
-
 @pytest.mark.parametrize("variant", ["paper", "joint"])
 @pytest.mark.parametrize("mode", ["stacked", "rollout"])
-def test_layer_error_after_regression_is_never_above_svd(variant, mode):
+def test_layer_output_error_after_regression_is_never_above_svd(variant, mode):
     model = tiny()
     choices = choose_ranks(model, ["encoder"], threshold=0.25, mode=mode)
     svd_model = svd_compress(model, choices)
@@ -87,19 +74,26 @@ def test_layer_error_after_regression_is_never_above_svd(variant, mode):
     reports = psvd(model, refit, data, PsvdConfig(iterations=1, variant=variant))
     assert len(reports) == 4
     for report in reports:
-        for key in report.error_before:
-            assert report.error_after[key] <= report.error_before[key] + 1e-12
-    if variant == "joint":
-        return
-    # Checked directly on activations too: the first layer sees the same inputs in both models, so its
-    # input-side fit is an exact least-squares problem. (The recurrent side was fitted to the hidden states of
-    # the layer's previous version, which the refit itself changes.)
-    x = data[0]["features"].transpose(0, 1)
+        assert report.error_after <= report.error_before
+    assert any(report.error_after < 0.9 * report.error_before for report in reports)
+    # Measured independently on the first layer, which sees the same inputs in both models.
+    assert reports[0].error_before == pytest.approx(_first_layer_error(model, svd_model, data), rel=1e-4)
+    assert reports[0].error_after == pytest.approx(_first_layer_error(model, refit, data), rel=1e-4)
+    assert _first_layer_error(model, refit, data) <= _first_layer_error(model, svd_model, data)
+
+
+def _first_layer_error(model, svd_model, data):
     first = "encoder.pre_rnn.layers.0"
+    err = energy = 0.0
     with torch.no_grad():
-        before = _preactivation_error(model.get_submodule(first), svd_model.get_submodule(first), x, x)
-        after = _preactivation_error(model.get_submodule(first), refit.get_submodule(first), x, x)
-    assert after["ih"] <= before["ih"] * 1.0001
+        for batch in data:
+            x, n = batch["features"].transpose(0, 1), batch["feature_lengths"]
+            h_o, _ = model.get_submodule(first)(x)
+            h, _ = svd_model.get_submodule(first)(x)
+            mask = (torch.arange(x.shape[0]).unsqueeze(1) < n.unsqueeze(0)).unsqueeze(-1)
+            err += float((((h - h_o) * mask) ** 2).sum())
+            energy += float(((h_o * mask) ** 2).sum())
+    return err / energy
 
 
 def test_three_iterations_beat_svd_end_to_end():
@@ -122,8 +116,11 @@ def test_prediction_network_is_refitted_too():
     model = tiny()
     choices = choose_ranks(model, ["encoder", "prediction"], rank=4)
     refit = svd_compress(model, choices)
+    before = refit.prediction.rnn.layers[0].hh.up.clone()
     reports = psvd(model, refit, batches(), PsvdConfig(iterations=1, components=("encoder", "prediction")))
     assert [r.layer for r in reports][-1] == "prediction.rnn.layers.0"
+    assert reports[-1].error_after < reports[-1].error_before
+    assert not torch.equal(refit.prediction.rnn.layers[0].hh.up, before)
 
 
 def test_data_aware_svd_lowers_the_encoder_error():

@@ -155,3 +155,17 @@ def test_every_size_is_configurable():
     with torch.no_grad():
         enc, lengths = again.encode(feats, torch.tensor([10, 7]))
     assert enc.shape == (2, 4, 24) and lengths.tolist() == [4, 3]
+
+
+def test_batched_encoder_equals_batch_one_for_odd_lengths():
+    torch.manual_seed(0)
+    model = MlperfRnnt(MlperfRnntConfig(encoder_hidden=16, encoder_pre_layers=1, encoder_post_layers=1,
+                                        pred_hidden=8, pred_layers=1, joint_hidden=8)).eval()
+    feats = torch.randn(3, 11, 240)
+    lengths = torch.tensor([11, 7, 4])
+    with torch.no_grad():
+        batched, out_lengths = model.encode(feats, lengths)
+        for b, n in enumerate(lengths.tolist()):
+            alone, alone_len = model.encode(feats[b:b + 1, :n], lengths[b:b + 1])
+            assert int(alone_len[0]) == int(out_lengths[b])
+            assert torch.allclose(batched[b, :int(alone_len[0])], alone[0], atol=1e-6), b
