@@ -64,6 +64,8 @@ def check_options(out: Path, svd: SvdConfig, post: PsvdConfig | None) -> None:
     if post is not None:
         if post.iterations < 1:
             raise AsrshrinkError(f"--iterations must be at least 1, got {post.iterations}")
+        if post.refits < 1:
+            raise AsrshrinkError(f"--refits must be at least 1, got {post.refits}")
         if post.variant not in VARIANTS:
             raise AsrshrinkError(f"--variant must be one of {', '.join(VARIANTS)}, got {post.variant!r}")
         if not post.components:

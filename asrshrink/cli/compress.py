@@ -134,6 +134,8 @@ def psvd_command(
                                               "joint: fit both to the summed pre-activation.")] = "paper",
     data_aware: DataAware = False, seed: Seed = 0, eval_data: Eval = None, eval_limit: EvalLimit = None,
     compression_ratio: Ratio = None, target_params: TargetParams = None,
+    refits: Annotated[int, typer.Option(help="Least-squares fits per layer and iteration; each refit uses the "
+                                             "refitted layer's own hidden states (1: the paper).")] = 1,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this output directory "
                                                         "(its options are reused).", show_default=False)] = None,
     json_out: Json = False,
@@ -158,6 +160,6 @@ def psvd_command(
          svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=comps, data_aware=data_aware,
                        compression_ratio=compression_ratio, target_params=target_params),
          calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
-         post=PsvdConfig(iterations=iterations, variant=variant,
+         post=PsvdConfig(iterations=iterations, variant=variant, refits=refits,
                          components=tuple(c for c in comps if c != "joint")),
          evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))

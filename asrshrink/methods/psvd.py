@@ -115,6 +115,9 @@ class PsvdConfig:
     variant: str = "paper"
     ridge: float = 1e-7
     components: tuple[str, ...] = ("encoder",)
+    #: Fits per layer and iteration. The recurrent fit's regressors are the hidden states of the layer's
+    #: previous version; refitting with the refitted layer's own states approaches a fixed point (1: the paper).
+    refits: int = 1
 
 
 def _regressors(side: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -277,8 +280,19 @@ def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, t
             if not isinstance(c_layer, FactorizedLSTMLayer) or not _sides(c_layer):
                 return None
             started = time.perf_counter()
+            targets = [x for x, _ in orig_outputs]
             fit = fit_layer(o_layer, c_layer, orig_acts, comp_acts, variant=config.variant, ridge=config.ridge,
-                            orig_outputs=[x for x, _ in orig_outputs])
+                            orig_outputs=targets)
+            first_error = fit.error_before
+            for _ in range(config.refits - 1):
+                if fit.step == 0:
+                    break
+                again = fit_layer(o_layer, fit.layer, orig_acts, comp_acts, variant=config.variant,
+                                  ridge=config.ridge, orig_outputs=targets)
+                if again.step == 0:
+                    break
+                fit = again
+            fit.error_before = first_error
             report = LayerReport(iteration + 1, name, {s: getattr(fit.layer, s).rank for s in _sides(fit.layer)},
                                  fit.rows, fit.error_before, fit.error_after, fit.step,
                                  time.perf_counter() - started)

@@ -174,3 +174,15 @@ def test_interrupted_psvd_resumes_to_the_same_model(tmp_path, speech, monkeypatc
     for key, tensor in a.state_dict().items():
         assert torch.equal(tensor, b.state_dict()[key]), key
     assert not (tmp_path / "resumed" / ".progress").exists()
+
+
+def test_refitting_with_the_layers_own_hidden_states_helps():
+    model = tiny()
+    choices = choose_ranks(model, ["encoder"], threshold=0.25)
+    data = batches()
+    errors = {}
+    for refits in (1, 3):
+        refit = svd_compress(model, choices)
+        reports = psvd(model, refit, data, PsvdConfig(iterations=1, refits=refits))
+        errors[refits] = sum(r.error_after for r in reports)
+    assert errors[3] < errors[1]
