@@ -24,7 +24,7 @@ from asrshrink.io import write_json_atomic
 from asrshrink.methods.psvd import VARIANTS, LayerReport, PsvdConfig, psvd
 from asrshrink.methods.svd import (MODES, budget_ranks, choose_ranks, data_aware_svd_compress, input_scales,
                                    svd_compress)
-from asrshrink.models.checkpoint import ASSETS, MODEL_FILENAME, load_model, save_model
+from asrshrink.models.checkpoint import MODEL_FILENAME, bundled_speech, load_model, save_model
 from asrshrink.report import build_report, write_report
 
 PROGRESS = ".progress"
@@ -38,14 +38,6 @@ class EvalConfig:
     limit: int | None = None
     seed: int = 0
     max_duration: float | None = None
-
-
-def default_calibration() -> Path:
-    path = ASSETS / "speech" / "calib"
-    if not path.is_dir():
-        raise AsrshrinkError("no --calib given and this installation has no bundled calibration sample; "
-                             "pass --calib PATH (a LibriSpeech folder, audio + .txt folder or a manifest)")
-    return path
 
 
 def check_options(out: Path, svd: SvdConfig, post: PsvdConfig | None) -> None:
@@ -99,7 +91,7 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
     if post is not None or svd.data_aware:
         calib = calib or CalibConfig()
         calib.check()
-        dataset = api.open_dataset(calib.path or default_calibration(), vocabulary=original.vocabulary,
+        dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=original.vocabulary,
                                    sample_rate=original.feature_config.sample_rate,
                                    max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
         batches = calibration_batches(original, dataset, batch_size=calib.batch_size,

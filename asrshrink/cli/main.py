@@ -67,17 +67,6 @@ def root(version: Annotated[bool, typer.Option("--version", callback=version_cal
     pass
 
 
-def default_data() -> Path:
-    from asrshrink.errors import DataError
-    from asrshrink.models.checkpoint import ASSETS
-
-    path = ASSETS / "speech" / "test"
-    if not path.is_dir():
-        raise DataError("no --data given and this installation has no bundled speech sample; pass --data PATH "
-                        "(a LibriSpeech folder, a folder of audio + .txt, or a JSONL/MLPerf manifest)")
-    return path
-
-
 @app.command("eval")
 @handle_errors
 def eval_command(
@@ -106,7 +95,9 @@ def eval_command(
 
         raise AsrshrinkError(f"{hypotheses}: --hypotheses takes a file name (JSONL), not a directory")
     net, info = api.load_model(model)
-    dataset = api.open_dataset(data or default_data(), vocabulary=net.vocabulary,
+    from asrshrink.models.checkpoint import bundled_speech
+
+    dataset = api.open_dataset(data or bundled_speech("test", "--data"), vocabulary=net.vocabulary,
                                sample_rate=net.feature_config.sample_rate, max_duration=max_duration,
                                limit=limit, seed=seed)
     with progress_bar("decoding") as bar:

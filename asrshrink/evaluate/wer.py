@@ -27,16 +27,16 @@ class ErrorCounts:
 
 def word_errors(references: list[str], hypotheses: list[str]) -> ErrorCounts:
     """Corpus word errors. References must be non-empty; empty hypotheses count as deletions."""
-    if not references:
-        return ErrorCounts(0, 0, 0, 0)
-    out = jiwer.process_words(references, hypotheses)
-    return ErrorCounts(out.substitutions, out.deletions, out.insertions,
-                       out.hits + out.substitutions + out.deletions)
+    return _errors(jiwer.process_words, references, hypotheses)
 
 
 def char_errors(references: list[str], hypotheses: list[str]) -> ErrorCounts:
+    return _errors(jiwer.process_characters, references, hypotheses)
+
+
+def _errors(process, references: list[str], hypotheses: list[str]) -> ErrorCounts:
     if not references:
         return ErrorCounts(0, 0, 0, 0)
-    out = jiwer.process_characters(references, hypotheses)
+    out = process(references, hypotheses)
     return ErrorCounts(out.substitutions, out.deletions, out.insertions,
                        out.hits + out.substitutions + out.deletions)

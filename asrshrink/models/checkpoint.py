@@ -43,6 +43,16 @@ class ModelInfo:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def bundled_speech(split: str, option: str) -> Path:
+    """The bundled speech sample's ``split`` ("calib" or "test"), or an error naming the ``option`` to pass."""
+    path = ASSETS / "speech" / split
+    if not path.is_dir():
+        raise CheckpointError(f"no {option} given and this installation has no bundled speech sample; pass "
+                              f"{option} PATH (a LibriSpeech folder, a folder of audio + .txt, or a JSONL/MLPerf "
+                              f"manifest)")
+    return path
+
+
 def resolve_model_path(model: str | Path | None) -> Path:
     """The file behind a MODEL argument: a checkpoint file, or an output directory, or the bundled default."""
     if model is None:
