@@ -1,5 +1,6 @@
 """The PSVD paper's Table 1 on asrshrink's bundled reference model: WER after SVD and after PSVD at several
-thresholds, and the same with asrshrink's additions (data-aware truncation, joint fits).
+thresholds, and the same with asrshrink's additions (data-aware truncation, joint fits, refits, per-layer ranks
+under the same encoder budget).
 
     python benchmarks/psvd_table.py [--test PATH] [--calib PATH] [--thresholds 0.1 0.2 0.4] [--out runs/table1]
 
@@ -26,12 +27,14 @@ from asrshrink.methods.psvd import PsvdConfig  # noqa: E402
 from asrshrink.models.checkpoint import ASSETS  # noqa: E402
 
 METHODS = {
-    # name: (data_aware, psvd variant or None)
-    "svd": (False, None),
-    "psvd": (False, "paper"),
-    "psvd-joint": (False, "joint"),
-    "da-svd": (True, None),
-    "da-psvd": (True, "paper"),
+    # name: (data_aware, psvd variant or None, refits, ranks from a budget at the svd row's encoder ratio)
+    "svd": (False, None, 1, False),
+    "psvd": (False, "paper", 1, False),
+    "psvd-joint": (False, "joint", 1, False),
+    "da-svd": (True, None, 1, False),
+    "da-psvd": (True, "paper", 1, False),
+    "da-psvd-r3": (True, "paper", 3, False),
+    "da-psvd-r3-budget": (True, "paper", 3, True),
 }
 
 
@@ -55,16 +58,21 @@ def main() -> None:
     for threshold in args.thresholds:
         row = {"threshold": threshold}
         for name in args.methods:
-            data_aware, variant = METHODS[name]
+            data_aware, variant, refits, budget = METHODS[name]
+            if budget and "ratio" not in row:
+                parser.error(f"{name} needs the svd method first (it takes that row's encoder ratio)")
             out = args.out / f"{name}-{threshold}"
+            svd = (SvdConfig(threshold=threshold, compression_ratio=row["ratio"], data_aware=data_aware) if budget
+                   else SvdConfig(threshold=threshold, data_aware=data_aware))
             report = compress.run(
-                "psvd" if variant else "svd", model=args.model, out=out,
-                svd=SvdConfig(threshold=threshold, data_aware=data_aware),
+                "psvd" if variant else "svd", model=args.model, out=out, svd=svd,
                 calib=CalibConfig(path=args.calib, num_utterances=args.num_utterances),
-                post=PsvdConfig(iterations=args.iterations, variant=variant) if variant else None)
+                post=PsvdConfig(iterations=args.iterations, variant=variant, refits=refits) if variant else None)
             compressed, _ = api.load_model(out)
             result = api.evaluate(compressed, test)
-            row["ratio"] = report["compression_ratio"]["by_component"]["encoder"]
+            ratio = report["compression_ratio"]["by_component"]["encoder"]
+            row.setdefault("ratio", ratio)
+            row[f"{name}_ratio"] = ratio
             row[name] = result.wer
             row[f"{name}_seconds"] = report["seconds"]
             print(f"threshold {threshold} {name}: WER {result.wer:.2f} % (encoder ratio {row['ratio']:.2f}, "

@@ -25,6 +25,8 @@ from pathlib import Path
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from torch import nn  # noqa: E402
 
 from asrshrink.api import evaluate, open_dataset, save_model  # noqa: E402
@@ -39,8 +41,11 @@ REFERENCE = MlperfRnntConfig(encoder_hidden=256, encoder_pre_layers=2, stack_tim
                              pred_hidden=256, pred_layers=1, joint_hidden=256, dropout=0.1)
 
 
+CONSOLE = Console(highlight=False)
+
+
 def log(message: str) -> None:
-    print(time.strftime("%H:%M:%S"), message, flush=True)
+    CONSOLE.print(time.strftime("%H:%M:%S"), message, soft_wrap=True)
 
 
 def build(out: Path, ctc: bool) -> tuple[MlperfRnnt, nn.Module | None]:
@@ -81,7 +86,13 @@ def cmd_train(args: argparse.Namespace) -> None:
     def loss_fn(batch):
         return transducer_ctc_loss(model, batch, ctc_head=head, ctc_weight=args.ctc_weight)
 
+    bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("loss {task.fields[loss]} lr {task.fields[lr]}"), TimeRemainingColumn(),
+                   console=CONSOLE)
+    task = bar.add_task("train", total=args.steps, loss="-", lr="-")
+
     def on_log(step: int, m: dict) -> None:
+        bar.update(task, completed=step, loss=f"{m['loss']:.3f}", lr=f"{m['lr']:.2e}")
         audio_rate = m["frames_per_second"] * model.feature_config.frame_shift_seconds
         log(f"step {step} loss {m['loss']:.3f} rnnt {m['rnnt']:.3f} ctc {m.get('ctc', 0):.3f} "
             f"lr {m['lr']:.2e} |g| {m['grad_norm']:.2f} {audio_rate:.1f} audio-s/s epoch {m['epoch']}")
@@ -98,8 +109,9 @@ def cmd_train(args: argparse.Namespace) -> None:
                                 "train_loss": m.get("loss")}) + "\n")
 
     modules = {"ctc_head": head} if head is not None else {}
-    result = train(model, loss_fn, bank, config, out, extra_modules=modules, resume=args.resume,
-                   on_log=on_log, on_checkpoint=on_checkpoint)
+    with bar:
+        result = train(model, loss_fn, bank, config, out, extra_modules=modules, resume=args.resume,
+                       on_log=on_log, on_checkpoint=on_checkpoint)
     log(f"stopped at step {result['step']}" + (" (interrupted; resume with --resume)" if result["interrupted"]
                                                 else ""))
 
