@@ -1,4 +1,5 @@
-"""Run records of compressing commands: ``report.json`` (versioned schema) and ``report.md``.
+"""Run records of compressing commands: ``report.json`` (versioned schema) and ``report.md``; reading them back
+for comparison tables and plots.
 
 Schema ``asrshrink.report/1`` (every key always present; null where not measured):
   schema, command, asrshrink_version, created (UTC ISO 8601), seconds (wall time of the whole run),
@@ -17,11 +18,13 @@ Schema ``asrshrink.report/1`` (every key always present; null where not measured
 from __future__ import annotations
 
 import datetime
+import json
 from pathlib import Path
 from typing import Any
 
 import asrshrink
-from asrshrink.io import sha256_file, write_json_atomic, write_text_atomic
+from asrshrink.errors import AsrshrinkError
+from asrshrink.io import atomic_write, sha256_file, write_json_atomic, write_text_atomic
 
 SCHEMA = "asrshrink.report/1"
 
@@ -103,3 +106,123 @@ def _cell(value: Any) -> str:
 def write_report(out_dir: Path, report: dict) -> None:
     write_json_atomic(out_dir / "report.json", report)
     write_text_atomic(out_dir / "report.md", render_markdown(report))
+
+
+# Reading reports back: comparison rows and the WER-against-size plot of ``asrshrink report``.
+
+_NUMBERS = ("before.params", "before.bytes", "before.flops.encoder_per_frame", "after.params", "after.bytes",
+            "after.flops.encoder_per_frame", "compression_ratio.model")
+_EVAL_NUMBERS = ("eval.before.wer", "eval.after.wer")
+
+
+def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
+    """Read and check ``report.json`` (``path`` is the file or the output directory that holds it).
+
+    Returns the file's path and the report; raises AsrshrinkError naming the file and the fix.
+    """
+    path = Path(path)
+    file = path / "report.json" if path.is_dir() else path
+    redo = "re-run the svd/psvd command that wrote it"
+    if not file.is_file():
+        raise AsrshrinkError(f"{file}: no such file; pass an output directory that svd or psvd wrote, or its "
+                             f"report.json")
+    try:
+        report = json.loads(file.read_bytes())
+    except ValueError as exc:
+        raise AsrshrinkError(f"{file}: not valid JSON ({exc}); {redo}") from None
+    schema = report.get("schema") if isinstance(report, dict) else None
+    if schema != SCHEMA:
+        newer = isinstance(schema, str) and schema.startswith("asrshrink.report/")
+        raise AsrshrinkError(f"{file}: schema {schema!r}, expected {SCHEMA!r}; "
+                             + ("upgrade asrshrink to read it" if newer else
+                                "pass the report.json that asrshrink svd or psvd wrote"))
+    for key in _NUMBERS + (_EVAL_NUMBERS if report.get("eval") is not None else ()):
+        value = _lookup(report, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise AsrshrinkError(f"{file}: {key} is {'missing' if value is None else repr(value)}, expected a "
+                                 f"number; {redo}")
+    return file, report
+
+
+def _lookup(report: dict, key: str) -> Any:
+    value: Any = report
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def options_summary(options: dict) -> str:
+    """The options that decide the result, in a few words (rank choice, mode, components, PSVD passes)."""
+    if options.get("rank") is not None:
+        parts = [f"rank {options['rank']}"]
+    elif options.get("compression_ratio") is not None:
+        parts = [f"ratio {options['compression_ratio']:g}x"]
+    elif options.get("target_params") is not None:
+        parts = [f"target {options['target_params']:,} params"]
+    else:
+        parts = [f"threshold {options.get('threshold', '?')}"]
+    if options.get("mode", "stacked") != "stacked":
+        parts.append(str(options["mode"]))
+    if options.get("data_aware"):
+        parts.append("data-aware")
+    if list(options.get("components") or ["encoder"]) != ["encoder"]:
+        parts.append("+".join(options["components"]))
+    if isinstance(options.get("psvd"), dict):
+        psvd = options["psvd"]
+        parts.append(f"{psvd.get('iterations', '?')} iterations ({psvd.get('variant', '?')})"
+                     + (f", {psvd['refits']} refits" if psvd.get("refits", 1) != 1 else ""))
+    return ", ".join(parts)
+
+
+def comparison_row(name: str, report: dict) -> dict[str, Any]:
+    """One row of ``asrshrink report``: sizes after (bytes: float32 parameters), ratio, FLOPs, WER (% or None)."""
+    e = report["eval"]
+    return {"name": name, "command": report["command"], "options": options_summary(report.get("options") or {}),
+            "params": report["after"]["params"], "bytes": report["after"]["bytes"],
+            "params_before": report["before"]["params"], "bytes_before": report["before"]["bytes"],
+            "compression_ratio": report["compression_ratio"]["model"],
+            "encoder_flops_per_frame": report["after"]["flops"]["encoder_per_frame"],
+            "wer_before": e["before"]["wer"] if e else None, "wer_after": e["after"]["wer"] if e else None,
+            "eval_data": e.get("data") if e else None, "source_sha256": (report.get("source") or {}).get("sha256")}
+
+
+def render_comparison_markdown(rows: list[dict]) -> str:
+    lines = ["| output | command | options | params | MB | ratio | encoder MFLOPs/frame | WER before | WER after |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['command']} | {r['options']} | {r['params']:,} | {r['bytes'] / 1e6:.2f} | "
+                     f"{r['compression_ratio']:.2f} | {r['encoder_flops_per_frame'] / 1e6:.2f} | "
+                     f"{_wer(r['wer_before'])} | {_wer(r['wer_after'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _wer(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def plot_wer_size(rows: list[dict], path: str | Path) -> list[str]:
+    """Write a PNG of WER after compression against model size (MB), one labelled point per row, and each
+    distinct source model (before compression) as a square. Returns the names of rows left out (no eval)."""
+    if Path(path).suffix.lower() != ".png":
+        raise AsrshrinkError(f"{path}: --plot writes a PNG; give a file name ending in .png")
+    shown = [r for r in rows if r["wer_after"] is not None]
+    if not shown:
+        raise AsrshrinkError("no report carries WER, nothing to plot; run svd/psvd with --eval PATH")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AsrshrinkError("--plot needs matplotlib: pip install 'asrshrink[plot]'") from None
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
+    ax = fig.add_subplot()
+    sources = {r["source_sha256"]: r for r in shown}
+    ax.scatter([r["bytes_before"] / 1e6 for r in sources.values()],
+               [r["wer_before"] for r in sources.values()], marker="s", color="0.4", label="before compression")
+    ax.scatter([r["bytes"] / 1e6 for r in shown], [r["wer_after"] for r in shown], color="C0", label="compressed")
+    for r in shown:
+        ax.annotate(r["name"], (r["bytes"] / 1e6, r["wer_after"]), textcoords="offset points", xytext=(4, 4),
+                    fontsize=8)
+    ax.set(xlabel="model size (MB, float32 parameters)", ylabel="WER (%)", title="WER against model size")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    return [r["name"] for r in rows if r["wer_after"] is None]

@@ -203,6 +203,7 @@ def main() -> None:
 
 
 from asrshrink.cli import compress  # noqa: E402,F401  (registers svd and psvd on the app)
+from asrshrink.cli import report  # noqa: E402,F401  (registers report and gate)
 
 
 if __name__ == "__main__":
