@@ -19,6 +19,7 @@ from asrshrink.evaluate.decoding import MAX_SYMBOLS_PER_STEP, greedy_decode
 from asrshrink.evaluate.wer import char_errors, word_errors
 from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import ModelInfo, load_model, save_model
+from asrshrink.models.layers import sparse_matrices, sparse_storage_bytes
 
 __all__ = ["load_model", "save_model", "open_dataset", "featurize", "encode", "transcribe", "evaluate",
            "dump", "EvalResult", "Hypothesis", "ModelInfo", "Transducer", "Dataset", "batches_by_duration"]
@@ -164,16 +165,32 @@ def dump(model: Transducer, audio_paths: Iterable[str | Path]) -> dict[str, np.n
 
 
 def describe(model: Transducer, info: ModelInfo | None = None) -> dict:
-    """Family, parameters and float32 bytes per component, and FLOPs (2 per multiply-add)."""
+    """Family, parameters and float32 bytes per component, and FLOPs (2 per multiply-add).
+
+    Also the sizes with pruned matrices stored sparse: ``nonzero_params`` (parameters less the pruned zeros)
+    and ``sparse_bytes`` (each pruned matrix as a bit mask plus its non-zeros, eq. 13 of the sparsity paper;
+    every other parameter dense), per component and in total; both equal the dense figures without pruning."""
     components = model.components()
     params = {name: sum(p.numel() for p in m.parameters() if p.requires_grad) for name, m in components.items()}
     nbytes = {name: sum(p.numel() * p.element_size() for p in m.parameters()) for name, m in components.items()}
+    nonzero, sparse = {}, {}
+    for name, component in components.items():
+        nonzero[name], sparse[name] = params[name], nbytes[name]
+        for module in component.modules():
+            for w in sparse_matrices(module):
+                kept = int(w.count_nonzero())
+                nonzero[name] -= w.numel() - kept
+                sparse[name] += sparse_storage_bytes(w.numel(), kept, w.element_size()) - w.numel() * w.element_size()
     data = {
         "family": model.family,
         "params": int(sum(params.values())),
         "params_by_component": params,
         "bytes": int(sum(nbytes.values())),
         "bytes_by_component": nbytes,
+        "nonzero_params": int(sum(nonzero.values())),
+        "nonzero_params_by_component": nonzero,
+        "sparse_bytes": int(sum(sparse.values())),
+        "sparse_bytes_by_component": sparse,
         "flops": {"encoder_per_frame": model.flops()["encoder"],
                   "prediction_per_label": model.flops()["prediction"],
                   "joint_per_evaluation": model.flops()["joint"]},

@@ -1,6 +1,7 @@
 """Running a compression method end to end: check options, load, calibrate, compress, evaluate, save, report.
 
-One place for what every compressing command shares; the methods themselves live in ``asrshrink.methods``.
+One place for what every compressing command shares (``run`` behind svd and psvd, ``prune`` behind prune); the
+methods themselves live in ``asrshrink.methods``.
 Every option and input is checked before any long work starts, and the output model and reports are written
 only once everything has succeeded. PSVD writes a progress checkpoint after every layer into ``OUT/.progress``
 (the partially refitted model, with its position in its own metadata, so model and position are one atomic
@@ -18,9 +19,10 @@ from typing import Callable
 
 from asrshrink import api
 from asrshrink.calibrate import calibration_batches
-from asrshrink.config import CalibConfig, SvdConfig, from_json, to_json
+from asrshrink.config import CalibConfig, PruneConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import write_json_atomic
+from asrshrink.methods.prune import MatrixReport, prune_model, prune_targets, walked_components
 from asrshrink.methods.psvd import VARIANTS, LayerReport, PsvdConfig, psvd
 from asrshrink.methods.svd import (MODES, budget_ranks, choose_ranks, data_aware_svd_compress, input_scales,
                                    svd_compress)
@@ -62,6 +64,10 @@ def check_options(out: Path, svd: SvdConfig, post: PsvdConfig | None) -> None:
             raise AsrshrinkError(f"--variant must be one of {', '.join(VARIANTS)}, got {post.variant!r}")
         if not post.components:
             raise AsrshrinkError("psvd refits LSTM layers: --components must include encoder or prediction")
+    check_output(out)
+
+
+def check_output(out: Path) -> None:
     if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
         raise AsrshrinkError(f"{out}: -o takes a directory (it receives model.safetensors, report.json and "
                              f"report.md); choose a folder name")
@@ -75,11 +81,7 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
     out = Path(out)
     check_options(out, svd, post)
     original, info = load_model(model)
-    eval_set = None
-    if evaluation is not None and evaluation.path:
-        eval_set = api.open_dataset(evaluation.path, vocabulary=original.vocabulary,
-                                    sample_rate=original.feature_config.sample_rate, limit=evaluation.limit,
-                                    seed=evaluation.seed, max_duration=evaluation.max_duration)
+    eval_set = _open_eval(original, evaluation)
     progress_dir = out / PROGRESS
     state = _read_state(progress_dir) if resume else None
     if resume and state is None:
@@ -91,15 +93,7 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
     if post is not None or svd.data_aware:
         calib = calib or CalibConfig()
         calib.check()
-        dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=original.vocabulary,
-                                   sample_rate=original.feature_config.sample_rate,
-                                   max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
-        batches = calibration_batches(original, dataset, batch_size=calib.batch_size,
-                                      progress=(lambda d, t: progress("featurizing calibration audio", d, t))
-                                      if progress else None)
-        frames = sum(int(b["feature_lengths"].sum()) for b in batches)
-        calib_used = {"data": str(dataset.source), "utterances": len(dataset), "feature_frames": frames}
-        log(f"calibration: {len(dataset)} utterances from {dataset.source}, {frames} feature frames")
+        batches, calib_used = _calibration(original, calib, log, progress)
     ranks = None
     if svd.budgeted:
         log("measuring per-layer truncation errors for the budget")
@@ -158,6 +152,75 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
     if post is not None:
         shutil.rmtree(progress_dir, ignore_errors=True)
     return report
+
+
+def prune(*, model: str | None, out: Path, config: PruneConfig, calib: CalibConfig | None = None,
+          evaluation: EvalConfig | None = None, log: Log = lambda line: None, progress: Progress | None = None
+          ) -> dict:
+    """Prune ``model`` per ``config`` into ``out``; returns the report. Calibrated methods read ``calib`` (the
+    bundled calibration sample when None)."""
+    started = time.perf_counter()
+    out = Path(out)
+    config.check()
+    check_output(out)
+    if not config.calibrated and calib is not None and calib.path is not None:
+        raise AsrshrinkError("--calib is read only by --method sparsegpt or wanda; drop --calib or choose one")
+    original, info = load_model(model)
+    targets = prune_targets(original, list(config.components))
+    if not any(t.prunable for t in targets):
+        raise AsrshrinkError(f"nothing to prune in {', '.join(config.components)} (only low-rank factors); "
+                             f"choose other --components")
+    if config.calibrated and not walked_components(original, targets):
+        raise AsrshrinkError(f"--method {config.method} prunes LSTM layers on calibration speech: --components "
+                             f"must include encoder or prediction")
+    eval_set = _open_eval(original, evaluation)
+    batches, calib_used = [], None
+    if config.calibrated:
+        calib = calib or CalibConfig()
+        calib.check()
+        batches, calib_used = _calibration(original, calib, log, progress)
+
+    def on_matrix(r: MatrixReport) -> None:
+        errors = "" if r.error is None else (
+            f", relative output error {r.error:.4f} (magnitude {r.error_magnitude:.4f}), layer {r.layer_error:.4f}")
+        log(f"{r.layer} {r.side} {r.shape[0]}x{r.shape[1]}: " + (
+            f"sparsity {r.sparsity:.3f}{errors} ({r.seconds:.1f} s)" if r.target_sparsity is not None else r.status))
+
+    log(f"{config.method} pruning to sparsity {config.sparsity:g}"
+        + (" (one magnitude threshold across all matrices)" if config.global_threshold else " per matrix"))
+    pruned, rows = prune_model(original, config, batches, on_matrix=on_matrix)
+    options = {"model": str(info.path), **to_json(config)}
+    if calib_used is not None:
+        options.update(calib=to_json(calib), calib_used=calib_used)
+    evaluated = _evaluate_both(original, pruned, eval_set, log, progress) if eval_set is not None else None
+    path = save_model(pruned, out, source_sha256=info.source_sha256,
+                      extra={"method": {"command": "prune", "options": options}})
+    report = build_report(
+        "prune", source={"path": str(info.path), "sha256": info.sha256, "family": original.family},
+        output=path, options=options, before=api.describe(original), after=api.describe(pruned),
+        layers=[r.to_json() for r in rows], seconds=time.perf_counter() - started, evaluation=evaluated)
+    write_report(out, report)
+    return report
+
+
+def _open_eval(model, evaluation: EvalConfig | None):
+    if evaluation is None or not evaluation.path:
+        return None
+    return api.open_dataset(evaluation.path, vocabulary=model.vocabulary, sample_rate=model.feature_config.sample_rate,
+                            limit=evaluation.limit, seed=evaluation.seed, max_duration=evaluation.max_duration)
+
+
+def _calibration(model, calib: CalibConfig, log: Log, progress: Progress | None) -> tuple[list[dict], dict]:
+    """Featurized calibration batches and a record of what was used."""
+    dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=model.vocabulary,
+                               sample_rate=model.feature_config.sample_rate,
+                               max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
+    batches = calibration_batches(model, dataset, batch_size=calib.batch_size,
+                                  progress=(lambda d, t: progress("featurizing calibration audio", d, t))
+                                  if progress else None)
+    frames = sum(int(b["feature_lengths"].sum()) for b in batches)
+    log(f"calibration: {len(dataset)} utterances from {dataset.source}, {frames} feature frames")
+    return batches, {"data": str(dataset.source), "utterances": len(dataset), "feature_frames": frames}
 
 
 def _absolute(config):

@@ -31,6 +31,38 @@ class SvdConfig:
             raise AsrshrinkError(f"--rank must be at least 1, got {self.rank}")
 
 
+PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda")
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Unstructured pruning: each chosen matrix to ``sparsity`` (``global_threshold``: one magnitude threshold
+    across all chosen matrices sets each matrix's share), weights picked by ``method``. ``block_size`` and
+    ``damping`` (times the mean diagonal of the inputs' second moment) are SparseGPT's."""
+
+    sparsity: float = 0.5
+    method: str = "magnitude"                  # "magnitude", or calibrated: "sparsegpt", "wanda"
+    components: tuple[str, ...] = ("encoder",)
+    global_threshold: bool = False
+    block_size: int = 128
+    damping: float = 0.01
+
+    @property
+    def calibrated(self) -> bool:
+        return self.method != "magnitude"
+
+    def check(self) -> None:
+        if not 0 <= self.sparsity < 1:
+            raise AsrshrinkError(f"--sparsity must be in [0, 1) (the fraction of weights set to zero), "
+                                 f"got {self.sparsity}")
+        if self.method not in PRUNE_METHODS:
+            raise AsrshrinkError(f"--method must be one of {', '.join(PRUNE_METHODS)}, got {self.method!r}")
+        if self.block_size < 1:
+            raise AsrshrinkError(f"the SparseGPT block size must be at least 1, got {self.block_size}")
+        if not self.damping > 0:
+            raise AsrshrinkError(f"the SparseGPT damping must be positive, got {self.damping}")
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration utterances: ``path`` None means the bundled calibration sample."""

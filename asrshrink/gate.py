@@ -1,6 +1,7 @@
 """Release gates on a compression report: bounds on size, parameters and WER that a CI job can enforce.
 
-Size is the report's ``after.bytes`` (float32 parameters) in MB of 10^6 bytes; WER is in percent, and the WER
+Size is the report's storage size after compression (float32 parameters, pruned matrices as bit mask +
+non-zeros: ``asrshrink.report.storage_bytes``) in MB of 10^6 bytes; WER is in percent, and the WER
 increase is ``eval.after.wer - eval.before.wer`` in absolute percentage points. A WER bound on a report
 without ``eval`` fails, with the fix in its message: the bound cannot be shown to hold.
 """
@@ -11,6 +12,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from asrshrink.errors import AsrshrinkError
+from asrshrink.report import storage_bytes
 
 NO_WER = "the report has no WER: run svd/psvd with --eval PATH"
 
@@ -49,7 +51,7 @@ def check_bounds(report: dict, *, max_size_mb: float | None = None, max_params: 
             raise AsrshrinkError(f"{option} must not be negative, got {value}")
     e = report["eval"]
     measured = {
-        "size": report["after"]["bytes"] / 1e6,
+        "size": storage_bytes(report["after"]) / 1e6,
         "parameters": report["after"]["params"],
         "WER": e["after"]["wer"] if e else None,
         "WER increase": e["after"]["wer"] - e["before"]["wer"] if e else None,

@@ -5,9 +5,20 @@ Schema ``asrshrink.report/1`` (every key always present; null where not measured
   schema, command, asrshrink_version, created (UTC ISO 8601), seconds (wall time of the whole run),
   source {path, sha256, family}, output {path, sha256},
   options {...the command's options...},
-  before / after {params, bytes, params_by_component, bytes_by_component, flops},
+  before / after {params, bytes, params_by_component, bytes_by_component, flops,
+                  nonzero_params, nonzero_params_by_component, sparse_bytes, sparse_bytes_by_component}:
+    bytes count every parameter as float32; nonzero_params leave out the zeros of pruned matrices and
+    sparse_bytes store each pruned matrix as a bit mask (ceil(n / 8) bytes) plus its float32 non-zeros, the
+    storage of eq. 13 in Prabhavalkar et al., "Compression of end-to-end models" (equal to params / bytes for
+    a model without pruned matrices),
   compression_ratio {model, by_component}: parameters before / after,
-  layers [one row per weight the method considered: layer, side, shape, groups, rank, status],
+    and storage {model, by_component}: sparse_bytes before / after,
+  layers [one row per weight the method considered: layer, side, shape, groups, rank, status; rows of
+          ``prune`` also carry target_sparsity, sparsity (achieved), nonzeros, bytes_dense, bytes_sparse
+          (null for matrices not pruned), error and error_magnitude (relative output error of the matrix on its
+          calibration inputs after this method and after magnitude pruning to the same sparsity; null without
+          calibration), layer_error (relative error of the pruned LSTM layer's output against the unpruned
+          model's on the calibration data, its inputs from the already-pruned layers)],
   post_training [one row per refitted layer and iteration: iteration, layer, ranks, rows, error_before,
                  error_after (relative squared error of the layer's output against the uncompressed model's on
                  the calibration data, measured by running the layer), step (0 to 1: how far towards the
@@ -33,10 +44,14 @@ def build_report(command: str, *, source: dict, output: Path, options: dict, bef
                  layers: list[dict], seconds: float, post_training: list[dict] | None = None,
                  evaluation: dict | None = None) -> dict[str, Any]:
     def sizes(d: dict) -> dict:
-        return {k: d[k] for k in ("params", "bytes", "params_by_component", "bytes_by_component", "flops")}
+        return {k: d[k] for k in ("params", "bytes", "params_by_component", "bytes_by_component", "flops",
+                                  "nonzero_params", "nonzero_params_by_component", "sparse_bytes",
+                                  "sparse_bytes_by_component")}
 
     ratio_by = {name: before["params_by_component"][name] / max(after["params_by_component"][name], 1)
                 for name in before["params_by_component"]}
+    storage_by = {name: before["sparse_bytes_by_component"][name] / max(after["sparse_bytes_by_component"][name], 1)
+                  for name in before["sparse_bytes_by_component"]}
     return {
         "schema": SCHEMA,
         "command": command,
@@ -48,7 +63,9 @@ def build_report(command: str, *, source: dict, output: Path, options: dict, bef
         "options": options,
         "before": sizes(before),
         "after": sizes(after),
-        "compression_ratio": {"model": before["params"] / max(after["params"], 1), "by_component": ratio_by},
+        "compression_ratio": {"model": before["params"] / max(after["params"], 1), "by_component": ratio_by,
+                              "storage": {"model": before["sparse_bytes"] / max(after["sparse_bytes"], 1),
+                                          "by_component": storage_by}},
         "layers": layers,
         "post_training": post_training or [],
         "eval": evaluation,
@@ -70,6 +87,7 @@ def render_markdown(report: dict) -> str:
                      f"{b['bytes_by_component'][name] / 1e6:.2f} | {a['bytes_by_component'][name] / 1e6:.2f} |")
     lines.append(f"| **total** | {b['params']:,} | {a['params']:,} | {report['compression_ratio']['model']:.2f} | "
                  f"{b['bytes'] / 1e6:.2f} | {a['bytes'] / 1e6:.2f} |")
+    lines += _storage_lines(report)
     fb, fa = b["flops"]["encoder_per_frame"], a["flops"]["encoder_per_frame"]
     lines += ["", f"Encoder FLOPs per frame: {fb / 1e6:.2f} M -> {fa / 1e6:.2f} M ({fb / max(fa, 1):.2f}x fewer).",
               ""]
@@ -78,7 +96,9 @@ def render_markdown(report: dict) -> str:
         lines += [f"WER on `{e['data']}` ({e['num_utterances']} utterances, {e['num_words']} words): "
                   f"{e['before']['wer']:.2f} % before, {e['after']['wer']:.2f} % after "
                   f"(CER {e['before']['cer']:.2f} % -> {e['after']['cer']:.2f} %).", ""]
-    if report["layers"]:
+    if report["layers"] and "sparsity" in report["layers"][0]:
+        lines += _pruned_layer_lines(report["layers"])
+    elif report["layers"]:
         lines += ["| layer | side | shape | rank | status |", "| --- | --- | --- | ---: | --- |"]
         for row in report["layers"]:
             lines.append(f"| {row['layer']} | {row['side']} | {row['shape'][0]}x{row['shape'][1]}"
@@ -93,6 +113,45 @@ def render_markdown(report: dict) -> str:
                          f"{row['error_before']:.4f} | {row['error_after']:.4f} | {row['step']:g} | "
                          f"{row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _storage_lines(report: dict) -> list[str]:
+    """The sparse-storage table, when a model before or after has pruned matrices."""
+    b, a = report["before"], report["after"]
+    if "sparse_bytes" not in a or (a["sparse_bytes"] == a["bytes"] and b["sparse_bytes"] == b["bytes"]):
+        return []
+    storage = report["compression_ratio"]["storage"]
+    lines = ["", "Sparse storage (each pruned matrix as a bit mask plus its float32 non-zeros, eq. 13 of "
+             "\"Compression of end-to-end models\"; other parameters dense):", "",
+             "| component | non-zero params after | MB dense after | MB sparse before | MB sparse after | ratio |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    rows = [(name, a["nonzero_params_by_component"][name], a["bytes_by_component"][name],
+             b["sparse_bytes_by_component"][name], a["sparse_bytes_by_component"][name],
+             storage["by_component"][name]) for name in a["sparse_bytes_by_component"]]
+    rows.append(("**total**", a["nonzero_params"], a["bytes"], b["sparse_bytes"], a["sparse_bytes"],
+                 storage["model"]))
+    for name, nonzero, dense, before, after, ratio in rows:
+        lines.append(f"| {name} | {nonzero:,} | {dense / 1e6:.2f} | {before / 1e6:.2f} | {after / 1e6:.2f} | "
+                     f"{ratio:.2f} |")
+    return lines
+
+
+def _pruned_layer_lines(layers: list[dict]) -> list[str]:
+    lines = ["Relative output errors on the calibration inputs: the matrix's (after magnitude pruning to the same "
+             "sparsity in brackets) and the whole layer's.", "",
+             "| layer | side | shape | sparsity | non-zeros | KB dense | KB sparse | error (magnitude) | layer error "
+             "| status |", "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for row in layers:
+        error = "" if row["error"] is None else f"{row['error']:.4f} ({row['error_magnitude']:.4f})"
+        layer_error = "" if row["layer_error"] is None else f"{row['layer_error']:.4f}"
+        lines.append(f"| {row['layer']} | {row['side']} | {row['shape'][0]}x{row['shape'][1]} | "
+                     f"{row['sparsity']:.3f} | {row['nonzeros']:,} | {_kb(row['bytes_dense'])} | "
+                     f"{_kb(row['bytes_sparse'])} | {error} | {layer_error} | {row['status']} |")
+    return lines + [""]
+
+
+def _kb(value: int | None) -> str:
+    return "" if value is None else f"{value / 1e3:.1f}"
 
 
 def _cell(value: Any) -> str:
@@ -152,7 +211,15 @@ def _lookup(report: dict, key: str) -> Any:
 
 
 def options_summary(options: dict) -> str:
-    """The options that decide the result, in a few words (rank choice, mode, components, PSVD passes)."""
+    """The options that decide the result, in a few words (rank choice, mode, components, PSVD passes;
+    sparsity and method for prune)."""
+    if options.get("sparsity") is not None:
+        parts = [f"sparsity {options['sparsity']:g} {options.get('method', '?')}"]
+        if options.get("global_threshold"):
+            parts.append("global")
+        if list(options.get("components") or ["encoder"]) != ["encoder"]:
+            parts.append("+".join(options["components"]))
+        return ", ".join(parts)
     if options.get("rank") is not None:
         parts = [f"rank {options['rank']}"]
     elif options.get("compression_ratio") is not None:
@@ -174,13 +241,20 @@ def options_summary(options: dict) -> str:
     return ", ".join(parts)
 
 
+def storage_bytes(sizes: dict) -> int:
+    """Bytes to store a model: float32 parameters, pruned matrices as bit mask + non-zeros (``sparse_bytes``)."""
+    return sizes.get("sparse_bytes", sizes["bytes"])
+
+
 def comparison_row(name: str, report: dict) -> dict[str, Any]:
-    """One row of ``asrshrink report``: sizes after (bytes: float32 parameters), ratio, FLOPs, WER (% or None)."""
+    """One row of ``asrshrink report``: sizes after (bytes: storage, see storage_bytes), ratio, FLOPs, WER (% or
+    None)."""
     e = report["eval"]
+    before, after = report["before"], report["after"]
     return {"name": name, "command": report["command"], "options": options_summary(report.get("options") or {}),
-            "params": report["after"]["params"], "bytes": report["after"]["bytes"],
-            "params_before": report["before"]["params"], "bytes_before": report["before"]["bytes"],
-            "compression_ratio": report["compression_ratio"]["model"],
+            "params": after["params"], "bytes": storage_bytes(after),
+            "params_before": before["params"], "bytes_before": storage_bytes(before),
+            "compression_ratio": storage_bytes(before) / max(storage_bytes(after), 1),
             "encoder_flops_per_frame": report["after"]["flops"]["encoder_per_frame"],
             "wer_before": e["before"]["wer"] if e else None, "wer_after": e["after"]["wer"] if e else None,
             "eval_data": e.get("data") if e else None, "source_sha256": (report.get("source") or {}).get("sha256")}

@@ -1,4 +1,4 @@
-"""The ``svd`` and ``psvd`` commands: options -> configs -> ``asrshrink.compress.run`` -> a summary."""
+"""The ``svd``, ``psvd`` and ``prune`` commands: options -> configs -> ``asrshrink.compress`` -> a summary."""
 
 from __future__ import annotations
 
@@ -68,21 +68,41 @@ def _run(command: str, json_out: bool, **kwargs) -> None:
             bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
         try:
-            report = (compress.resume(kwargs["out"], log=log, progress=_Bars(bar))
-                      if kwargs.pop("resume_run", False) else
-                      compress.run(command, log=log, progress=_Bars(bar), **kwargs))
+            if command == "prune":
+                report = compress.prune(log=log, progress=_Bars(bar), **kwargs)
+            elif kwargs.pop("resume_run", False):
+                report = compress.resume(kwargs["out"], log=log, progress=_Bars(bar))
+            else:
+                report = compress.run(command, log=log, progress=_Bars(bar), **kwargs)
         except KeyboardInterrupt:
             from asrshrink.compress import PROGRESS
             from asrshrink.models.checkpoint import MODEL_FILENAME
 
-            if (Path(kwargs["out"]) / PROGRESS / MODEL_FILENAME).is_file():
+            if command == "prune":
+                log("interrupted; nothing was written")
+            elif (Path(kwargs["out"]) / PROGRESS / MODEL_FILENAME).is_file():
                 log(f"interrupted; continue with: asrshrink psvd --resume {kwargs['out']}")
             else:
                 log("interrupted before the first layer was finished; nothing to resume")
             raise typer.Exit(130) from None
-    _summary(report)
+    (_prune_summary if command == "prune" else _summary)(report)
     if json_out:
         print(json.dumps(report))
+
+
+def _prune_summary(report: dict) -> None:
+    b, a = report["before"], report["after"]
+    table = Table(title=f"asrshrink prune -> {report['output']['path']}")
+    for column in ("", "params", "non-zero", "MB dense", "MB sparse", "WER %"):
+        table.add_column(column, justify="right")
+    e = report["eval"]
+    for name, d in (("before", b), ("after", a)):
+        table.add_row(name, f"{d['params']:,}", f"{d['nonzero_params']:,}", f"{d['bytes'] / 1e6:.2f}",
+                      f"{d['sparse_bytes'] / 1e6:.2f}", f"{e[name]['wer']:.2f}" if e else "-")
+    err.print(table)
+    storage = report["compression_ratio"]["storage"]
+    err.print(f"sparse storage (bit mask + float32 non-zeros) {storage['model']:.2f}x smaller (encoder "
+              f"{storage['by_component'].get('encoder', 1):.2f}x) in {report['seconds']:.1f} s")
 
 
 def _summary(report: dict) -> None:
@@ -162,4 +182,46 @@ def psvd_command(
          calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
          post=PsvdConfig(iterations=iterations, variant=variant, refits=refits,
                          components=tuple(c for c in comps if c != "joint")),
+         evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
+
+
+@app.command("prune")
+@handle_errors
+def prune_command(
+    model: ModelArg = None, out: Out = Path("prune-out"),
+    sparsity: Annotated[Optional[float], typer.Option(
+        help="Fraction of each chosen matrix's weights set to zero, in [0, 1) (with --global: of all chosen "
+             "weights together). Required.", show_default=False)] = None,
+    global_threshold: Annotated[bool, typer.Option(
+        "--global/--per-layer", help="One magnitude threshold across all chosen matrices sets each matrix's share "
+                                     "of --sparsity (the method then picks the weights within each), instead of "
+                                     "every matrix at --sparsity.")] = False,
+    components: Components = "encoder",
+    method: Annotated[str, typer.Option(help="magnitude: smallest |w|; sparsegpt: OBS column-by-column updates "
+                                             "from the layer inputs' statistics; wanda: smallest |w| ||x|| per "
+                                             "output. sparsegpt and wanda read --calib.")] = "magnitude",
+    calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
+    eval_limit: EvalLimit = None, json_out: Json = False,
+) -> None:
+    """Unstructured pruning of LSTM input and recurrent matrices (and Linear weights of the chosen components).
+
+    Pruned weights are stored as exact zeros in dense matrices; the model file records each matrix's
+    non-zeros, and the report gives sizes dense (float32) and as sparse storage (a bit mask plus the float32
+    non-zeros). With --method sparsegpt or wanda, the LSTM layers are pruned first to last on calibration
+    speech, each with its inputs from the already-pruned layers; the joint's Linears are pruned by magnitude.
+
+    Example: asrshrink prune rnnt.pt --sparsity 0.7 --method sparsegpt -o out/ --eval LibriSpeech/dev-clean
+    """
+    from asrshrink.compress import EvalConfig
+    from asrshrink.config import CalibConfig, PruneConfig
+
+    if sparsity is None:
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError("--sparsity is required: the fraction of weights to set to zero, e.g. --sparsity 0.5")
+    config = PruneConfig(sparsity=sparsity, method=method, components=_components(components),
+                         global_threshold=global_threshold)
+    _run("prune", json_out, model=model, out=out, config=config,
+         calib=(CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed)
+                if config.calibrated or calib else None),
          evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))

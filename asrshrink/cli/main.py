@@ -83,7 +83,8 @@ def eval_command(
     hypotheses: Annotated[Optional[Path], typer.Option(
         help="Write per-utterance hypotheses as JSONL (id, reference, hypothesis).")] = None,
 ) -> None:
-    """Greedy-decode a dataset and report corpus WER (jiwer, word-level, as MLPerf scores).
+    """Greedy-decode a dataset and report corpus WER (jiwer, word-level, as MLPerf scores). MODEL may also be
+    an ONNX export directory (asrshrink export), decoded with onnxruntime.
 
     Example: asrshrink eval rnnt.pt --data LibriSpeech/dev-clean --max-duration 15 --json
     """
@@ -94,7 +95,9 @@ def eval_command(
         from asrshrink.errors import AsrshrinkError
 
         raise AsrshrinkError(f"{hypotheses}: --hypotheses takes a file name (JSONL), not a directory")
-    net, info = api.load_model(model)
+    from asrshrink.export.runtime import is_export, load_export
+
+    net, info = load_export(model) if is_export(model) else api.load_model(model)
     from asrshrink.models.checkpoint import bundled_speech
 
     dataset = api.open_dataset(data or bundled_speech("test", "--data"), vocabulary=net.vocabulary,
@@ -152,9 +155,12 @@ def info_command(
         for column in ("layer", "input side", "recurrent side"):
             ranks.add_column(column)
         for name, spec in summary["structure"].items():
-            sides = [spec["ih"], spec["hh"]] if spec["type"] == "factorized_lstm" else [spec, None]
+            sides = [spec["ih"], spec["hh"]] if "ih" in spec else [spec, None]
             ranks.add_row(name, *[_side_text(side) for side in sides])
         out.print(ranks)
+    if summary["sparse_bytes"] != summary["bytes"]:
+        out.print(f"sparse storage (each pruned matrix as a bit mask + float32 non-zeros): "
+                  f"{summary['nonzero_params']:,} non-zero parameters, {summary['sparse_bytes'] / 1e6:.2f} MB")
     out.print(f"FLOPs: encoder {flops['encoder_per_frame'] / 1e6:.2f} M per {frame_ms:.0f} ms frame "
               f"({flops['encoder_per_frame'] / summary['encoder_frame_seconds'] / 1e9:.2f} GFLOP per audio second), "
               f"prediction {flops['prediction_per_label'] / 1e6:.2f} M per label, "
@@ -166,6 +172,8 @@ def _side_text(side: dict | None) -> str:
         return ""
     if side["type"] == "lowrank":
         return f"{side['out']}x{side['in']} rank {side['rank']}" + (" per gate" if side["groups"] > 1 else "")
+    if side["type"] == "sparse":
+        return f"{side['out']}x{side['in']} sparsity {1 - side['nonzeros'] / (side['out'] * side['in']):.1%}"
     return f"{side['out']}x{side['in']} dense"
 
 
@@ -202,7 +210,8 @@ def main() -> None:
     app()
 
 
-from asrshrink.cli import compress  # noqa: E402,F401  (registers svd and psvd on the app)
+from asrshrink.cli import compress  # noqa: E402,F401  (registers svd, psvd and prune on the app)
+from asrshrink.cli import export  # noqa: E402,F401  (registers export on the app)
 from asrshrink.cli import report  # noqa: E402,F401  (registers report and gate)
 
 

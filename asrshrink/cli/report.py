@@ -61,7 +61,8 @@ def gate_command(
     report: Annotated[Path, typer.Argument(help="An output directory of svd/psvd, or its report.json.",
                                            show_default=False)],
     max_size_mb: Annotated[Optional[float], typer.Option(
-        help="Model size after compression (float32 parameters), MB of 10^6 bytes.", show_default=False)] = None,
+        help="Storage size after compression (float32 parameters; pruned matrices as bit mask + non-zeros), "
+             "MB of 10^6 bytes.", show_default=False)] = None,
     max_params: Annotated[Optional[int], typer.Option(help="Parameters after compression.",
                                                       show_default=False)] = None,
     max_wer: Annotated[Optional[float], typer.Option(help="WER after compression, percent.",

@@ -44,6 +44,29 @@ class LSTMLayer(nn.Module):
         return 2 * 4 * self.hidden_size * (self.input_size + self.hidden_size)
 
 
+class SparseLSTMLayer(LSTMLayer):
+    """An LSTMLayer whose pruned weights are exact zeros (unstructured sparsity).
+
+    It computes exactly as LSTMLayer (dense kernels, zeros included); the class marks the layer as pruned, so
+    its structure spec records each matrix's non-zeros, a saved model reloads as the same class, and sizes
+    can count its matrices as sparse storage (``sparse_matrices``).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int):
+        super().__init__(input_size, hidden_size, forget_gate_bias=None)
+
+    @classmethod
+    def from_weights(cls, layer: LSTMLayer, weight_ih: torch.Tensor, weight_hh: torch.Tensor) -> "SparseLSTMLayer":
+        """A copy of ``layer`` with the given (pruned) weights (4H, I) and (4H, H) and its own biases."""
+        new = cls(layer.input_size, layer.hidden_size)
+        with torch.no_grad():
+            new.lstm.weight_ih_l0.copy_(weight_ih)
+            new.lstm.weight_hh_l0.copy_(weight_hh)
+            new.lstm.bias_ih_l0.copy_(layer.lstm.bias_ih_l0)
+            new.lstm.bias_hh_l0.copy_(layer.lstm.bias_hh_l0)
+        return new
+
+
 class LSTMStack(nn.Module):
     """LSTM layers run in sequence, with dropout after every layer in training (identity in eval)."""
 
@@ -119,6 +142,21 @@ class LowRankLinear(nn.Module):
         return 2 * (self.groups * self.rank * self.in_features + self.out_features * self.rank)
 
 
+class SparseLinear(nn.Linear):
+    """An nn.Linear whose pruned weights are exact zeros; computes as nn.Linear. Like SparseLSTMLayer, the
+    class marks the weight as pruned for the structure spec and the sparse storage size."""
+
+    @classmethod
+    def from_weight(cls, layer: nn.Linear, weight: torch.Tensor) -> "SparseLinear":
+        """A copy of ``layer`` with the given (pruned) weight (O, I) and its own bias."""
+        new = cls(layer.in_features, layer.out_features, bias=layer.bias is not None)
+        with torch.no_grad():
+            new.weight.copy_(weight)
+            if layer.bias is not None:
+                new.bias.copy_(layer.bias)
+        return new
+
+
 class FactorizedLSTMLayer(nn.Module):
     """An LSTM layer whose input-side and recurrent-side maps are arbitrary modules (dense ``nn.Linear`` or
     ``LowRankLinear``), computed as W x via the factors, so a low-rank saving is real in FLOPs and parameters.
@@ -164,6 +202,9 @@ def _side_spec(m: nn.Module) -> dict:
     if isinstance(m, LowRankLinear):
         return {"type": "lowrank", "in": m.in_features, "out": m.out_features, "rank": m.rank,
                 "groups": m.groups, "bias": m.bias is not None}
+    if isinstance(m, SparseLinear):
+        return {"type": "sparse", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None,
+                "nonzeros": int(m.weight.count_nonzero())}
     return {"type": "dense", "in": m.in_features, "out": m.out_features, "bias": m.bias is not None}
 
 
@@ -172,15 +213,27 @@ def _build_side(spec: dict) -> nn.Module:
         return LowRankLinear(spec["in"], spec["out"], spec["rank"], groups=spec["groups"], bias=spec["bias"])
     if spec["type"] == "dense":
         return nn.Linear(spec["in"], spec["out"], bias=spec["bias"])
+    if spec["type"] == "sparse":
+        return SparseLinear(spec["in"], spec["out"], bias=spec["bias"])
     raise ValueError(f"unknown layer side type {spec['type']!r}")
 
 
 def layer_spec(module: nn.Module) -> dict | None:
-    """JSON description of a replaced (compressed) module, or None for a module of the family's own build."""
+    """JSON description of a replaced (compressed) module, or None for a module of the family's own build.
+
+    Pruned modules record the non-zeros of each matrix ("sparse" sides); a pruned LSTM layer is described by
+    its two sides, like a factorised one."""
     if isinstance(module, FactorizedLSTMLayer):
         return {"type": "factorized_lstm", "hidden_size": module.hidden_size, "ih": _side_spec(module.ih),
                 "hh": _side_spec(module.hh)}
-    if isinstance(module, LowRankLinear):
+    if isinstance(module, SparseLSTMLayer):
+        def side(weight: torch.Tensor) -> dict:
+            return {"type": "sparse", "in": weight.shape[1], "out": weight.shape[0], "bias": True,
+                    "nonzeros": int(weight.count_nonzero())}
+
+        return {"type": "sparse_lstm", "hidden_size": module.hidden_size, "ih": side(module.weight_ih),
+                "hh": side(module.weight_hh)}
+    if isinstance(module, (LowRankLinear, SparseLinear)):
         return _side_spec(module)
     return None
 
@@ -189,7 +242,26 @@ def build_layer(spec: dict) -> nn.Module:
     """The module a ``layer_spec`` describes, with uninitialised weights (a state dict fills them)."""
     if spec["type"] == "factorized_lstm":
         return FactorizedLSTMLayer(_build_side(spec["ih"]), _build_side(spec["hh"]), spec["hidden_size"])
+    if spec["type"] == "sparse_lstm":
+        return SparseLSTMLayer(spec["ih"]["in"], spec["hidden_size"])
     return _build_side(spec)
+
+
+def sparse_matrices(module: nn.Module) -> list[torch.Tensor]:
+    """The pruned weight matrices held directly by ``module`` (not by its children): both matrices of a
+    SparseLSTMLayer, the weight of a SparseLinear; none for any other module."""
+    if isinstance(module, SparseLSTMLayer):
+        return [module.weight_ih, module.weight_hh]
+    if isinstance(module, SparseLinear):
+        return [module.weight]
+    return []
+
+
+def sparse_storage_bytes(numel: int, nonzeros: int, element_size: int = 4) -> int:
+    """Bytes of a pruned matrix stored as a bit mask (one bit per element, rounded up to whole bytes) plus its
+    non-zero values: ceil(n / 8) + e z. Against e n dense bytes this is eq. 13 of Prabhavalkar et al.,
+    "Compression of end-to-end models" (for float32, ratio 1 / (1 - s + 1/32) at sparsity s)."""
+    return -(-numel // 8) + element_size * nonzeros
 
 
 def model_structure(model: nn.Module) -> dict[str, dict]:

@@ -1,0 +1,418 @@
+"""A transducer as three ONNX models split the way deployment runtimes (sherpa-onnx, icefall) expect.
+
+Dimension letters: B batch, T feature frames, T' encoder frames, U labels, F features, L prediction layers,
+P prediction size, J joint hidden size, V outputs (labels + blank), N joint evaluations.
+
+- ``encoder.onnx``: features (B, T, F) float32, feature_lengths (B,) int64 -> encoder_out (B, T', J),
+  encoder_out_lens (B,) int64. encoder_out is the encoder output already through the joint's encoder block,
+  computed once per frame as greedy decoding does. The features are asrshrink's featurizer output (the
+  settings are in the metadata entry ``feature``): featurisation is not part of the graph.
+- ``decoder.onnx``: targets (B, U) int64 (the blank id is the start symbol), h, c (L, B, P) -> decoder_out
+  (B, U, J) (the prediction output through the joint's prediction block), next_h, next_c.
+- ``joiner.onnx``: encoder_out (N, J), decoder_out (N, J) -> logits (N, V).
+
+Dense LSTM layers become the ONNX LSTM op. A factorised LSTM layer keeps its factors: the input side runs for
+all frames at once as matmuls by the factors, and the recurrence is a Scan over time whose body multiplies the
+hidden state by the recurrent factors, so the exported model costs what the compressed one does and takes any
+number of frames.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+import warnings
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+from onnx import TensorProto, helper
+from torch import nn
+
+import asrshrink
+from asrshrink.audio.text import Vocabulary
+from asrshrink.errors import AsrshrinkError
+from asrshrink.export import DEFAULT_OPSET
+from asrshrink.io import write_json_atomic
+from asrshrink.models.base import Transducer
+from asrshrink.models.checkpoint import ModelInfo
+from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, model_structure
+
+OPSETS = range(14, 21)          # what the TorchScript-based exporter and the Scan body here support
+REPORT = "export.json"
+_DOMAIN = "asrshrink"           # the placeholder op's domain; no exported file keeps it
+_RECURRENCE = "LSTMRecurrence"
+
+
+# --- factorised LSTM layers: the recurrence as a placeholder op while tracing, then a Scan ----------------------
+
+class _Recurrence(torch.autograd.Function):
+    """The LSTM recurrence (PyTorch gate order i, f, g, o) over precomputed input-side gate pre-activations;
+    traced as one placeholder node."""
+
+    @staticmethod
+    def forward(ctx, pre, h, c, groups, hidden, *weights):
+        steps = []
+        for x in pre:                                                     # pre (T, B, 4H)
+            i, f, g, o = (x + _matmuls(h, groups, weights)).chunk(4, dim=-1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            h = torch.sigmoid(o) * torch.tanh(c)
+            steps.append(h)
+        return torch.stack(steps), h, c
+
+    @staticmethod
+    def symbolic(g, pre, h, c, groups, hidden, *weights):
+        outputs = g.op(f"{_DOMAIN}::{_RECURRENCE}", pre, h, c, *weights, groups_i=groups, hidden_i=hidden,
+                       outputs=3)
+        for value, rank in zip(outputs, (3, 2, 2)):  # time and batch left unknown: they vary
+            value.setType(pre.type().with_sizes([None] * (rank - 1) + [hidden]))
+        return outputs
+
+
+def _factors(m: nn.Module) -> tuple[int, tuple[torch.Tensor, ...]]:
+    """Groups and the weights of an LSTM side (nn.Linear or LowRankLinear) transposed for x @ W: dense
+    (I, O); low rank down (I, G*r) and up (r, O), or (G, r, O/G) per gate."""
+    if not isinstance(m, LowRankLinear):
+        return 1, (m.weight.t(),)
+    return m.groups, (m.down.t(), m.up[0].t() if m.groups == 1 else m.up.transpose(1, 2))
+
+
+def _matmuls(x: torch.Tensor, groups: int, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """x (..., I) times a side given by ``_factors`` -> (..., O), by matmuls only (int8 quantization covers
+    matmuls, not einsum)."""
+    if len(weights) == 1:
+        return x @ weights[0]
+    down, up = weights
+    z = x @ down                                                          # (..., G*r)
+    if groups == 1:
+        return z @ up
+    y = z.reshape(-1, groups, z.shape[-1] // groups).transpose(0, 1) @ up  # (G, N, O/G)
+    return y.transpose(0, 1).reshape(x.shape[:-1] + (-1,))
+
+
+class _ScanLSTM(nn.Module):
+    """Export form of a FactorizedLSTMLayer: input side for all frames at once, recurrence as ``_Recurrence``."""
+
+    def __init__(self, layer: FactorizedLSTMLayer):
+        super().__init__()
+        self.ih, self.hh, self.hidden_size = layer.ih, layer.hh, layer.hidden_size
+
+    def forward(self, x: torch.Tensor, state=None):
+        """x (T, B, I), state (h, c) each (1, B, H) or None -> y (T, B, H), (h, c)."""
+        pre = _matmuls(x, *_factors(self.ih))                             # (T, B, 4H)
+        for bias in (self.ih.bias, self.hh.bias):
+            if bias is not None:
+                pre = pre + bias
+        if state is None:
+            h = c = x.new_zeros(x.shape[1], self.hidden_size)
+        else:
+            h, c = state[0][0], state[1][0]
+        groups, weights = _factors(self.hh)
+        y, h, c = _Recurrence.apply(pre, h, c, groups, self.hidden_size, *weights)
+        return y, (h.unsqueeze(0), c.unsqueeze(0))
+
+
+def exportable(model: Transducer) -> Transducer:
+    """A copy of ``model`` in eval mode with every factorised LSTM layer in its export form."""
+    model = copy.deepcopy(model).eval()
+    for name, module in list(model.named_modules()):
+        if isinstance(module, FactorizedLSTMLayer):
+            model.set_submodule(name, _ScanLSTM(module))
+    return model
+
+
+def _scan(node: onnx.NodeProto, opset: int) -> onnx.NodeProto:
+    """The Scan that computes a ``LSTMRecurrence`` placeholder: inputs pre (T, B, 4H), h0, c0 (B, H), the
+    recurrent weights; outputs y (T, B, H), h, c."""
+    pre, h0, c0, *weights = node.input
+    groups, hidden = (next(a.i for a in node.attribute if a.name == name) for name in ("groups", "hidden"))
+    p = f"{node.output[0]}/scan/"
+    nodes = []
+
+    def op(kind: str, inputs: list[str], **attrs) -> str:
+        out = f"{p}{kind.lower()}{len(nodes)}"
+        nodes.append(helper.make_node(kind, inputs, [out], **attrs))
+        return out
+
+    def const(values: list[int]) -> str:
+        return op("Constant", [], value=helper.make_tensor(f"{p}c{len(nodes)}", TensorProto.INT64,
+                                                            [len(values)], values))
+
+    h, c, x = f"{p}h", f"{p}c", f"{p}x"
+    if len(weights) == 1:
+        rec = op("MatMul", [h, weights[0]])
+    elif groups == 1:
+        rec = op("MatMul", [op("MatMul", [h, weights[0]]), weights[1]])
+    else:
+        z = op("Reshape", [op("MatMul", [h, weights[0]]), const([0, groups, -1])])     # (B, G, r)
+        z = op("MatMul", [op("Transpose", [z], perm=[1, 0, 2]), weights[1]])           # (G, B, 4H/G)
+        rec = op("Reshape", [op("Transpose", [z], perm=[1, 0, 2]), const([0, -1])])    # (B, 4H)
+    gates = op("Add", [x, rec])
+    split = [f"{p}gate_{k}" for k in "ifgo"]
+    nodes.append(helper.make_node("Split", [gates], split, axis=1, **({"num_outputs": 4} if opset >= 18 else {})))
+    i, f, o = (op("Sigmoid", [gate]) for gate in (split[0], split[1], split[3]))
+    c_next = op("Add", [op("Mul", [f, c]), op("Mul", [i, op("Tanh", [split[2]])])])
+    h_next = op("Mul", [o, op("Tanh", [c_next])])
+    y = op("Identity", [h_next])
+
+    def value(name: str, size: int = hidden) -> onnx.ValueInfoProto:  # (B, size), B unknown
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, size])
+
+    body = helper.make_graph(nodes, f"{p}body", [value(h), value(c), value(x, 4 * hidden)],
+                             [value(h_next), value(c_next), value(y)])
+    return helper.make_node("Scan", [h0, c0, pre], [node.output[1], node.output[2], node.output[0]],
+                            name=f"{p}node", body=body, num_scan_inputs=1)
+
+
+# --- the three parts ------------------------------------------------------------------------------------------
+
+class _Encoder(nn.Module):
+    def __init__(self, model: Transducer, factor: int):
+        super().__init__()
+        self.model, self.factor = model, factor
+
+    def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor):
+        if self.factor > 1:
+            # Zero frames up to a multiple of the time reduction: frames past an utterance's length never change
+            # its output (batched decoding equals batch-1), and the model's own end padding, whose presence
+            # depends on T, is then never needed, so the traced graph holds for every T.
+            frames = features.shape[1]
+            pad = features.new_zeros(features.shape[0], self.factor - 1, features.shape[2])
+            features = torch.cat([features, pad], 1)[:, :(frames + self.factor - 1) // self.factor * self.factor]
+        enc, lengths = self.model.encode(features, feature_lengths)
+        return self.model.joint_encoder(enc), lengths
+
+
+class _Decoder(nn.Module):
+    def __init__(self, model: Transducer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, targets: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        pred, (h, c) = self.model.predict(targets, (h, c))
+        return self.model.joint_prediction(pred), h, c
+
+
+class _Joiner(nn.Module):
+    def __init__(self, model: Transducer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_out: torch.Tensor, decoder_out: torch.Tensor):
+        return self.model.joint_output(encoder_out, decoder_out)
+
+
+def _trace(module: nn.Module, args: tuple, inputs: dict[str, dict[int, str]], outputs: dict[str, dict[int, str]],
+           opset: int) -> onnx.ModelProto:
+    """Trace ``module`` on ``args`` (names and dynamic axes of inputs and outputs in order), with every
+    placeholder recurrence replaced by its Scan."""
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches; parity decides
+        torch.onnx.export(module, args, buffer, dynamo=False, opset_version=opset, input_names=list(inputs),
+                          output_names=list(outputs), dynamic_axes={**inputs, **outputs})
+    proto = onnx.load_from_string(buffer.getvalue())
+    nodes = [_scan(n, opset) if n.domain == _DOMAIN and n.op_type == _RECURRENCE else n for n in proto.graph.node]
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    kept = [o for o in proto.opset_import if o.domain != _DOMAIN]
+    del proto.opset_import[:]
+    proto.opset_import.extend(kept)
+    return proto
+
+
+def time_reduction(model: Transducer) -> int:
+    """Feature frames per encoder frame."""
+    from asrshrink.api import _time_reduction
+
+    return _time_reduction(model)
+
+
+def to_onnx(model: Transducer, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None
+            ) -> dict[str, onnx.ModelProto]:
+    """The encoder, decoder and joiner of ``model`` as ONNX models (keys "encoder", "decoder", "joiner"), each
+    with ``metadata`` in its metadata_props."""
+    net = exportable(model)
+    factor = time_reduction(model)
+    state = net.initial_state(2)
+    if len(state) != 2:
+        raise ExportError(f"{model.family}: ONNX export handles LSTM prediction networks (state h, c); this "
+                             f"family has {len(state)} state tensors")
+    frames = 4 * factor + 1
+    features = torch.randn(2, frames, model.feature_config.feature_dim)
+    lengths = torch.tensor([frames, frames - factor - 1])
+    targets = torch.tensor([[model.vocabulary.blank], [0]])
+    with torch.no_grad():
+        enc_part = _Encoder(net, factor)(features, lengths)[0][:, 0]
+        pred_part = _Decoder(net)(targets, *state)[0][:, 0]
+    batch, timed, labels, layers = {0: "B"}, {0: "B", 1: "T"}, {0: "B", 1: "U"}, {1: "B"}
+    parts = {
+        "encoder": _trace(_Encoder(net, factor), (features, lengths),
+                          {"features": timed, "feature_lengths": batch},
+                          {"encoder_out": {0: "B", 1: "T_out"}, "encoder_out_lens": batch}, opset),
+        "decoder": _trace(_Decoder(net), (targets, *state), {"targets": labels, "h": layers, "c": layers},
+                          {"decoder_out": labels, "next_h": layers, "next_c": layers}, opset),
+        "joiner": _trace(_Joiner(net), (enc_part, pred_part), {"encoder_out": {0: "N"}, "decoder_out": {0: "N"}},
+                         {"logits": {0: "N"}}, opset),
+    }
+    for name, proto in parts.items():
+        proto.producer_name, proto.producer_version = "asrshrink", asrshrink.__version__
+        helper.set_model_props(proto, {**(metadata or {}), "component": name})
+        onnx.checker.check_model(proto)
+    return parts
+
+
+def metadata(model: Transducer, source: dict | None = None) -> dict[str, str]:
+    """metadata_props of every exported part: what a runtime needs to featurize, decode and describe the model.
+
+    ``source``: where the model came from (path, sha256, source_sha256, method), as far as known."""
+    from asrshrink.api import describe
+
+    summary = describe(model)
+    state = model.initial_state(1)
+    return {
+        "model_type": "asrshrink-transducer",
+        "family": model.family,
+        "vocabulary": json.dumps(model.vocabulary.to_json()),
+        "blank_id": str(model.vocabulary.blank),
+        "vocab_size": str(model.vocabulary.size),
+        "feature": json.dumps(model.feature_config.to_json()),
+        "feature_dim": str(model.feature_config.feature_dim),
+        "time_reduction": str(time_reduction(model)),
+        "state_shape": json.dumps([state[0].shape[0], state[0].shape[2]]),
+        "compression": json.dumps({"params": summary["params"], "bytes": summary["bytes"],
+                                   "flops": summary["flops"], "structure": model_structure(model),
+                                   **(source or {})}),
+        "asrshrink_version": asrshrink.__version__,
+    }
+
+
+# --- the export directory -------------------------------------------------------------------------------------
+
+class ExportError(AsrshrinkError):
+    """An export that cannot be written, or that does not compute what its PyTorch model computes."""
+
+
+def tokens_text(vocabulary: Vocabulary) -> str:
+    """tokens.txt: "symbol id" per line, the space as U+2581 (as sentencepiece writes it), the blank as <blk>."""
+    symbols = ["<blk>" if i == vocabulary.blank else vocabulary.labels[i].replace(" ", "\u2581")
+               for i in range(vocabulary.size)]
+    return "".join(f"{symbol} {i}\n" for i, symbol in enumerate(symbols))
+
+
+def check_export_options(out: Path, opset: int) -> None:
+    """Refuse an output path or opset that cannot work, before any work is done."""
+    if opset not in OPSETS:
+        raise ExportError(f"--opset must be between {OPSETS[0]} and {OPSETS[-1]}, got {opset}")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out}: -o takes a directory (it receives encoder.onnx, decoder.onnx, joiner.onnx, "
+                          f"tokens.txt and {REPORT}); choose a folder name")
+    if out.is_dir() and any(out.iterdir()) and not (out / REPORT).is_file():
+        raise ExportError(f"{out}: the folder is not empty and holds no asrshrink export; choose a new folder")
+
+
+def speech_sample(model: Transducer, data: str | Path | None = None, count: int = 3) -> list[np.ndarray]:
+    """``count`` waveforms (a seeded random subset) of ``data`` (any dataset layout; None: the bundled test
+    sample) for the parity check."""
+    from asrshrink.api import open_dataset
+    from asrshrink.models.checkpoint import bundled_speech
+
+    dataset = open_dataset(data or bundled_speech("test", "--data"), vocabulary=model.vocabulary,
+                           sample_rate=model.feature_config.sample_rate, max_duration=15.0, limit=count, seed=0)
+    return [u.audio for u in dataset]
+
+
+def quantize_int8(source: Path, target: Path) -> None:
+    """onnxruntime dynamic quantization: int8 weights, activations quantized per call (LSTM, MatMul, Gather,
+    and the matmuls inside a Scan body)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    level = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # the quantizer logs advice on pre-processing at INFO/WARNING
+    try:
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, extra_options={"EnableSubgraph": True})
+    finally:
+        logging.getLogger().setLevel(level)
+
+
+def export_model(model: Transducer, out: str | Path, *, info: ModelInfo | None = None, opset: int = DEFAULT_OPSET,
+                 int8: bool = False, speech: Sequence[np.ndarray] | None = None,
+                 log: Callable[[str], None] = lambda line: None) -> dict:
+    """Write ``model`` as the export directory ``out`` (replacing an earlier export there) and return the report
+    that is also written as ``out/export.json``.
+
+    Every part is checked against ``model`` on random inputs and on ``speech`` (waveforms at the model's sample
+    rate; None: ``speech_sample(model)``); when any output differs by more than ``check.ATOL``, an ExportError
+    is raised and nothing is written. ``int8`` adds onnxruntime dynamic-quantized copies (``encoder.int8.onnx``,
+    ...), whose differences are reported, not checked."""
+    from asrshrink.export.check import ATOL, compare, worst
+    from asrshrink.export.runtime import PARTS, OnnxTransducer
+
+    started = time.perf_counter()
+    out = Path(out)
+    check_export_options(out, opset)
+    source = None if info is None else {"path": str(info.path), "sha256": info.sha256,
+                                        "source_sha256": info.source_sha256, "method": info.extra.get("method")}
+    if speech is None:
+        speech = speech_sample(model)
+    log(f"tracing the encoder, decoder and joiner (opset {opset})")
+    parts = to_onnx(model, opset=opset, metadata=metadata(model, source))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        for name, proto in parts.items():
+            onnx.save(proto, tmp / f"{name}.onnx")
+        (tmp / "tokens.txt").write_text(tokens_text(model.vocabulary), encoding="utf-8")
+        log(f"checking against PyTorch on random inputs and {len(speech)} utterance(s)")
+        parity = compare(model, OnnxTransducer(tmp, threads=1), speech)
+        where, value = worst(parity["max_abs_diff"])
+        if not value <= ATOL:
+            raise ExportError(f"{out}: the ONNX {where} differs from PyTorch by {value:.3g} (more than {ATOL:g}), "
+                              f"so nothing was written; try another --opset, or report the model as a bug")
+        quantized = None
+        if int8:
+            log("int8 dynamic quantization")
+            for name in PARTS:
+                quantize_int8(tmp / f"{name}.onnx", tmp / f"{name}.int8.onnx")
+            quantized = compare(model, OnnxTransducer(tmp, int8=True, threads=1), speech)
+        report = {
+            "schema": "asrshrink.export/1",
+            "source": source,
+            "opset": opset,
+            "files": {p.name: p.stat().st_size for p in sorted(tmp.iterdir())},
+            "parity": {"atol": ATOL, "speech_utterances": len(speech), **parity},
+            "int8": quantized,
+            "versions": {"asrshrink": asrshrink.__version__, "torch": torch.__version__, "onnx": onnx.__version__,
+                         "onnxruntime": onnxruntime.__version__},
+            "seconds": time.perf_counter() - started,
+        }
+        write_json_atomic(tmp / REPORT, report)
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return report
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished ``tmp`` directory onto ``out``, replacing an earlier export there."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 directories; outputs get the usual permissions
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
+    os.replace(out, old)
+    os.replace(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
