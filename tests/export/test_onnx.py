@@ -167,3 +167,15 @@ def test_a_new_export_replaces_an_earlier_one(tmp_path):
     export_model(compressed(), out, speech=())
     assert not (out / "encoder.int8.onnx").exists() and "Scan" in ops(out / "encoder.onnx")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_pruned_export_matches_pytorch_and_keeps_the_zeros(tmp_path):
+    from asrshrink.config import PruneConfig
+    from asrshrink.methods.prune import prune_model
+
+    model, _ = prune_model(tiny(), PruneConfig(sparsity=0.7, components=("encoder", "prediction", "joint")))
+    assert_parity(export_model(model, tmp_path / "onnx"))
+    graph = onnx.load(tmp_path / "onnx" / "encoder.onnx").graph
+    zeros = sum(int((onnx.numpy_helper.to_array(t) == 0).sum()) for t in graph.initializer)
+    pruned = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.startswith("encoder"))
+    assert zeros >= pruned > 0
