@@ -10,9 +10,9 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
-#: Root of the shared test fixtures: $ASRSHRINK_FIXTURES, else ../shared/fixtures next to the project root.
-FIXTURES_ROOT = Path(os.environ.get("ASRSHRINK_FIXTURES")
-                     or Path(__file__).resolve().parents[1].parent / "shared" / "fixtures")
+#: Root of the test fixtures: $ASRSHRINK_FIXTURES, else tests/fixtures (shipped with the repository, so the
+#: suite runs from any clone).
+FIXTURES_ROOT = Path(os.environ.get("ASRSHRINK_FIXTURES") or Path(__file__).resolve().parent / "fixtures")
 
 
 @pytest.fixture(scope="session")

@@ -1,5 +1,7 @@
-"""Conformance of the mlperf-rnnt family with the MLPerf reference outputs in the shared fixture."""
+"""Conformance of the mlperf-rnnt family with the MLPerf reference outputs in the fixture (tests/fixtures)."""
 
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,14 @@ def small(mlperf_fixture_dir: Path):
     for name in INPUTS:  # the harness-exact features live in the featurizer reference
         ref[f"{name}__sut_features"] = featurizer_ref[f"{name}__sut_features"]
     return model, info, ref
+
+
+def test_fixture_files_are_the_ones_the_reference_outputs_were_computed_for(mlperf_fixture_dir):
+    files = json.loads((mlperf_fixture_dir / "fixture_info.json").read_text())["files"]
+    present = [name for name in files if (mlperf_fixture_dir / name).is_file()]
+    assert {"rnnt_random_small.pt", "reference_small.npz", "featurizer_reference.npz", "inputs.npz"} <= set(present)
+    for name in present:
+        assert hashlib.sha256((mlperf_fixture_dir / name).read_bytes()).hexdigest() == files[name]["sha256"], name
 
 
 def _features(ref: dict, name: str, variant: str) -> tuple[torch.Tensor, torch.Tensor]:
