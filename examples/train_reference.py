@@ -4,6 +4,8 @@
     python examples/train_reference.py train --corpus data/synth --out runs/reference --steps 8000
     python examples/train_reference.py train --corpus data/synth --out runs/reference --steps 8000 --resume
     python examples/train_reference.py export --out runs/reference --to asrshrink/assets/reference
+    python examples/train_reference.py train --corpus data/synth --out runs/more --steps 3000 \
+        --init asrshrink/assets/reference/model.safetensors    # continue from a model's weights
 
 ``train`` featurizes the train split once (cached in OUT/bank-train), then runs the resumable training loop:
 transducer loss plus an auxiliary CTC loss on the lower encoder, SpecAugment, AdamW with warm-up and cosine
@@ -29,7 +31,7 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
 from torch import nn  # noqa: E402
 
-from asrshrink.api import evaluate, open_dataset, save_model  # noqa: E402
+from asrshrink.api import evaluate, load_model, open_dataset, save_model  # noqa: E402
 from asrshrink.models.mlperf_rnnt import MlperfRnnt, MlperfRnntConfig  # noqa: E402
 from asrshrink.training.data import FeatureBank  # noqa: E402
 from asrshrink.training.loop import TrainConfig, load_trained_modules, train  # noqa: E402
@@ -60,6 +62,10 @@ def cmd_train(args: argparse.Namespace) -> None:
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
     model, head = build(out, args.ctc_weight > 0)
+    if args.init and not args.resume:
+        start, _ = load_model(args.init)
+        model.load_state_dict(start.state_dict())
+        log(f"starting from the weights of {args.init} (fresh optimizer and schedule)")
     bank_dir = out / "bank-train"
     if (bank_dir / "index.json").exists():
         bank = FeatureBank.load(bank_dir)
@@ -124,7 +130,10 @@ def cmd_export(args: argparse.Namespace) -> None:
     if "ctc_head" in state["modules"]:
         modules["ctc_head"] = head
     step = load_trained_modules(args.out, modules)
-    path = save_model(model.eval(), args.to, extra={"training": {"step": step, "recipe": "examples/train_reference.py"}})
+    config = Path(args.out) / "config.json"
+    options = json.loads(config.read_text())["train"] if config.is_file() else {}
+    path = save_model(model.eval(), args.to, extra={"training": {"step": step, "recipe": "examples/train_reference.py",
+                                                                 "options": options}})
     log(f"wrote {path} (step {step}, {sum(p.numel() for p in model.parameters())} parameters)")
 
 
@@ -148,6 +157,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--dev-limit", type=int, default=150)
     t.add_argument("--log-every", type=int, default=20)
     t.add_argument("--resume", action="store_true")
+    t.add_argument("--init", default=None, help="start from this model's weights (an asrshrink model of the same "
+                                                  "sizes, e.g. the bundled one) with a fresh optimizer and schedule")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="write the trained model in asrshrink's format")
     e.add_argument("--out", default="runs/reference")

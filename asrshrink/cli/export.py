@@ -46,7 +46,8 @@ def export_command(
     speech = speech_sample(net, data)
     report = export_model(net, out, info=info, opset=opset, int8=int8, speech=speech,
                           log=lambda line: err.print(line, markup=False, highlight=False))
-    table = Table(title=f"{info.path} -> {out}")
+    err.print(f"{info.path} -> {out}", soft_wrap=True, markup=False, highlight=False)
+    table = Table()
     for column in ("file", "MB", "max abs diff vs PyTorch"):
         table.add_column(column, justify="left" if column == "file" else "right")
     for name, size in report["files"].items():

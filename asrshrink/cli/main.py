@@ -141,7 +141,9 @@ def info_command(
     if json_out:
         print(json.dumps(summary))
         return
-    table = Table(title=f"{info.path} ({summary['family']}, {info.kind})")
+    # Paths go on a line of their own: a table title would wrap them mid-name on a narrow terminal.
+    out.print(f"{info.path} ({summary['family']}, {info.kind})", soft_wrap=True, markup=False, highlight=False)
+    table = Table()
     for column in ("component", "parameters", "MB (float32)"):
         table.add_column(column, justify="right" if column != "component" else "left")
     for name, params in summary["params_by_component"].items():
