@@ -8,7 +8,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch is imported:
 
 from pathlib import Path  # noqa: E402
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+import soundfile as sf  # noqa: E402
 
 #: Root of the test fixtures: $ASRSHRINK_FIXTURES, else tests/fixtures (shipped with the repository, so the
 #: suite runs from any clone).
@@ -24,3 +26,15 @@ def mlperf_fixture_dir() -> Path:
         pytest.fail(f"MLPerf RNN-T fixture not found at {path} (set ASRSHRINK_FIXTURES to the directory "
                     f"that holds mlperf_rnnt/)", pytrace=False)
     return path
+
+
+@pytest.fixture()
+def tiny_data(tmp_path) -> Path:
+    """A folder of three short noise recordings with same-name transcripts (the audio + .txt layout)."""
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, text in enumerate(["hello world", "a b c", "shrink me"]):
+        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 1000 * i)).astype(np.float32), 16000)
+        (folder / f"u{i}.txt").write_text(text)
+    return folder

@@ -8,6 +8,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from asrshrink.cli.main import app
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
 
@@ -17,26 +18,6 @@ def model_path(mlperf_fixture_dir):
     return str(mlperf_fixture_dir / "rnnt_random_small.pt")
 
 
-@pytest.fixture()
-def tiny_data(tmp_path):
-    """A folder of three short audio files with same-name transcripts."""
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, text in enumerate(["hello world", "a b c", "shrink me"]):
-        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 1000 * i)).astype(np.float32), 16000)
-        (folder / f"u{i}.txt").write_text(text)
-    return folder
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.output
-    text = errors[0]
-    for fragment in fragments:
-        assert fragment in " ".join(text.split()), text
 
 
 @pytest.mark.parametrize("command", ["eval", "info", "dump", "svd", "psvd"])

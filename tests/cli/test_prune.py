@@ -2,12 +2,11 @@
 
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 from typer.testing import CliRunner
 
 from asrshrink.cli.main import app
+from tests.helpers import assert_one_line_error
 from asrshrink.report import options_summary
 
 runner = CliRunner()
@@ -18,24 +17,6 @@ def model_path(mlperf_fixture_dir):
     return str(mlperf_fixture_dir / "rnnt_random_small.pt")
 
 
-@pytest.fixture()
-def tiny_data(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, text in enumerate(["hello world", "a b c", "shrink me"]):
-        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 1000 * i)).astype(np.float32), 16000)
-        (folder / f"u{i}.txt").write_text(text)
-    return folder
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0] and "Traceback" not in result.output
-    for fragment in fragments:
-        assert fragment in " ".join(errors[0].split()), errors[0]
 
 
 def test_help_has_an_example():

@@ -9,7 +9,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from asrshrink.cli.main import app
-from tests.cli.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
 

@@ -2,9 +2,7 @@
 
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
@@ -12,7 +10,7 @@ from asrshrink.cli.main import app
 from asrshrink.export import check
 from asrshrink.models.checkpoint import save_model
 from asrshrink.models.mlperf_rnnt import MlperfRnnt
-from tests.cli.test_cli import assert_one_line_error
+from tests.helpers import assert_one_line_error
 from tests.export.test_onnx import TINY
 
 runner = CliRunner()
@@ -23,16 +21,6 @@ def model_path(tmp_path):
     torch.manual_seed(0)
     return str(save_model(MlperfRnnt(TINY).eval(), tmp_path / "model"))
 
-
-@pytest.fixture()
-def tiny_data(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "data"
-    folder.mkdir()
-    for i, text in enumerate(["hello world", "a b c", "shrink me"]):
-        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 1000 * i)).astype(np.float32), 16000)
-        (folder / f"u{i}.txt").write_text(text)
-    return folder
 
 
 def test_export_then_eval_gives_the_pytorch_wer(model_path, tiny_data, tmp_path):

@@ -6,13 +6,11 @@ import soundfile as sf
 import torch
 
 from asrshrink import compress
-from asrshrink.calibrate import shift
 from asrshrink.config import CalibConfig, SvdConfig
 from asrshrink.methods.psvd import (PsvdConfig, RegressionStats, fold_correction, psvd, regression_error,
                                     solve_regression)
 from asrshrink.methods.svd import choose_ranks, data_aware_svd_compress, svd_compress
 from asrshrink.models.checkpoint import load_model, save_model
-from asrshrink.models.layers import lstm_side_weights
 from asrshrink.models.mlperf_rnnt import MlperfRnnt, MlperfRnntConfig
 
 TINY = MlperfRnntConfig(encoder_hidden=32, encoder_pre_layers=2, encoder_post_layers=2, pred_hidden=12,
