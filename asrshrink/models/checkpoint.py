@@ -92,6 +92,11 @@ def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
 
 def read_torch_checkpoint(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers; every failure becomes a CheckpointError."""
+    with open(path, "rb") as f:
+        head = f.read(2)
+    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive, or (before 1.6) a pickle
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint or an asrshrink model (neither a zip archive nor "
+                              f"a pickle); pass a .pt checkpoint, a .safetensors model or an output directory")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -109,7 +114,11 @@ def read_torch_checkpoint(path: Path) -> Any:
 
 
 def _first_line(text: str) -> str:
-    line = text.strip().splitlines()[0] if text.strip() else ""
+    """The line of an error message that says what went wrong (torch's weights-only errors open with a banner
+    and name the cause on a later "WeightsUnpickler error:" line)."""
+    lines = text.strip().splitlines()
+    cause = [line for line in lines if "WeightsUnpickler error:" in line]
+    line = cause[0].split("WeightsUnpickler error:", 1)[1].strip() if cause else (lines[0] if lines else "")
     return line[:160]
 
 

@@ -118,3 +118,9 @@ def test_directory_without_model(tmp_path):
 def test_missing_file(tmp_path):
     with pytest.raises(CheckpointError, match="no such file"):
         load_model(tmp_path / "nope.pt")
+
+
+def test_a_file_that_is_not_a_checkpoint_says_so(tmp_path):
+    path = tmp_path / "notes.pt"
+    path.write_text("these are not weights\n")
+    expect_error(path, "not a PyTorch checkpoint", ".safetensors")
