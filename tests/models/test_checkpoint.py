@@ -54,6 +54,7 @@ class RunsCode:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")  # torch's note on the hand-made pickle
 def test_pickle_that_would_run_code_is_refused_and_not_run(tmp_path):
     marker = tmp_path / "was_run"
     path = tmp_path / "evil.pt"
