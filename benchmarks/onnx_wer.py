@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 from asrshrink import api, compress  # noqa: E402
 from asrshrink.config import CalibConfig, PruneConfig, SvdConfig  # noqa: E402
 from asrshrink.export.check import worst  # noqa: E402
-from asrshrink.export.onnx import export_model, speech_sample  # noqa: E402
+from asrshrink.export.onnx import export_model  # noqa: E402
 from asrshrink.export.runtime import load_export  # noqa: E402
 from asrshrink.methods.psvd import PsvdConfig  # noqa: E402
 from asrshrink.models.checkpoint import ASSETS  # noqa: E402
@@ -55,7 +55,7 @@ def main() -> None:
     for name, path in build(args.out, CalibConfig(path=args.calib)):
         model, info = api.load_model(path)
         test = api.open_dataset(args.test, vocabulary=model.vocabulary, limit=args.limit)
-        report = export_model(model, args.out / f"{name}-onnx", info=info, int8=True, speech=speech_sample(model))
+        report = export_model(model, args.out / f"{name}-onnx", info=info, int8=True)
         torch_result = api.evaluate(model, test)
         onnx_result = api.evaluate(load_export(args.out / f"{name}-onnx")[0], test)
         int8_result = api.evaluate(load_export(args.out / f"{name}-onnx" / "encoder.int8.onnx")[0], test)
@@ -80,7 +80,8 @@ def main() -> None:
     print("| --- |" + " ---: |" * (len(header) - 1))
     for row in rows:
         print(f"| {row['model']} | {row['mb']:.2f} | {row['mb_int8']:.2f} | {row['parity'][1]:.1e} | "
-              f"{row['wer_pytorch']:.2f} | {row['wer_onnx']:.2f} | {row['hypotheses_differ']} | {row['wer_int8']:.2f} |")
+              f"{row['wer_pytorch']:.2f} | {row['wer_onnx']:.2f} | {row['hypotheses_differ']} | "
+              f"{row['wer_int8']:.2f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps({"test": args.test, "rows": rows}, indent=2))
 

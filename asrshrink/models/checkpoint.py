@@ -76,7 +76,7 @@ def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
     """Load a model in eval mode from a foreign checkpoint, an asrshrink file or directory, or the default."""
     path = resolve_model_path(model)
     digest = sha256_file(path)
-    if _is_safetensors(path):
+    if _file_format(path) == "safetensors":
         net, meta = _load_native(path)
         info = ModelInfo(path, "asrshrink", digest, meta.get("source_sha256", digest),
                          structure=meta.get("structure", {}), extra=meta)
@@ -92,11 +92,6 @@ def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
 
 def read_torch_checkpoint(path: Path) -> Any:
     """``torch.load`` restricted to tensors and plain containers; every failure becomes a CheckpointError."""
-    with open(path, "rb") as f:
-        head = f.read(2)
-    if head != b"PK" and head[:1] != b"\x80":  # torch.save writes a zip archive, or (before 1.6) a pickle
-        raise CheckpointError(f"{path}: not a PyTorch checkpoint or an asrshrink model (neither a zip archive nor "
-                              f"a pickle); pass a .pt checkpoint, a .safetensors model or an output directory")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -136,13 +131,19 @@ def _state_dict_of(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
     return sd
 
 
-def _is_safetensors(path: Path) -> bool:
+def _file_format(path: Path) -> str:
+    """"safetensors" or "torch" from the file's first bytes; CheckpointError for anything else."""
     if path.suffix == ".safetensors":
-        return True
+        return "safetensors"
     with open(path, "rb") as f:
         head = f.read(9)
     # safetensors: 8-byte little-endian header length, then a JSON object.
-    return len(head) == 9 and head[8:9] == b"{"
+    if len(head) == 9 and head[8:9] == b"{":
+        return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save writes a zip archive, or (before 1.6) a pickle
+        return "torch"
+    raise CheckpointError(f"{path}: not a PyTorch checkpoint or an asrshrink model (neither a zip archive nor "
+                          f"a pickle); pass a .pt checkpoint, a .safetensors model or an output directory")
 
 
 def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:

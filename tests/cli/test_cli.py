@@ -18,8 +18,6 @@ def model_path(mlperf_fixture_dir):
     return str(mlperf_fixture_dir / "rnnt_random_small.pt")
 
 
-
-
 @pytest.mark.parametrize("command", ["eval", "info", "dump", "svd", "psvd"])
 def test_help_has_an_example(command):
     result = runner.invoke(app, [command, "--help"])

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from asrshrink.cli.main import app
-from tests.helpers import assert_one_line_error
 from asrshrink.report import options_summary
+from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
 
@@ -15,8 +15,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def model_path(mlperf_fixture_dir):
     return str(mlperf_fixture_dir / "rnnt_random_small.pt")
-
-
 
 
 def test_help_has_an_example():

@@ -22,7 +22,6 @@ def model_path(tmp_path):
     return str(save_model(MlperfRnnt(TINY).eval(), tmp_path / "model"))
 
 
-
 def test_export_then_eval_gives_the_pytorch_wer(model_path, tiny_data, tmp_path):
     out = tmp_path / "onnx"
     result = runner.invoke(app, ["export", model_path, "-o", str(out), "--int8", "--json", "--data", str(tiny_data)])
