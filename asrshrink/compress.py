@@ -290,9 +290,19 @@ def check_audio(model, dataset, option: str) -> None:
 
 def _calibration(model, calib: CalibConfig, log: Log, progress: Progress | None) -> tuple[list[dict], dict]:
     """Featurized calibration batches and a record of what was used."""
-    dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=model.vocabulary,
-                               sample_rate=model.feature_config.sample_rate,
-                               max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
+    from asrshrink.errors import DataError
+
+    try:
+        dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=model.vocabulary,
+                                   sample_rate=model.feature_config.sample_rate,
+                                   max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
+    except DataError as exc:
+        if "longer than the maximum duration" not in str(exc):
+            raise
+        raise DataError(f"{calib.path}: every --calib utterance is longer than {calib.max_duration:g} s, the "
+                        f"longest a calibration utterance may be; pass --calib data with shorter "
+                        f"utterances") from None
+    check_audio(model, dataset, "--calib")
     batches = calibration_batches(model, dataset, batch_size=calib.batch_size,
                                   progress=(lambda d, t: progress("featurizing calibration audio", d, t))
                                   if progress else None)

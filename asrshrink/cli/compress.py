@@ -42,9 +42,8 @@ TargetParams = Annotated[Optional[int], typer.Option(help="Per-layer ranks under
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option ``name`` (on the command line or through the environment)."""
-    from click.core import ParameterSource
-
-    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    source = ctx.get_parameter_source(name)  # compared by name: Typer may bring its own copy of click's enum
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
 
 
 def _given_options(ctx: typer.Context, options: dict[str, tuple]) -> dict[str, tuple]:

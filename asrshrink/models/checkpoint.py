@@ -13,6 +13,7 @@ import os
 import pickle
 import pickletools
 import stat
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,7 +127,10 @@ def pickle_globals(data: bytes) -> list[str]:
     while stream.tell() < len(data):
         strings: list[str] = []
         try:
-            for opcode, arg, _ in pickletools.genops(stream):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pickletools warns on odd escapes in garbage
+                ops = list(_genops(stream))
+            for opcode, arg in ops:
                 if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
                     found.append(arg.replace(" ", "."))
                 elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
@@ -136,6 +140,15 @@ def pickle_globals(data: bytes) -> list[str]:
         except Exception:  # a truncated or garbled stream: report what was read so far
             break
     return found
+
+
+def _genops(stream: io.BytesIO):
+    """(opcode, arg) pairs of one pickle; on a broken stream, those read before the break."""
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            yield opcode, arg
+    except Exception:
+        stream.seek(0, io.SEEK_END)
 
 
 def _code_globals(path: Path) -> list[str]:
