@@ -1,0 +1,99 @@
+"""kill -9 at random moments of a real ``asrshrink psvd`` run, then ``--resume``: is the result byte-identical
+to an uninterrupted run?
+
+    python benchmarks/psvd_kill_resume.py [--trials 20] [--seed 0] [--num-utterances 8] [--iterations 2]
+
+Every run is the real CLI in a subprocess (``python -m asrshrink psvd``) on the bundled reference model and
+``--num-utterances`` bundled calibration utterances, ``--rank-threshold 0.2``. First one uninterrupted run
+gives the reference ``model.safetensors`` and the wall time T of a run. Each trial starts the same command
+into its own folder, sends SIGKILL after a seeded random delay drawn uniformly from [0.25 T, T] (before
+that the process is mostly importing torch), then follows what the CLI says: ``psvd --resume OUT``; when the
+kill came before the first layer was finished, resume refuses ("no finished layer to resume from", exit 2)
+and the run is started again as the message says; when the run had already finished, there is nothing to
+resume. A trial counts as byte-identical when OUT/model.safetensors has the reference's sha256, OUT holds
+exactly model.safetensors, report.json and report.md, and nothing (lock, staging folder) is left beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ENV = {**os.environ, "OMP_WAIT_POLICY": "PASSIVE", "COLUMNS": "200"}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "asrshrink", *args]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-utterances", type=int, default=8)
+    parser.add_argument("--iterations", type=int, default=2)
+    args = parser.parse_args()
+    options = ["--rank-threshold", "0.2", "--num-utterances", str(args.num_utterances),
+               "--iterations", str(args.iterations)]
+    rng = random.Random(args.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        start = time.perf_counter()
+        subprocess.run(cli("psvd", *options, "-o", str(tmp / "reference")), env=ENV, check=True,
+                       capture_output=True)
+        total = time.perf_counter() - start
+        reference = sha256(tmp / "reference" / "model.safetensors")
+        print(f"reference run: {total:.1f} s, model sha256 {reference[:16]}…")
+        identical, kinds = 0, {"resumed": 0, "restarted": 0, "finished before the kill": 0}
+        for trial in range(args.trials):
+            parent = tmp / f"trial{trial:02d}"
+            parent.mkdir()
+            out = parent / "out"
+            delay = rng.uniform(0.25 * total, total)
+            proc = subprocess.Popen(cli("psvd", *options, "-o", str(out)), env=ENV, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            layers = "?"
+            resumed = subprocess.run(cli("psvd", "--resume", str(out)), env=ENV, capture_output=True, text=True)
+            if resumed.returncode == 0:
+                kind = "resumed"
+                line = next((x for x in resumed.stderr.splitlines() if x.startswith("resuming")), "")
+                layers = line.removeprefix("resuming ")
+            elif "no finished layer to resume from" in resumed.stderr:
+                kind = "restarted"
+                subprocess.run(cli("psvd", *options, "-o", str(out)), env=ENV, check=True, capture_output=True)
+            elif "no interrupted run to resume here" in resumed.stderr and (out / "report.json").is_file():
+                kind = "finished before the kill"
+            else:
+                raise SystemExit(f"trial {trial}: unexpected resume result {resumed.returncode}: "
+                                 f"{resumed.stderr.strip().splitlines()[-1:]}")
+            kinds[kind] += 1
+            files = sorted(p.name for p in out.iterdir())
+            leftovers = sorted(p.name for p in parent.iterdir() if p.name != "out")
+            same = (files == ["model.safetensors", "report.json", "report.md"] and not leftovers
+                    and sha256(out / "model.safetensors") == reference)
+            identical += same
+            print(f"trial {trial + 1:2d}: kill -9 after {delay:5.1f} s, {kind}"
+                  + (f" ({layers})" if kind == "resumed" else "")
+                  + (": byte-identical" if same else f": DIFFERENT (files {files}, left beside {leftovers})"),
+                  flush=True)
+        print(f"{identical}/{args.trials} byte-identical "
+              f"({', '.join(f'{n} {k}' for k, n in kinds.items())})")
+
+
+if __name__ == "__main__":
+    main()
