@@ -5,13 +5,15 @@ to an uninterrupted run?
 
 Every run is the real CLI in a subprocess (``python -m asrshrink psvd``) on the bundled reference model and
 ``--num-utterances`` bundled calibration utterances, ``--rank-threshold 0.2``. First one uninterrupted run
-gives the reference ``model.safetensors`` and the wall time T of a run. Each trial starts the same command
-into its own folder, sends SIGKILL after a seeded random delay drawn uniformly from [0.25 T, T] (before
-that the process is mostly importing torch), then follows what the CLI says: ``psvd --resume OUT``; when the
-kill came before the first layer was finished, resume refuses ("no finished layer to resume from", exit 2)
-and the run is started again as the message says; when the run had already finished, there is nothing to
-resume. A trial counts as byte-identical when OUT/model.safetensors has the reference's sha256, OUT holds
-exactly model.safetensors, report.json and report.md, and nothing (lock, staging folder) is left beside it.
+gives the reference ``model.safetensors``, a second one checks that it is reproducible, and the faster of
+the two gives the wall time T of a run. Each trial starts the same command into its own folder, sends
+SIGKILL after a seeded random delay drawn uniformly from [0.2 T, 0.9 T] (before that the process is mostly
+importing torch), then follows what the CLI says: ``psvd --resume OUT``. When the
+kill came before the first layer was finished, resume refuses (exit 2: no finished layer, or no interrupted
+run when the options were not written yet) and says to start again, which is done; when the run had already
+finished, there is nothing to resume. A trial counts as byte-identical when OUT/model.safetensors has the
+reference's sha256, OUT holds exactly model.safetensors, report.json and report.md, and nothing (lock,
+staging folder) is left beside it.
 """
 
 from __future__ import annotations
@@ -50,18 +52,22 @@ def main() -> None:
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        start = time.perf_counter()
-        subprocess.run(cli("psvd", *options, "-o", str(tmp / "reference")), env=ENV, check=True,
-                       capture_output=True)
-        total = time.perf_counter() - start
+        times = []
+        for name in ("reference", "reference-again"):
+            start = time.perf_counter()
+            subprocess.run(cli("psvd", *options, "-o", str(tmp / name)), env=ENV, check=True, capture_output=True)
+            times.append(time.perf_counter() - start)
+        total = min(times)
         reference = sha256(tmp / "reference" / "model.safetensors")
-        print(f"reference run: {total:.1f} s, model sha256 {reference[:16]}…")
+        assert sha256(tmp / "reference-again" / "model.safetensors") == reference, "two runs differ"
+        print(f"two uninterrupted runs: {times[0]:.1f} s and {times[1]:.1f} s, the same model (sha256 "
+              f"{reference[:16]}…)")
         identical, kinds = 0, {"resumed": 0, "restarted": 0, "finished before the kill": 0}
         for trial in range(args.trials):
             parent = tmp / f"trial{trial:02d}"
             parent.mkdir()
             out = parent / "out"
-            delay = rng.uniform(0.25 * total, total)
+            delay = rng.uniform(0.2 * total, 0.9 * total)
             proc = subprocess.Popen(cli("psvd", *options, "-o", str(out)), env=ENV, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             time.sleep(delay)
@@ -73,7 +79,8 @@ def main() -> None:
                 kind = "resumed"
                 line = next((x for x in resumed.stderr.splitlines() if x.startswith("resuming")), "")
                 layers = line.removeprefix("resuming ")
-            elif "no finished layer to resume from" in resumed.stderr:
+            elif ("no finished layer to resume from" in resumed.stderr
+                  or ("no interrupted run to resume here" in resumed.stderr and not (out / "report.json").is_file())):
                 kind = "restarted"
                 subprocess.run(cli("psvd", *options, "-o", str(out)), env=ENV, check=True, capture_output=True)
             elif "no interrupted run to resume here" in resumed.stderr and (out / "report.json").is_file():
