@@ -1,19 +1,19 @@
 """kill -9 at random moments of a real ``asrshrink psvd`` run, then ``--resume``: is the result byte-identical
 to an uninterrupted run?
 
-    python benchmarks/psvd_kill_resume.py [--trials 20] [--seed 0] [--num-utterances 8] [--iterations 2]
+    python benchmarks/psvd_kill_resume.py [--trials 20] [--seed 0] [--num-utterances 24] [--iterations 3]
 
 Every run is the real CLI in a subprocess (``python -m asrshrink psvd``) on the bundled reference model and
-``--num-utterances`` bundled calibration utterances, ``--rank-threshold 0.2``. First one uninterrupted run
-gives the reference ``model.safetensors``, a second one checks that it is reproducible, and the faster of
-the two gives the wall time T of a run. Each trial starts the same command into its own folder, sends
-SIGKILL after a seeded random delay drawn uniformly from [0.2 T, 0.9 T] (before that the process is mostly
-importing torch), then follows what the CLI says: ``psvd --resume OUT``. When the
-kill came before the first layer was finished, resume refuses (exit 2: no finished layer, or no interrupted
-run when the options were not written yet) and says to start again, which is done; when the run had already
-finished, there is nothing to resume. A trial counts as byte-identical when OUT/model.safetensors has the
-reference's sha256, OUT holds exactly model.safetensors, report.json and report.md, and nothing (lock,
-staging folder) is left beside it.
+``--num-utterances`` bundled calibration utterances, ``--rank-threshold 0.2``. Two uninterrupted runs give
+the reference ``model.safetensors`` (and show that it is reproducible) and the window in which layers are
+fitted: from the first per-layer log line to the last one, the moments where an interruption has something
+to lose (before it the run is importing, loading and featurizing; resuming it means starting again). Each
+trial starts the same command into its own folder, sends SIGKILL after a seeded random delay drawn uniformly
+from that window, then follows what the CLI says: ``psvd --resume OUT``. When the kill came before the first
+layer was saved, resume refuses (exit 2: no finished layer) and says to start again, which is done; when the
+run had already finished, there is nothing to resume. A trial counts as byte-identical when
+OUT/model.safetensors has the reference's sha256, OUT holds exactly model.safetensors, report.json and
+report.md, and nothing (lock, staging folder) is left beside it.
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def timed_run(command: list[str]) -> tuple[float, tuple[float, float]]:
+    """Run ``command`` to the end; its wall time and when (seconds after the start) its first and last
+    per-layer log lines ("iteration N layer ...") appeared."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(command, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    stamps = [time.perf_counter() - start for line in proc.stderr if line.startswith("iteration ")]
+    if proc.wait() != 0 or not stamps:
+        raise SystemExit(f"the uninterrupted run failed: {command}")
+    return time.perf_counter() - start, (stamps[0], stamps[-1])
+
+
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "asrshrink", *args]
 
@@ -44,30 +55,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-utterances", type=int, default=8)
-    parser.add_argument("--iterations", type=int, default=2)
+    parser.add_argument("--num-utterances", type=int, default=24)
+    parser.add_argument("--iterations", type=int, default=3)
     args = parser.parse_args()
     options = ["--rank-threshold", "0.2", "--num-utterances", str(args.num_utterances),
                "--iterations", str(args.iterations)]
     rng = random.Random(args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        times = []
+        times, windows = [], []
         for name in ("reference", "reference-again"):
-            start = time.perf_counter()
-            subprocess.run(cli("psvd", *options, "-o", str(tmp / name)), env=ENV, check=True, capture_output=True)
-            times.append(time.perf_counter() - start)
-        total = min(times)
+            total, window = timed_run(cli("psvd", *options, "-o", str(tmp / name)))
+            times.append(total)
+            windows.append(window)
         reference = sha256(tmp / "reference" / "model.safetensors")
         assert sha256(tmp / "reference-again" / "model.safetensors") == reference, "two runs differ"
+        first, last = max(w[0] for w in windows), min(w[1] for w in windows)
         print(f"two uninterrupted runs: {times[0]:.1f} s and {times[1]:.1f} s, the same model (sha256 "
-              f"{reference[:16]}…)")
+              f"{reference[:16]}…); layers were fitted from {first:.1f} s to {last:.1f} s")
         identical, kinds = 0, {"resumed": 0, "restarted": 0, "finished before the kill": 0}
         for trial in range(args.trials):
             parent = tmp / f"trial{trial:02d}"
             parent.mkdir()
             out = parent / "out"
-            delay = rng.uniform(0.2 * total, 0.9 * total)
+            delay = rng.uniform(first, last)
             proc = subprocess.Popen(cli("psvd", *options, "-o", str(out)), env=ENV, stdout=subprocess.DEVNULL,
                                     stderr=subprocess.DEVNULL)
             time.sleep(delay)

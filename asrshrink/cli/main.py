@@ -133,6 +133,17 @@ def eval_command(
         from asrshrink.errors import AsrshrinkError
 
         raise AsrshrinkError(f"{hypotheses}: --hypotheses takes a file name (JSONL), not a directory")
+    if hypotheses is not None:
+        import os
+
+        from asrshrink.errors import AsrshrinkError
+
+        parent = hypotheses.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise AsrshrinkError(f"{hypotheses}: --hypotheses cannot be written there ({parent} is not a writable "
+                                 f"folder); choose another file name")
     if batch_size < 1:
         from asrshrink.errors import AsrshrinkError
 

@@ -310,6 +310,8 @@ OPTIONS: dict[str, tuple[Callable[[Assets, Path], list[str]], tuple[str, ...]]] 
                             ("--max-duration",)),
     "eval-hypotheses-dir": (lambda a, d: ["eval", str(a.native), "--data", str(a.data), "--hypotheses", str(d)],
                             ("--hypotheses",)),
+    "eval-hypotheses-under-a-file": (lambda a, d: (d / "f").write_text("keep") and [
+        "eval", str(a.native), "--data", str(a.data), "--hypotheses", str(d / "f" / "h.jsonl")], ("--hypotheses",)),
     "svd-threshold-0": (lambda a, d: ["svd", str(a.native), "--rank-threshold", "0", "-o", str(d / "o")],
                         ("--rank-threshold",)),
     "svd-threshold-1.5": (lambda a, d: ["svd", str(a.native), "--rank-threshold", "1.5", "-o", str(d / "o")],
