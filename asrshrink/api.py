@@ -15,7 +15,7 @@ import torch
 
 from asrshrink.audio.datasets import Dataset, open_dataset, read_audio
 from asrshrink.errors import DataError
-from asrshrink.evaluate.decoding import MAX_SYMBOLS_PER_STEP, greedy_decode
+from asrshrink.evaluate.decoding import greedy_decode
 from asrshrink.evaluate.wer import char_errors, word_errors
 from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import ModelInfo, load_model, save_model
@@ -51,7 +51,7 @@ def encode(model: Transducer, features: torch.Tensor, lengths: torch.Tensor) -> 
 
 
 def transcribe(model: Transducer, waveforms: Sequence[np.ndarray], *,
-               max_symbols_per_step: int = MAX_SYMBOLS_PER_STEP) -> list[Hypothesis]:
+               max_symbols_per_step: int | None = None) -> list[Hypothesis]:
     """Greedy transcripts of a batch of waveforms."""
     features, lengths = featurize(model, waveforms)
     enc, enc_lengths = encode(model, features, lengths)

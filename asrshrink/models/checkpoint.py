@@ -12,7 +12,7 @@ import pickle
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -76,10 +76,18 @@ def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
     """Load a model in eval mode from a foreign checkpoint, an asrshrink file or directory, or the default."""
     path = resolve_model_path(model)
     digest = sha256_file(path)
-    if _file_format(path) == "safetensors":
+    kind = _file_format(path)
+    if kind == "safetensors":
         net, meta = _load_native(path)
         info = ModelInfo(path, "asrshrink", digest, meta.get("source_sha256", digest),
                          structure=meta.get("structure", {}), extra=meta)
+    elif kind == "nemo":
+        from asrshrink.models.nemo_archive import read_nemo
+
+        config, state_dict, files = read_nemo(path)
+        family = detect_family(state_dict, str(path))
+        net = family.from_foreign(state_dict, str(path), config=config, files=files)
+        info = ModelInfo(path, "foreign", digest, digest)
     else:
         checkpoint = read_torch_checkpoint(path)
         state_dict = _state_dict_of(checkpoint, path)
@@ -90,10 +98,13 @@ def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
     return net.eval(), info
 
 
-def read_torch_checkpoint(path: Path) -> Any:
-    """``torch.load`` restricted to tensors and plain containers; every failure becomes a CheckpointError."""
+def read_torch_checkpoint(path: Path | BinaryIO, source: str | None = None) -> Any:
+    """``torch.load`` restricted to tensors and plain containers; every failure becomes a CheckpointError.
+
+    ``path`` is a file name or an open binary file; ``source`` names it in errors (default: ``path``)."""
+    file, path = path, (source if source is not None else path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text:
@@ -133,17 +144,21 @@ def _state_dict_of(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
 
 def _file_format(path: Path) -> str:
     """"safetensors" or "torch" from the file's first bytes; CheckpointError for anything else."""
+    from asrshrink.models.nemo_archive import is_nemo_archive
+
     if path.suffix == ".safetensors":
         return "safetensors"
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(512)
     # safetensors: 8-byte little-endian header length, then a JSON object.
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save writes a zip archive, or (before 1.6) a pickle
         return "torch"
+    if is_nemo_archive(head):  # a NeMo .nemo archive: tar, or gzipped tar before NeMo 1.7
+        return "nemo"
     raise CheckpointError(f"{path}: not a PyTorch checkpoint or an asrshrink model (neither a zip archive nor "
-                          f"a pickle); pass a .pt checkpoint, a .safetensors model or an output directory")
+                          f"a pickle); pass a .pt checkpoint, a .nemo archive, a .safetensors model or an output directory")
 
 
 def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:

@@ -217,7 +217,8 @@ class MlperfRnnt(Transducer):
                 and "prediction.dec_rnn.lstm.weight_ih_l0" in state_dict)
 
     @classmethod
-    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str) -> "MlperfRnnt":
+    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str, *, config: dict | None = None,
+                     files: dict[str, bytes] | None = None) -> "MlperfRnnt":
         # The inference code's spelling of the joint (joint.net.N) loads like the training one (joint_net.N).
         state_dict = {("joint_net." + k[len("joint.net."):] if k.startswith("joint.net.") else k): v
                       for k, v in state_dict.items()}
