@@ -194,7 +194,10 @@ def describe(model: Transducer, info: ModelInfo | None = None) -> dict:
         "flops": {"encoder_per_frame": model.flops()["encoder"],
                   "prediction_per_label": model.flops()["prediction"],
                   "joint_per_evaluation": model.flops()["joint"]},
-        "encoder_frame_seconds": model.feature_config.frame_shift_seconds * _time_reduction(model),
+        "encoder_frame_seconds": model.feature_config.frame_shift_seconds * model.time_reduction,
+        "flops_frames": model.flops_frames,
+        "encoder_layers": [{"name": name, "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
+                            "flops_per_frame": flops} for name, flops in model.flops_by_layer().items()],
         "vocabulary": model.vocabulary.to_json(),
         "config": model.config_dict(),
     }
@@ -203,9 +206,3 @@ def describe(model: Transducer, info: ModelInfo | None = None) -> dict:
                     structure=info.structure)
     return data
 
-
-def _time_reduction(model: Transducer) -> int:
-    features = torch.zeros(1, 12, model.feature_config.feature_dim)
-    with torch.no_grad():
-        _, lengths = model.encode(features, torch.tensor([12]))
-    return 12 // int(lengths[0])

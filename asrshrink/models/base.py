@@ -41,6 +41,14 @@ class Transducer(nn.Module):
     family: str = ""
     #: Decoding rule: at most this many labels are emitted at one encoder frame (MLPerf 30, NeMo 10).
     max_symbols_per_step: int = 30
+    #: ONNX layout ``asrshrink export`` writes: "asrshrink" (the joint's first layer folded into the encoder and
+    #: decoder graphs) or "nemo" (sherpa-onnx's ``nemo_transducer`` interface).
+    export_layout: str = "asrshrink"
+
+    @property
+    def time_reduction(self) -> int:
+        """Feature frames per encoder frame."""
+        raise NotImplementedError
 
     def __init__(self, feature_config: FeatureConfig, vocabulary: Vocabulary | SentencePieceVocabulary):
         super().__init__()
@@ -99,6 +107,14 @@ class Transducer(nn.Module):
         """FLOPs (2 per multiply-add) of: ``encoder`` per encoder output frame, ``prediction`` per label
         step, ``joint`` per joint evaluation."""
         raise NotImplementedError
+
+    def flops_by_layer(self) -> dict[str, int]:
+        """FLOPs per encoder output frame of each encoder layer (dotted module name -> FLOPs); they sum to
+        ``flops()["encoder"]``."""
+        raise NotImplementedError
+
+    #: The encoder frames at which sequence-length dependent FLOPs (attention) are counted; None if there are none.
+    flops_frames: int | None = None
 
     # --- computation ---------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -140,6 +140,10 @@ class MlperfRnnt(Transducer):
     def components(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
 
+    @property
+    def time_reduction(self) -> int:
+        return self.config.stack_time_factor
+
     def blocks(self, component: str) -> list[Block]:
         def layer_block(prefix: str, i: int, layer: nn.Module) -> Block:
             return Block(f"{prefix}.layers.{i}", layer, lambda x, lengths: (layer(x)[0], lengths))
@@ -172,10 +176,17 @@ class MlperfRnnt(Transducer):
         post = sum(layer.flops_per_step() for layer in self.encoder.post_rnn.layers)
         joint = 2 * (c.encoder_hidden + c.pred_hidden) * c.joint_hidden + 2 * c.joint_hidden * (len(c.labels) + 1)
         return {
-            "encoder": c.stack_time_factor * pre + post,
+            "encoder": sum(self.flops_by_layer().values()),
             "prediction": sum(layer.flops_per_step() for layer in self.prediction.rnn.layers),
             "joint": joint,
         }
+
+    def flops_by_layer(self) -> dict[str, int]:
+        factor = self.config.stack_time_factor  # layers below the stacking run factor times per output frame
+        out = {f"encoder.pre_rnn.layers.{i}": factor * m.flops_per_step()
+               for i, m in enumerate(self.encoder.pre_rnn.layers)}
+        out.update({f"encoder.post_rnn.layers.{i}": m.flops_per_step() for i, m in enumerate(self.encoder.post_rnn.layers)})
+        return out
 
     # --- computation ---------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -339,6 +339,8 @@ class Joint(nn.Module):
 class NemoConformerTransducer(Transducer):
     """NeMo Conformer / FastConformer transducer."""
 
+    export_layout = "nemo"
+
     def __init__(self, config: NemoConformerConfig):
         config.check()
         if config.feat_in != config.feature.feature_dim:
@@ -362,6 +364,10 @@ class NemoConformerTransducer(Transducer):
 
     def components(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
+
+    @property
+    def time_reduction(self) -> int:
+        return self.config.subsampling_factor
 
     def blocks(self, component: str) -> list[Block]:
         """The encoder as subsampling followed by one block per Conformer layer (x (T', B, D)); the prediction
@@ -401,11 +407,13 @@ class NemoConformerTransducer(Transducer):
     def flops(self) -> dict[str, int]:
         """FLOPs (2 per multiply-add, matrix products only) per encoder output frame at ``FLOPS_FRAMES``
         frames (attention's scores, position projections and weighted sums grow with the sequence)."""
-        return {"encoder": sum(self.encoder_flops_by_layer().values()),
+        return {"encoder": sum(self.flops_by_layer().values()),
                 "prediction": sum(layer.flops_per_step() for layer in self.prediction.rnn.layers),
                 "joint": _module_matmul_flops(self.joint_net)}
 
-    def encoder_flops_by_layer(self, frames: int = FLOPS_FRAMES) -> dict[str, int]:
+    flops_frames = FLOPS_FRAMES
+
+    def flops_by_layer(self, frames: int = FLOPS_FRAMES) -> dict[str, int]:
         """FLOPs per encoder output frame of ``encoder.pre_encode`` and each ``encoder.layers.N`` at ``frames``
         encoder frames."""
         c = self.config
