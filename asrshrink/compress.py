@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Callable
 
 from asrshrink import api
-from asrshrink.calibrate import calibration_batches
+from asrshrink.calibrate import calibration_batches, check_lstm_walk
 from asrshrink.config import CalibConfig, PruneConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import write_json_atomic
@@ -81,6 +81,9 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
     out = Path(out)
     check_options(out, svd, post)
     original, info = load_model(model)
+    if post is not None or svd.data_aware:
+        walked = tuple(dict.fromkeys(svd.components + (post.components if post is not None else ())))
+        check_lstm_walk(original, walked, "psvd" if post is not None else "--data-aware svd")
     eval_set = _open_eval(original, evaluation)
     progress_dir = out / PROGRESS
     state = _read_state(progress_dir) if resume else None
@@ -170,6 +173,8 @@ def prune(*, model: str | None, out: Path, config: PruneConfig, calib: CalibConf
     if not any(t.prunable for t in targets):
         raise AsrshrinkError(f"nothing to prune in {', '.join(config.components)} (only low-rank factors); "
                              f"choose other --components")
+    if config.calibrated:
+        check_lstm_walk(original, config.components, f"--method {config.method}")
     if config.calibrated and not walked_components(original, targets):
         raise AsrshrinkError(f"--method {config.method} prunes LSTM layers on calibration speech: --components "
                              f"must include encoder or prediction")

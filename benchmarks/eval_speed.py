@@ -82,7 +82,7 @@ def main() -> None:
         cases.append((name + ", random", build().eval(), waves, 1))
     if DEFAULT_MODEL.is_file() and (ASSETS / "speech" / "test").is_dir():
         model, _ = load_model(DEFAULT_MODEL)
-        data = open_dataset(ASSETS / "speech" / "test", limit=args.utterances * 4, seed=0)
+        data = open_dataset(ASSETS / "speech" / "test", vocabulary=model.vocabulary, limit=args.utterances * 4, seed=0)
         cases.append(("bundled, trained", model, [u.audio for u in data], None))
     for name, model, audio_list, max_symbols in cases:
         params = sum(p.numel() for p in model.parameters())

@@ -1,13 +1,12 @@
-"""Character vocabularies and transcript normalisation to a model's labels."""
+"""Vocabularies (character labels, SentencePiece tokenizers) and transcript normalisation to a model's labels.
+
+No family's labels live here: each family declares its own (``asrshrink.models``)."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 from dataclasses import dataclass
-
-#: The MLPerf RNN-T labels in id order: space, a-z, apostrophe. Blank is appended after them (id 28).
-MLPERF_LABELS: tuple[str, ...] = (" ", *"abcdefghijklmnopqrstuvwxyz", "'")
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
@@ -35,7 +34,7 @@ _ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "st": "saint"
                   "jr": "junior", "sr": "senior", "vs": "versus", "etc": "et cetera"}
 
 
-def normalize_text(text: str, labels: tuple[str, ...] = MLPERF_LABELS) -> str:
+def normalize_text(text: str, labels: tuple[str, ...]) -> str:
     """Map free text onto a model's labels.
 
     ASCII folding, lower case, digits spelt out, common abbreviations expanded, ``&``/``+``/``%`` as words,
@@ -58,8 +57,12 @@ def normalize_text(text: str, labels: tuple[str, ...] = MLPERF_LABELS) -> str:
 class Vocabulary:
     """Output labels of a transducer; ``blank`` is the id of the blank symbol (after the labels by default)."""
 
-    labels: tuple[str, ...] = MLPERF_LABELS
-    blank: int = len(MLPERF_LABELS)
+    labels: tuple[str, ...]
+    blank: int = -1
+
+    def __post_init__(self) -> None:
+        if self.blank == -1:
+            object.__setattr__(self, "blank", len(self.labels))
 
     @property
     def size(self) -> int:

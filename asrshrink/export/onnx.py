@@ -15,8 +15,9 @@ P prediction size, J joint hidden size, V outputs (labels + blank), N joint eval
   (B, U, J) (the prediction output through the joint's prediction block), next_h, next_c.
 - ``joiner.onnx``: encoder_out (N, J), decoder_out (N, J) -> logits (N, V).
 
-Layout "nemo" (nemo-conformer-transducer): sherpa-onnx's ``nemo_transducer`` interface (sherpa-onnx 1.12,
-``offline-transducer-nemo-model.cc``), which binds inputs and outputs by position:
+Layout "nemo" (nemo-conformer-transducer): sherpa-onnx's ``nemo_transducer`` interface (read from sherpa-onnx's
+``offline-transducer-nemo-model.cc``; decoded by sherpa-onnx 2.0.1 in the tests), which binds inputs and outputs by
+position:
 
 - ``encoder.onnx``: audio_signal (B, F, T) float32, length (B,) int64 -> outputs (B, D, T'), encoded_lengths
   (B,) int64; the features are NeMo's (per-feature normalised log-mel, channels first).

@@ -19,11 +19,14 @@ import torch
 from torch import nn
 
 from asrshrink.audio.features import FeatureConfig
-from asrshrink.audio.text import MLPERF_LABELS, Vocabulary
+from asrshrink.audio.text import Vocabulary
 from asrshrink.errors import CheckpointError
 from asrshrink.models.base import Block, State, Transducer
 from asrshrink.models.layers import LSTMStack, mask_time, stack_time
 from asrshrink.models.registry import register_family
+
+#: The MLPerf RNN-T labels in id order: space, a-z, apostrophe. Blank is appended after them (id 28).
+MLPERF_LABELS: tuple[str, ...] = (" ", *"abcdefghijklmnopqrstuvwxyz", "'")
 
 
 @dataclass(frozen=True)

@@ -117,3 +117,24 @@ def test_cli_export_and_eval_of_a_nemo_archive(nemo_fixture_dir, tmp_path):
         assert result.exit_code == 0, result.output
         runs[name] = (tmp_path / f"{name}.jsonl").read_text()
     assert runs["onnx"] == runs["torch"] and '"hypothesis": ""' not in runs["torch"]
+
+
+@pytest.mark.parametrize("command", [["svd", "--rank-threshold", "0.3"], ["prune", "--sparsity", "0.6"]])
+def test_compressed_conformer_exports_with_its_savings(nemo_fixture_dir, tmp_path, command):
+    model_file = str(nemo_fixture_dir / "fastconformer" / "model.nemo")
+    ref = np.load(nemo_fixture_dir / "fastconformer" / "outputs.npz")
+    speech = [ref["waveform"][i, :ref["waveform_len"][i]] for i in range(2)]
+    result = runner.invoke(app, [command[0], model_file, *command[1:], "-o", str(tmp_path / "small")])
+    assert result.exit_code == 0, result.output
+    small, info = api.load_model(tmp_path / "small")
+    report = export_model(small, tmp_path / "onnx", info=info, speech=speech)
+    assert max(v for part in report["parity"]["max_abs_diff"].values() for v in part.values()) <= 1e-4
+    graph = onnx.load(tmp_path / "onnx" / "encoder.onnx").graph
+    weights = {i.name: onnx.numpy_helper.to_array(i) for i in graph.initializer}
+    if command[0] == "svd":
+        # factorised layers stay two thin matmuls: no dense d_model x d_model or d_model x 4 d_model weight remains
+        dense_params = sum(p.numel() for p in api.load_model(model_file)[0].encoder.parameters())
+        assert sum(w.size for w in weights.values()) < 0.8 * dense_params
+    else:
+        zeros = sum(int((w == 0).sum()) for w in weights.values() if w.ndim == 2)
+        assert zeros >= 0.5 * sum(w.size for w in weights.values() if w.ndim == 2 and w.shape[0] > 1)
