@@ -15,7 +15,7 @@ import torch
 
 from asrshrink.audio.datasets import Dataset, open_dataset, read_audio
 from asrshrink.errors import DataError
-from asrshrink.evaluate.decoding import MAX_SYMBOLS_PER_STEP, greedy_decode
+from asrshrink.evaluate.decoding import greedy_decode
 from asrshrink.evaluate.wer import char_errors, word_errors
 from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import ModelInfo, load_model, save_model
@@ -51,7 +51,7 @@ def encode(model: Transducer, features: torch.Tensor, lengths: torch.Tensor) -> 
 
 
 def transcribe(model: Transducer, waveforms: Sequence[np.ndarray], *,
-               max_symbols_per_step: int = MAX_SYMBOLS_PER_STEP) -> list[Hypothesis]:
+               max_symbols_per_step: int | None = None) -> list[Hypothesis]:
     """Greedy transcripts of a batch of waveforms."""
     features, lengths = featurize(model, waveforms)
     enc, enc_lengths = encode(model, features, lengths)
@@ -194,7 +194,10 @@ def describe(model: Transducer, info: ModelInfo | None = None) -> dict:
         "flops": {"encoder_per_frame": model.flops()["encoder"],
                   "prediction_per_label": model.flops()["prediction"],
                   "joint_per_evaluation": model.flops()["joint"]},
-        "encoder_frame_seconds": model.feature_config.frame_shift_seconds * _time_reduction(model),
+        "encoder_frame_seconds": model.feature_config.frame_shift_seconds * model.time_reduction,
+        "flops_frames": model.flops_frames,
+        "encoder_layers": [{"name": name, "params": sum(p.numel() for p in model.get_submodule(name).parameters()),
+                            "flops_per_frame": flops} for name, flops in model.flops_by_layer().items()],
         "vocabulary": model.vocabulary.to_json(),
         "config": model.config_dict(),
     }
@@ -203,9 +206,3 @@ def describe(model: Transducer, info: ModelInfo | None = None) -> dict:
                     structure=info.structure)
     return data
 
-
-def _time_reduction(model: Transducer) -> int:
-    features = torch.zeros(1, 12, model.feature_config.feature_dim)
-    with torch.no_grad():
-        _, lengths = model.encode(features, torch.tensor([12]))
-    return 12 // int(lengths[0])

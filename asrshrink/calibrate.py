@@ -102,3 +102,23 @@ def walk_layers(original: Transducer, compressed: Transducer, batches: list[dict
                 comp_acts[i] = (outputs[i], n) if outputs is not None else c_block.run(x, n)
                 if outputs is not None:
                     outputs[i] = None  # hand the tensor over
+
+
+def check_lstm_walk(model: Transducer, components: tuple[str, ...] | list[str], method: str) -> None:
+    """Refuse a calibrated method on a component whose blocks hold layers other than LSTM layers (a Conformer
+    encoder): the layer solvers here fit LSTM layers, and skipping the others would report a method that was
+    not applied."""
+    from asrshrink.errors import AsrshrinkError
+    from asrshrink.models.layers import FactorizedLSTMLayer, LSTMLayer
+
+    for component in components:
+        try:
+            blocks = model.blocks(component)
+        except AsrshrinkError:
+            continue
+        other = [b.name for b in blocks if b.layer is not None and not isinstance(b.layer, (LSTMLayer, FactorizedLSTMLayer))]
+        if other:
+            raise AsrshrinkError(
+                f"{method} calibrates LSTM layers, and the {component} of this {model.family} model is made of "
+                f"other layers ({other[0]}, ...), which it does not handle yet; use plain svd or prune --method "
+                f"magnitude there, or --components prediction")

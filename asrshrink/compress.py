@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from asrshrink import api
-from asrshrink.calibrate import calibration_batches
+from asrshrink.calibrate import calibration_batches, check_lstm_walk
 from asrshrink.config import CalibConfig, PruneConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import write_json_atomic
@@ -128,6 +128,9 @@ def _run(command: str, folder: OutputFolder, *, model: str | None, svd: SvdConfi
     started = time.perf_counter()
     out = folder.out
     original, info = load_model(model)
+    if post is not None or svd.data_aware:
+        walked = tuple(dict.fromkeys(svd.components + (post.components if post is not None else ())))
+        check_lstm_walk(original, walked, "psvd" if post is not None else "--data-aware svd")
     eval_set = _open_eval(original, evaluation)
     progress_dir = out / PROGRESS
     if post is not None or svd.data_aware:
@@ -235,6 +238,8 @@ def _prune(folder: OutputFolder, *, model: str | None, config: PruneConfig, cali
     if not any(t.prunable for t in targets):
         raise AsrshrinkError(f"nothing to prune in {', '.join(config.components)} (only low-rank factors); "
                              f"choose other --components")
+    if config.calibrated:
+        check_lstm_walk(original, config.components, f"--method {config.method}")
     if config.calibrated and not walked_components(original, targets):
         raise AsrshrinkError(f"--method {config.method} prunes LSTM layers on calibration speech: --components "
                              f"must include encoder or prediction")

@@ -17,13 +17,15 @@ from pathlib import Path
 import soundfile as sf
 
 from asrshrink.api import open_dataset
+from asrshrink.audio.text import Vocabulary
+from asrshrink.models.mlperf_rnnt import MLPERF_LABELS
 
 SPLITS = {"calib": "calib", "test": "test-heldout"}
 
 
 def bundle(corpus: Path, target: Path, counts: dict[str, int], seed: int) -> None:
     for name, split in SPLITS.items():
-        dataset = open_dataset(corpus / split, limit=counts[name], seed=seed)
+        dataset = open_dataset(corpus / split, vocabulary=Vocabulary(MLPERF_LABELS), limit=counts[name], seed=seed)
         out = target / name
         tmp = target / f".{name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)

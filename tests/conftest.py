@@ -38,3 +38,14 @@ def tiny_data(tmp_path) -> Path:
         sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 1000 * i)).astype(np.float32), 16000)
         (folder / f"u{i}.txt").write_text(text)
     return folder
+
+
+@pytest.fixture(scope="session")
+def nemo_fixture_dir() -> Path:
+    """The NeMo Conformer-Transducer conformance fixture directory; fails (never skips) when it is missing."""
+    path = FIXTURES_ROOT / "nemo_conformer"
+    if not all((path / layout / name).is_file() for layout in ("conformer", "fastconformer")
+               for name in ("model.nemo", "outputs.npz")):
+        pytest.fail(f"NeMo Conformer fixture not found at {path} (set ASRSHRINK_FIXTURES to the directory "
+                    f"that holds nemo_conformer/)", pytrace=False)
+    return path

@@ -392,10 +392,11 @@ def _detect(path: Path, vocabulary: Vocabulary) -> tuple[str, list[Entry]]:
     raise DataError(f"{path}: no dataset found; {found}{LAYOUTS_HELP}")
 
 
-def open_dataset(path: str | Path, *, vocabulary: Vocabulary = Vocabulary(), sample_rate: int = 16000,
+def open_dataset(path: str | Path, *, vocabulary: Vocabulary, sample_rate: int = 16000,
                  max_duration: float | None = None, limit: int | None = None, seed: int = 0,
                  keep_empty: bool = False) -> Dataset:
-    """Open a dataset in any supported layout (see the module docstring for the detection rules).
+    """Open a dataset in any supported layout (see the module docstring for the detection rules), with
+    transcripts normalised to ``vocabulary`` (a model's: ``model.vocabulary``).
 
     ``max_duration`` drops utterances strictly longer than it (seconds), using manifest durations where given
     and the audio header otherwise. ``limit`` then keeps a random subset of that many entries, chosen by

@@ -21,7 +21,7 @@ import torch
 
 from asrshrink.errors import DataError
 
-__all__ = ["FeatureConfig", "Featurizer", "slaney_mel_filterbank", "spec_augment"]
+__all__ = ["FeatureConfig", "Featurizer", "feature_config_from_json", "slaney_mel_filterbank", "spec_augment"]
 
 _NORMALIZE_TYPES = ("per_feature", "none")
 
@@ -40,6 +40,8 @@ class FeatureConfig:
     dither: float = 1e-5  # evaluation behaviour: dither**2 is added to every power bin; 0 disables it
     log_guard: float = 1e-20
     normalize: str = "per_feature"  # or "none"
+
+    kind = "mlperf"
 
     def __post_init__(self) -> None:
         if self.normalize not in _NORMALIZE_TYPES:
@@ -82,16 +84,33 @@ class FeatureConfig:
             n = max(n, self.frame_splicing * self.hop_length + 1)
         return n
 
+    def featurizer(self) -> "Featurizer":
+        return Featurizer(self)
+
     def to_json(self) -> dict:
-        return asdict(self)
+        return {"kind": self.kind, **asdict(self)}
 
     @classmethod
     def from_json(cls, data: dict) -> "FeatureConfig":
+        data = {k: v for k, v in data.items() if k != "kind"}
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
             raise ValueError(f"unknown feature configuration keys: {unknown}")
         return cls(**data)
+
+
+def feature_config_from_json(data: dict):
+    """The featurizer settings a ``to_json`` dict describes: ``kind`` "mlperf" (the default, for files written
+    before kinds existed) or "nemo"."""
+    kind = data.get("kind", FeatureConfig.kind)
+    if kind == FeatureConfig.kind:
+        return FeatureConfig.from_json(data)
+    if kind == "nemo":
+        from asrshrink.audio.nemo_features import NemoFeatureConfig
+
+        return NemoFeatureConfig.from_json(data)
+    raise ValueError(f"unknown featurizer kind {kind!r}; known: mlperf, nemo")
 
 
 def _hz_to_mel_slaney(freq: np.ndarray) -> np.ndarray:

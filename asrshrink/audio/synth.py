@@ -50,6 +50,9 @@ import numpy as np
 from asrshrink.audio.text import normalize_text
 from asrshrink.errors import DataError
 
+#: The corpus transcripts' alphabet: space, a-z and apostrophe (what character models such as MLPerf's emit).
+CORPUS_LETTERS: tuple[str, ...] = (" ", *"abcdefghijklmnopqrstuvwxyz", "'")
+
 #: Split names in the order their sentences are drawn from the shuffled sentence list.
 SPLITS: tuple[str, ...] = ("test-heldout", "test", "dev", "calib", "train")
 
@@ -171,7 +174,7 @@ def clean_sentence(raw: str, min_words: int = 4, max_words: int = 20) -> str | N
     visible = [ch for ch in raw if not ch.isspace()]
     if not visible or sum(ch.isalpha() for ch in visible) < 0.75 * len(visible):
         return None
-    words = [w.strip("'") for w in normalize_text(raw).split()]
+    words = [w.strip("'") for w in normalize_text(raw, CORPUS_LETTERS).split()]
     words = [w for w in words if w]
     if not min_words <= len(words) <= max_words:
         return None

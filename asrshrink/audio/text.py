@@ -1,13 +1,12 @@
-"""Character vocabularies and transcript normalisation to a model's labels."""
+"""Vocabularies (character labels, SentencePiece tokenizers) and transcript normalisation to a model's labels.
+
+No family's labels live here: each family declares its own (``asrshrink.models``)."""
 
 from __future__ import annotations
 
 import re
 import unicodedata
 from dataclasses import dataclass
-
-#: The MLPerf RNN-T labels in id order: space, a-z, apostrophe. Blank is appended after them (id 28).
-MLPERF_LABELS: tuple[str, ...] = (" ", *"abcdefghijklmnopqrstuvwxyz", "'")
 
 _ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
          "sixteen seventeen eighteen nineteen").split()
@@ -35,7 +34,7 @@ _ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "st": "saint"
                   "jr": "junior", "sr": "senior", "vs": "versus", "etc": "et cetera"}
 
 
-def normalize_text(text: str, labels: tuple[str, ...] = MLPERF_LABELS) -> str:
+def normalize_text(text: str, labels: tuple[str, ...]) -> str:
     """Map free text onto a model's labels.
 
     ASCII folding, lower case, digits spelt out, common abbreviations expanded, ``&``/``+``/``%`` as words,
@@ -58,8 +57,12 @@ def normalize_text(text: str, labels: tuple[str, ...] = MLPERF_LABELS) -> str:
 class Vocabulary:
     """Output labels of a transducer; ``blank`` is the id of the blank symbol (after the labels by default)."""
 
-    labels: tuple[str, ...] = MLPERF_LABELS
-    blank: int = len(MLPERF_LABELS)
+    labels: tuple[str, ...]
+    blank: int = -1
+
+    def __post_init__(self) -> None:
+        if self.blank == -1:
+            object.__setattr__(self, "blank", len(self.labels))
 
     @property
     def size(self) -> int:
@@ -83,3 +86,77 @@ class Vocabulary:
     @classmethod
     def from_json(cls, data: dict) -> "Vocabulary":
         return cls(labels=tuple(data["labels"]), blank=int(data["blank"]))
+
+
+class SentencePieceVocabulary:
+    """A SentencePiece tokenizer's pieces as transducer outputs; blank is the id after the last piece (NeMo's
+    convention: the tokenizer's vocabulary size V excludes blank, and blank is id V).
+
+    Transcripts are normalised as for character models (ASCII folding, lower case, numbers as words,
+    punctuation as spaces), keeping only characters that occur in the pieces, then encoded by the tokenizer.
+    The serialized tokenizer travels in ``to_json`` so a saved model needs no side files.
+    """
+
+    kind = "sentencepiece"
+
+    def __init__(self, model_proto: bytes):
+        import sentencepiece
+
+        self.model_proto = bytes(model_proto)
+        self._sp = sentencepiece.SentencePieceProcessor()
+        try:
+            self._sp.LoadFromSerializedProto(self.model_proto)
+        except (RuntimeError, OSError) as exc:
+            raise ValueError(f"not a SentencePiece model ({str(exc).strip()[:120]})") from None
+        self.labels: tuple[str, ...] = tuple(self._sp.id_to_piece(i) for i in range(self._sp.get_piece_size()))
+        self.blank = len(self.labels)
+        chars = {ch for i, piece in enumerate(self.labels)
+                 if not (self._sp.is_control(i) or self._sp.is_unknown(i) or self._sp.is_unused(i))
+                 for ch in piece.replace("\u2581", " ")}
+        self._chars = tuple(sorted(chars | {" "}))
+
+    @property
+    def size(self) -> int:
+        return len(self.labels) + 1
+
+    def normalize(self, text: str) -> str:
+        return normalize_text(text, self._chars)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._sp.encode(text, out_type=int))
+
+    def decode(self, ids) -> str:
+        return self._sp.decode([int(i) for i in ids if int(i) != self.blank])
+
+    def to_json(self) -> dict:
+        import base64
+
+        return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii"), "blank": self.blank}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "SentencePieceVocabulary":
+        import base64
+
+        vocab = cls(base64.b64decode(data["model"], validate=True))
+        if int(data.get("blank", vocab.blank)) != vocab.blank:
+            raise ValueError(f"blank id {data['blank']} does not follow the tokenizer's {vocab.blank} pieces")
+        return vocab
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, SentencePieceVocabulary) and other.model_proto == self.model_proto
+
+    def __hash__(self) -> int:
+        return hash(self.model_proto)
+
+    def __deepcopy__(self, memo: dict) -> "SentencePieceVocabulary":
+        return self  # immutable
+
+    def __reduce__(self):
+        return (SentencePieceVocabulary, (self.model_proto,))
+
+
+def vocabulary_from_json(data: dict) -> "Vocabulary | SentencePieceVocabulary":
+    """The vocabulary a ``to_json`` dict describes (character labels, or a SentencePiece tokenizer)."""
+    if data.get("kind") == SentencePieceVocabulary.kind:
+        return SentencePieceVocabulary.from_json(data)
+    return Vocabulary.from_json(data)

@@ -190,10 +190,11 @@ def info_command(
 ) -> None:
     """Family, parameters and bytes per component, and FLOPs.
 
-    FLOPs count 2 per multiply-add (gate and linear matmuls): the encoder's per encoder output frame, the
-    prediction network's per label step, the joint's per evaluation.
+    FLOPs count 2 per multiply-add (gate and linear matmuls, attention products, convolutions): the encoder's
+    per encoder output frame, also per encoder layer, the prediction network's per label step, the joint's per
+    evaluation. Attention's cost grows with the utterance; Conformers count it at a stated length (10 s).
 
-    Example: asrshrink info rnnt.pt --json
+    Example: asrshrink info model.nemo --json
     """
     from asrshrink import api
 
@@ -213,6 +214,12 @@ def info_command(
     out.print(table)
     flops = summary["flops"]
     frame_ms = summary["encoder_frame_seconds"] * 1000
+    layers = Table(title="encoder layers")
+    for column in ("layer", "parameters", "MFLOPs per frame"):
+        layers.add_column(column, justify="left" if column == "layer" else "right")
+    for layer in summary["encoder_layers"]:
+        layers.add_row(layer["name"], f"{layer['params']:,}", f"{layer['flops_per_frame'] / 1e6:.3f}")
+    out.print(layers)
     if summary.get("structure"):
         ranks = Table(title="compressed layers")
         for column in ("layer", "input side", "recurrent side"):
@@ -228,6 +235,9 @@ def info_command(
               f"({flops['encoder_per_frame'] / summary['encoder_frame_seconds'] / 1e9:.2f} GFLOP per audio second), "
               f"prediction {flops['prediction_per_label'] / 1e6:.2f} M per label, "
               f"joint {flops['joint_per_evaluation'] / 1e6:.3f} M per evaluation")
+    if summary["flops_frames"]:
+        out.print(f"(attention's sequence-length dependent FLOPs counted at {summary['flops_frames']} encoder frames, "
+                  f"{summary['flops_frames'] * summary['encoder_frame_seconds']:.0f} s of audio)")
 
 
 def _side_text(side: dict | None) -> str:

@@ -12,8 +12,6 @@ import torch
 
 from asrshrink.models.base import Transducer
 
-#: MLPerf's limit on labels emitted at one encoder frame.
-MAX_SYMBOLS_PER_STEP = 30
 
 
 @contextlib.contextmanager
@@ -29,12 +27,15 @@ def single_thread() -> Iterator[None]:
 
 @torch.no_grad()
 def greedy_decode(model: Transducer, enc: torch.Tensor, enc_lengths: torch.Tensor,
-                  max_symbols_per_step: int = MAX_SYMBOLS_PER_STEP) -> list[list[int]]:
+                  max_symbols_per_step: int | None = None) -> list[list[int]]:
     """Greedy search: at each frame, emit the argmax label until blank (or ``max_symbols_per_step`` joint
-    evaluations), then move to the next frame. Ties go to the lowest id.
+    evaluations; None: the family's rule, ``model.max_symbols_per_step``), then move to the next frame. Ties go
+    to the lowest id.
 
     enc (B, T', D), enc_lengths (B,) -> one list of label ids per utterance.
     """
+    if max_symbols_per_step is None:
+        max_symbols_per_step = model.max_symbols_per_step
     with single_thread():
         return _greedy(model, enc, enc_lengths, max_symbols_per_step)
 

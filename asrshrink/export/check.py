@@ -37,7 +37,7 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
         """-> the model's encoder output (B, T', D), lengths, and its joint encoder block's output (B, T', J)."""
         with torch.no_grad():
             enc, enc_lengths = model.encode(features, lengths)
-            enc_part = model.joint_encoder(enc)
+            enc_part = model.joint_encoder(enc) if runtime.projects_joint else enc
         got, got_lengths = runtime.encode(features, lengths)
         out["encoder"][kind] = _diff(enc_part, got) if torch.equal(enc_lengths, got_lengths) else float("inf")
         return enc, enc_lengths, enc_part
@@ -45,16 +45,20 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
     def decoder(kind: str, labels: torch.Tensor, state: tuple[torch.Tensor, ...]) -> None:
         with torch.no_grad():
             pred, new_state = model.predict(labels, state)
-            pred = model.joint_prediction(pred)
+            if runtime.projects_joint:
+                pred = model.joint_prediction(pred)
         got, got_state = runtime.predict(labels, state)
         out["decoder"][kind] = max(_diff(a, b) for a, b in zip((pred, *new_state), (got, *got_state)))
 
     def joiner(kind: str, enc_part: torch.Tensor, pred_part: torch.Tensor) -> None:
         with torch.no_grad():
-            logits = model.joint_output(enc_part, pred_part)
+            if runtime.projects_joint:
+                logits = model.joint_output(enc_part, pred_part)
+            else:
+                logits = model.joint(enc_part, pred_part)
         out["joiner"][kind] = _diff(logits, runtime.joint_output(enc_part, pred_part))
 
-    factor = int(runtime.metadata.get("time_reduction", 1))
+    factor = runtime.time_reduction
     frames = 8 * factor + 3
     features = torch.randn(2, frames, model.feature_config.feature_dim, generator=g)
     enc_part = encoder("random", features, torch.tensor([frames, frames // 2]))[2]
@@ -63,7 +67,8 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
     labels[:, 0] = blank
     state = tuple(0.5 * torch.randn(t.shape, generator=g) for t in model.initial_state(3))
     decoder("random", labels, state)
-    joiner("random", torch.randn(5, enc_part.shape[-1], generator=g), torch.randn(5, enc_part.shape[-1], generator=g))
+    pred_size = enc_part.shape[-1] if runtime.projects_joint else model.initial_state(1)[0].shape[-1]
+    joiner("random", torch.randn(5, enc_part.shape[-1], generator=g), torch.randn(5, pred_size, generator=g))
     tokens_equal = None
     if speech:
         features, lengths = api.featurize(model, speech)
@@ -80,7 +85,9 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
             labels[i, 1:len(t) + 1] = torch.tensor(t, dtype=torch.long)
         decoder("speech", labels, model.initial_state(len(tokens)))
         with torch.no_grad():
-            start = model.joint_prediction(model.predict(labels[:, :1], model.initial_state(len(tokens)))[0])
+            start = model.predict(labels[:, :1], model.initial_state(len(tokens)))[0]
+            if runtime.projects_joint:
+                start = model.joint_prediction(start)
         joiner("speech", enc_part, start)
     return {"max_abs_diff": out, "greedy_tokens_equal": tokens_equal}
 

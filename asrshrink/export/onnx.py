@@ -1,5 +1,9 @@
 """A transducer as three ONNX models split the way deployment runtimes (sherpa-onnx, icefall) expect.
 
+Two layouts; the family declares which (``Transducer.export_layout``).
+
+Layout "asrshrink" (mlperf-rnnt):
+
 Dimension letters: B batch, T feature frames, T' encoder frames, U labels, F features, L prediction layers,
 P prediction size, J joint hidden size, V outputs (labels + blank), N joint evaluations.
 
@@ -10,6 +14,20 @@ P prediction size, J joint hidden size, V outputs (labels + blank), N joint eval
 - ``decoder.onnx``: targets (B, U) int64 (the blank id is the start symbol), h, c (L, B, P) -> decoder_out
   (B, U, J) (the prediction output through the joint's prediction block), next_h, next_c.
 - ``joiner.onnx``: encoder_out (N, J), decoder_out (N, J) -> logits (N, V).
+
+Layout "nemo" (nemo-conformer-transducer): sherpa-onnx's ``nemo_transducer`` interface (read from sherpa-onnx's
+``offline-transducer-nemo-model.cc``; decoded by sherpa-onnx 2.0.1 in the tests), which binds inputs and outputs by
+position:
+
+- ``encoder.onnx``: audio_signal (B, F, T) float32, length (B,) int64 -> outputs (B, D, T'), encoded_lengths
+  (B,) int64; the features are NeMo's (per-feature normalised log-mel, channels first).
+- ``decoder.onnx``: targets (B, U) int32 (blank is the start symbol), target_length (B,) int32, states.1 and
+  states.2 (L, B, P) -> outputs (B, P, U), prednet_lengths (B,) int32, next states.1 and states.2.
+- ``joiner.onnx``: encoder_outputs (B, D, T'), decoder_outputs (B, P, U) -> logits (B, T', U, V); sherpa-onnx
+  feeds T' = U = 1.
+- metadata on every part: ``vocab_size`` (V - 1: blank excluded, as NeMo counts), ``normalize_type``,
+  ``pred_rnn_layers``, ``pred_hidden``, ``subsampling_factor``, ``feat_dim``, ``model_type``
+  (``EncDecRNNTBPEModel``), besides asrshrink's own entries.
 
 Dense LSTM layers become the ONNX LSTM op. A factorised LSTM layer keeps its factors: the input side runs for
 all frames at once as matmuls by the factors, and the recurrence is a Scan over time whose body multiplies the
@@ -210,6 +228,37 @@ class _Joiner(nn.Module):
         return self.model.joint_output(encoder_out, decoder_out)
 
 
+class _NemoEncoder(nn.Module):
+    def __init__(self, model: Transducer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio_signal: torch.Tensor, length: torch.Tensor):
+        enc, lengths = self.model.encode(audio_signal.transpose(1, 2), length)
+        return enc.transpose(1, 2), lengths
+
+
+class _NemoDecoder(nn.Module):
+    def __init__(self, model: Transducer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, targets: torch.Tensor, target_length: torch.Tensor, h: torch.Tensor, c: torch.Tensor):
+        pred, (h, c) = self.model.predict(targets.long(), (h, c))
+        return pred.transpose(1, 2), target_length, h, c
+
+
+class _NemoJoiner(nn.Module):
+    def __init__(self, model: Transducer):
+        super().__init__()
+        self.model = model
+
+    def forward(self, encoder_outputs: torch.Tensor, decoder_outputs: torch.Tensor):
+        enc = self.model.joint_encoder(encoder_outputs.transpose(1, 2)).unsqueeze(2)    # (B, T', 1, J)
+        pred = self.model.joint_prediction(decoder_outputs.transpose(1, 2)).unsqueeze(1)  # (B, 1, U, J)
+        return self.model.joint_output(enc, pred)
+
+
 def _trace(module: nn.Module, args: tuple, inputs: dict[str, dict[int, str]], outputs: dict[str, dict[int, str]],
            opset: int) -> onnx.ModelProto:
     """Trace ``module`` on ``args`` (names and dynamic axes of inputs and outputs in order), with every
@@ -231,9 +280,7 @@ def _trace(module: nn.Module, args: tuple, inputs: dict[str, dict[int, str]], ou
 
 def time_reduction(model: Transducer) -> int:
     """Feature frames per encoder frame."""
-    from asrshrink.api import _time_reduction
-
-    return _time_reduction(model)
+    return model.time_reduction
 
 
 def to_onnx(model: Transducer, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None
@@ -246,10 +293,49 @@ def to_onnx(model: Transducer, *, opset: int = DEFAULT_OPSET, metadata: dict[str
     if len(state) != 2:
         raise ExportError(f"{model.family}: ONNX export handles LSTM prediction networks (state h, c); this "
                              f"family has {len(state)} state tensors")
-    frames = 4 * factor + 1
-    features = torch.randn(2, frames, model.feature_config.feature_dim)
+    if model.export_layout == "nemo":
+        parts = _nemo_parts(net, state, factor, opset)
+    else:
+        parts = _asrshrink_parts(net, state, factor, opset)
+    for name, proto in parts.items():
+        proto.producer_name, proto.producer_version = "asrshrink", asrshrink.__version__
+        props = {**(metadata or {}), "component": name}
+        if name != "encoder":  # runtimes read the encoder's; a tokenizer need not be stored three times
+            props.pop("vocabulary", None)
+        helper.set_model_props(proto, props)
+        onnx.checker.check_model(proto)
+    return parts
+
+
+def _nemo_parts(net: Transducer, state: tuple, factor: int, opset: int) -> dict[str, onnx.ModelProto]:
+    frames = 4 * factor + 3
+    features = torch.randn(2, net.feature_config.feature_dim, frames)
     lengths = torch.tensor([frames, frames - factor - 1])
-    targets = torch.tensor([[model.vocabulary.blank], [0]])
+    targets = torch.tensor([[net.vocabulary.blank], [0]], dtype=torch.int32)
+    target_length = torch.ones(2, dtype=torch.int32)
+    with torch.no_grad():
+        enc = _NemoEncoder(net)(features, lengths)[0][:, :, :1]
+        pred = _NemoDecoder(net)(targets, target_length, *state)[0]
+    batch, layers = {0: "B"}, {1: "B"}
+    return {
+        "encoder": _trace(_NemoEncoder(net), (features, lengths), {"audio_signal": {0: "B", 2: "T"}, "length": batch},
+                          {"outputs": {0: "B", 2: "T_out"}, "encoded_lengths": batch}, opset),
+        "decoder": _trace(_NemoDecoder(net), (targets, target_length, *state),
+                          {"targets": {0: "B", 1: "U"}, "target_length": batch, "states.1": layers,
+                           "states.2": layers},
+                          {"outputs": {0: "B", 2: "U"}, "prednet_lengths": batch, "next_states.1": layers,
+                           "next_states.2": layers}, opset),
+        "joiner": _trace(_NemoJoiner(net), (enc, pred), {"encoder_outputs": {0: "B", 2: "T"},
+                                                        "decoder_outputs": {0: "B", 2: "U"}},
+                         {"logits": {0: "B", 1: "T", 2: "U"}}, opset),
+    }
+
+
+def _asrshrink_parts(net: Transducer, state: tuple, factor: int, opset: int) -> dict[str, onnx.ModelProto]:
+    frames = 4 * factor + 1
+    features = torch.randn(2, frames, net.feature_config.feature_dim)
+    lengths = torch.tensor([frames, frames - factor - 1])
+    targets = torch.tensor([[net.vocabulary.blank], [0]])
     with torch.no_grad():
         enc_part = _Encoder(net, factor)(features, lengths)[0][:, 0]
         pred_part = _Decoder(net)(targets, *state)[0][:, 0]
@@ -263,10 +349,6 @@ def to_onnx(model: Transducer, *, opset: int = DEFAULT_OPSET, metadata: dict[str
         "joiner": _trace(_Joiner(net), (enc_part, pred_part), {"encoder_out": {0: "N"}, "decoder_out": {0: "N"}},
                          {"logits": {0: "N"}}, opset),
     }
-    for name, proto in parts.items():
-        proto.producer_name, proto.producer_version = "asrshrink", asrshrink.__version__
-        helper.set_model_props(proto, {**(metadata or {}), "component": name})
-        onnx.checker.check_model(proto)
     return parts
 
 
@@ -278,8 +360,16 @@ def metadata(model: Transducer, source: dict | None = None) -> dict[str, str]:
 
     summary = describe(model)
     state = model.initial_state(1)
+    layout = {}
+    if model.export_layout == "nemo":  # what sherpa-onnx's nemo_transducer reads
+        layout = {"model_type": "EncDecRNNTBPEModel", "vocab_size": str(model.vocabulary.size - 1),
+                  "normalize_type": "per_feature" if model.feature_config.normalize == "per_feature" else "",
+                  "pred_rnn_layers": str(state[0].shape[0]), "pred_hidden": str(state[0].shape[2]),
+                  "subsampling_factor": str(time_reduction(model)), "feat_dim": str(model.feature_config.feature_dim)}
     return {
         "model_type": "asrshrink-transducer",
+        "export_layout": model.export_layout,
+        "max_symbols_per_step": str(model.max_symbols_per_step),
         "family": model.family,
         "vocabulary": json.dumps(model.vocabulary.to_json()),
         "blank_id": str(model.vocabulary.blank),
@@ -292,6 +382,7 @@ def metadata(model: Transducer, source: dict | None = None) -> dict[str, str]:
                                    "flops": summary["flops"], "structure": model_structure(model),
                                    **(source or {})}),
         "asrshrink_version": asrshrink.__version__,
+        **layout,
     }
 
 

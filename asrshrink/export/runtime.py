@@ -14,8 +14,8 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from asrshrink.audio.features import FeatureConfig, Featurizer
-from asrshrink.audio.text import Vocabulary
+from asrshrink.audio.features import feature_config_from_json
+from asrshrink.audio.text import vocabulary_from_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import sha256_file
 from asrshrink.models.base import State, Transducer
@@ -47,11 +47,13 @@ def session(path: Path, threads: int | None = None) -> ort.InferenceSession:
 
 
 class OnnxTransducer:
-    """An export directory's encoder, decoder and joiner run by onnxruntime; torch tensors in and out.
+    """An export directory's encoder, decoder and joiner run by onnxruntime; torch tensors in and out, in
+    either export layout (see ``asrshrink.export.onnx``).
 
-    ``encoder_out`` and ``decoder_out`` already went through the joint's first layer, so ``joint_encoder`` and
-    ``joint_prediction`` pass them on as they are. ``threads``: onnxruntime threads of the encoder (None: its
-    default); the per-label decoder and joiner run on one thread.
+    ``joint_encoder`` and ``joint_prediction`` pass their input on: in the "asrshrink" layout the graphs'
+    outputs already went through the joint's first layer (``projects_joint``), in the "nemo" layout the joiner
+    graph applies it. ``threads``: onnxruntime threads of the encoder (None: its default); the per-label decoder
+    and joiner run on one thread.
     """
 
     select_state = staticmethod(Transducer.select_state)
@@ -67,23 +69,37 @@ class OnnxTransducer:
         self.metadata = dict(self.sessions["encoder"].get_modelmeta().custom_metadata_map)
         try:
             self.family = self.metadata["family"]
-            self.vocabulary = Vocabulary.from_json(json.loads(self.metadata["vocabulary"]))
-            self.feature_config = FeatureConfig.from_json(json.loads(self.metadata["feature"]))
+            self.vocabulary = vocabulary_from_json(json.loads(self.metadata["vocabulary"]))
+            self.feature_config = feature_config_from_json(json.loads(self.metadata["feature"]))
             self.state_shape = tuple(json.loads(self.metadata["state_shape"]))   # (L, P)
+            self.layout = self.metadata.get("export_layout", "asrshrink")
+            self.max_symbols_per_step = int(self.metadata.get("max_symbols_per_step", 30))
+            self.time_reduction = int(self.metadata.get("time_reduction", 1))
         except (KeyError, TypeError, ValueError) as exc:
             raise AsrshrinkError(f"{self.paths['encoder']}: not an asrshrink export (metadata {exc} missing or "
                                  f"invalid); export the model again") from None
-        self.featurizer = Featurizer(self.feature_config).eval()
+        if self.layout not in ("asrshrink", "nemo"):
+            raise AsrshrinkError(f"{self.paths['encoder']}: unknown export layout {self.layout!r}; upgrade "
+                                 f"asrshrink or export the model again")
+        self.projects_joint = self.layout == "asrshrink"
+        self.featurizer = self.feature_config.featurizer().eval()
 
     def eval(self) -> "OnnxTransducer":
         return self
 
     def _run(self, part: str, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        feeds = {name: np.ascontiguousarray(value.detach().numpy()) for name, value in inputs.items()}
+        # Inputs are bound by position (sherpa-onnx does the same), so any input names work.
+        names = [i.name for i in self.sessions[part].get_inputs()]
+        feeds = {name: np.ascontiguousarray(value.detach().numpy()) for name, value in zip(names, inputs.values())}
         return [torch.from_numpy(out) for out in self.sessions[part].run(None, feeds)]
 
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """features (B, T, F) float32, lengths (B,) -> encoder_out (B, T', J), lengths (B,) int64."""
+        """features (B, T, F) float32, lengths (B,) -> encoder_out (B, T', J) ("asrshrink" layout) or the
+        encoder output (B, T', D) ("nemo"), lengths (B,) int64."""
+        if self.layout == "nemo":
+            enc, enc_lengths = self._run("encoder", audio_signal=features.float().transpose(1, 2),
+                                         length=lengths.long())
+            return enc.transpose(1, 2), enc_lengths
         enc, enc_lengths = self._run("encoder", features=features.float(), feature_lengths=lengths.long())
         return enc, enc_lengths
 
@@ -98,12 +114,26 @@ class OnnxTransducer:
         return torch.zeros(layers, batch_size, size), torch.zeros(layers, batch_size, size)
 
     def predict(self, labels: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """labels (B, U) (blank = start symbol), state (h, c) each (L, B, P) -> decoder_out (B, U, J), state."""
+        """labels (B, U) (blank = start symbol), state (h, c) each (L, B, P) -> decoder_out (B, U, J) or the
+        prediction output (B, U, P) ("nemo"), state."""
+        if self.layout == "nemo":
+            feeds = {"targets": labels.to(torch.int32),
+                     "target_length": torch.full((labels.shape[0],), labels.shape[1], dtype=torch.int32),
+                     "states.1": state[0], "states.2": state[1]}
+            out, _, h, c = self._run("decoder", **feeds)
+            return out.transpose(1, 2), (h, c)
         out, h, c = self._run("decoder", targets=labels.long(), h=state[0], c=state[1])
         return out, (h, c)
 
     def joint_output(self, enc_part: torch.Tensor, pred_part: torch.Tensor) -> torch.Tensor:
-        """Broadcastable (..., J) encoder_out and decoder_out -> logits (..., V)."""
+        """Broadcastable (..., J) encoder_out and decoder_out (or (..., D) and (..., P) in the "nemo"
+        layout) -> logits (..., V)."""
+        if self.layout == "nemo":
+            shape = torch.broadcast_shapes(enc_part.shape[:-1], pred_part.shape[:-1])
+            enc = enc_part.expand(*shape, enc_part.shape[-1]).reshape(-1, enc_part.shape[-1], 1)
+            pred = pred_part.expand(*shape, pred_part.shape[-1]).reshape(-1, pred_part.shape[-1], 1)
+            (logits,) = self._run("joiner", encoder_outputs=enc, decoder_outputs=pred)  # (N, 1, 1, V)
+            return logits.reshape(*shape, logits.shape[-1])
         enc_part, pred_part = torch.broadcast_tensors(enc_part, pred_part)
         shape = enc_part.shape[:-1]
         (logits,) = self._run("joiner", encoder_out=enc_part.reshape(-1, enc_part.shape[-1]),

@@ -13,8 +13,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from asrshrink.audio.features import FeatureConfig, Featurizer
-from asrshrink.audio.text import Vocabulary
+from asrshrink.audio.features import FeatureConfig
+from asrshrink.audio.text import SentencePieceVocabulary, Vocabulary
 
 State = tuple[torch.Tensor, ...]  # prediction-network state; every tensor has the batch on dim 1
 
@@ -39,12 +39,22 @@ class Transducer(nn.Module):
     """
 
     family: str = ""
+    #: Decoding rule: at most this many labels are emitted at one encoder frame (MLPerf 30, NeMo 10).
+    max_symbols_per_step: int = 30
+    #: ONNX layout ``asrshrink export`` writes: "asrshrink" (the joint's first layer folded into the encoder and
+    #: decoder graphs) or "nemo" (sherpa-onnx's ``nemo_transducer`` interface).
+    export_layout: str = "asrshrink"
 
-    def __init__(self, feature_config: FeatureConfig, vocabulary: Vocabulary):
+    @property
+    def time_reduction(self) -> int:
+        """Feature frames per encoder frame."""
+        raise NotImplementedError
+
+    def __init__(self, feature_config: FeatureConfig, vocabulary: Vocabulary | SentencePieceVocabulary):
         super().__init__()
-        self.feature_config = feature_config
+        self.feature_config = feature_config  # any featurizer config: FeatureConfig, NemoFeatureConfig
         self.vocabulary = vocabulary
-        self.featurizer = Featurizer(feature_config)
+        self.featurizer = feature_config.featurizer()
 
     # --- configuration -------------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
@@ -74,8 +84,10 @@ class Transducer(nn.Module):
         return False
 
     @classmethod
-    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str) -> "Transducer":
-        """Build and load a model from this family's training-checkpoint state dict (exact, shape-checked)."""
+    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str, *, config: dict | None = None,
+                     files: dict[str, bytes] | None = None) -> "Transducer":
+        """Build and load a model from this family's training-checkpoint state dict (exact, shape-checked);
+        ``config`` and ``files`` are the model config and side files of an archive format that has them."""
         raise NotImplementedError
 
     def blocks(self, component: str) -> list[Block]:
@@ -95,6 +107,14 @@ class Transducer(nn.Module):
         """FLOPs (2 per multiply-add) of: ``encoder`` per encoder output frame, ``prediction`` per label
         step, ``joint`` per joint evaluation."""
         raise NotImplementedError
+
+    def flops_by_layer(self) -> dict[str, int]:
+        """FLOPs per encoder output frame of each encoder layer (dotted module name -> FLOPs); they sum to
+        ``flops()["encoder"]``."""
+        raise NotImplementedError
+
+    #: The encoder frames at which sequence-length dependent FLOPs (attention) are counted; None if there are none.
+    flops_frames: int | None = None
 
     # --- computation ---------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

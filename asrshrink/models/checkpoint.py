@@ -17,7 +17,7 @@ import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -91,6 +91,14 @@ def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
         net, meta = _load_native(path)
         info = ModelInfo(path, "asrshrink", digest, meta.get("source_sha256") or digest,
                          structure=meta.get("structure") or {}, extra=meta)
+    elif file_format == "nemo":
+        from asrshrink.models.nemo_archive import read_nemo
+
+        config, state_dict, files = read_nemo(path)
+        check_tensors(state_dict, str(path), fix=FOREIGN_FIX)
+        family = detect_family(state_dict, str(path))
+        net = family.from_foreign(state_dict, str(path), config=config, files=files)
+        info = ModelInfo(path, "foreign", digest, digest)
     else:
         checkpoint = read_torch_checkpoint(path)
         state_dict = _state_dict_of(checkpoint, path)
@@ -109,8 +117,21 @@ _SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "b
                          "numpy.dtype", "numpy.ndarray")
 
 
-def _pickle_stream(path: Path) -> bytes:
-    """The pickle bytes of a checkpoint: ``data.pkl`` of a zip archive, else the file's first 16 MB."""
+def _pickle_stream(path: Path | BinaryIO) -> bytes:
+    """The pickle bytes of a checkpoint (a path, or an open binary file, left where it was): ``data.pkl`` of a
+    zip archive, else the first 16 MB."""
+    if not isinstance(path, (str, Path)):
+        start = path.tell()
+        try:
+            if zipfile.is_zipfile(path):
+                path.seek(start)
+                with zipfile.ZipFile(path) as archive:
+                    names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                    return archive.read(names[0])[: 16 << 20] if names else b""
+            path.seek(start)
+            return path.read(16 << 20)
+        finally:
+            path.seek(start)
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
             names = [n for n in archive.namelist() if n.endswith("data.pkl")]
@@ -151,7 +172,7 @@ def _genops(stream: io.BytesIO):
         stream.seek(0, io.SEEK_END)
 
 
-def _code_globals(path: Path) -> list[str]:
+def _code_globals(path: Path | BinaryIO) -> list[str]:
     try:
         names = pickle_globals(_pickle_stream(path))
     except (OSError, zipfile.BadZipFile, ValueError, KeyError, RuntimeError):
@@ -167,16 +188,18 @@ def _refuse_code(path: Path, names: list[str]) -> CheckpointError:
         f"torch.save({{'state_dict': model.state_dict()}}, 'model.pt')")
 
 
-def read_torch_checkpoint(path: Path) -> Any:
+def read_torch_checkpoint(path: Path | BinaryIO, source: str | None = None) -> Any:
     """``torch.load`` restricted to tensors and plain containers; every failure becomes a CheckpointError.
 
-    A file whose pickle would import anything beyond tensor rebuilding is refused by name before torch reads
-    it; torch's own weights-only refusal is the second line of defence."""
-    code = _code_globals(path)
+    ``path`` is a file name or an open binary file; ``source`` names it in errors (default: ``path``). A file
+    whose pickle would import anything beyond tensor rebuilding is refused by name before torch reads it;
+    torch's own weights-only refusal is the second line of defence."""
+    file, path = path, (source if source is not None else path)
+    code = _code_globals(file)
     if code:
         raise _refuse_code(path, code)
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
         if "Unsupported global" in text or "GLOBAL" in text:
@@ -221,8 +244,10 @@ def _state_dict_of(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _file_format(path: Path) -> str:
-    """"safetensors" or "torch" from a regular file's first bytes; CheckpointError for anything else (FIFOs,
-    devices and sockets are refused before a byte is read, so they cannot hang the command)."""
+    """"safetensors", "torch" or "nemo" from a regular file's first bytes; CheckpointError for anything else
+    (FIFOs, devices and sockets are refused before a byte is read, so they cannot hang the command)."""
+    from asrshrink.models.nemo_archive import is_nemo_archive
+
     try:
         mode = os.stat(path).st_mode
     except OSError as exc:
@@ -230,11 +255,11 @@ def _file_format(path: Path) -> str:
     if not stat.S_ISREG(mode):
         kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
             "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
-        raise CheckpointError(f"{path}: {kind}, not a model file; pass a .pt checkpoint, a .safetensors model or "
-                              f"an output directory")
+        raise CheckpointError(f"{path}: {kind}, not a model file; pass a .pt checkpoint, a .nemo archive, a "
+                              f".safetensors model or an output directory")
     try:
         with open(path, "rb") as f:
-            head = f.read(9)
+            head = f.read(512)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check the MODEL path and its "
                               f"permissions") from None
@@ -243,15 +268,18 @@ def _file_format(path: Path) -> str:
     if path.suffix == ".safetensors":
         return "safetensors"
     # safetensors: 8-byte little-endian header length, then a JSON object.
-    if len(head) == 9 and head[8:9] == b"{":
+    if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
     if head[:2] == b"PK" or head[:1] == b"\x80":  # torch.save writes a zip archive, or (before 1.6) a pickle
         return "torch"
+    if is_nemo_archive(head):  # a NeMo .nemo archive: tar, or gzipped tar before NeMo 1.7
+        return "nemo"
     code = _code_globals(path)  # a protocol-0/1 pickle (text opcodes) that imports something
     if code:
         raise _refuse_code(path, code)
     raise CheckpointError(f"{path}: not a PyTorch checkpoint or an asrshrink model (neither a zip archive nor "
-                          f"a pickle); pass a .pt checkpoint, a .safetensors model or an output directory")
+                          f"a pickle); pass a .pt checkpoint, a .nemo archive, a .safetensors model or an output "
+                          f"directory")
 
 
 def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:

@@ -19,11 +19,14 @@ import torch
 from torch import nn
 
 from asrshrink.audio.features import FeatureConfig
-from asrshrink.audio.text import MLPERF_LABELS, Vocabulary
+from asrshrink.audio.text import Vocabulary
 from asrshrink.errors import CheckpointError
 from asrshrink.models.base import Block, State, Transducer
 from asrshrink.models.layers import LSTMStack, mask_time, stack_time
 from asrshrink.models.registry import register_family
+
+#: The MLPerf RNN-T labels in id order: space, a-z, apostrophe. Blank is appended after them (id 28).
+MLPERF_LABELS: tuple[str, ...] = (" ", *"abcdefghijklmnopqrstuvwxyz", "'")
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,10 @@ class MlperfRnnt(Transducer):
     def components(self) -> dict[str, nn.Module]:
         return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
 
+    @property
+    def time_reduction(self) -> int:
+        return self.config.stack_time_factor
+
     def blocks(self, component: str) -> list[Block]:
         def layer_block(prefix: str, i: int, layer: nn.Module) -> Block:
             return Block(f"{prefix}.layers.{i}", layer, lambda x, lengths: (layer(x)[0], lengths))
@@ -172,10 +179,17 @@ class MlperfRnnt(Transducer):
         post = sum(layer.flops_per_step() for layer in self.encoder.post_rnn.layers)
         joint = 2 * (c.encoder_hidden + c.pred_hidden) * c.joint_hidden + 2 * c.joint_hidden * (len(c.labels) + 1)
         return {
-            "encoder": c.stack_time_factor * pre + post,
+            "encoder": sum(self.flops_by_layer().values()),
             "prediction": sum(layer.flops_per_step() for layer in self.prediction.rnn.layers),
             "joint": joint,
         }
+
+    def flops_by_layer(self) -> dict[str, int]:
+        factor = self.config.stack_time_factor  # layers below the stacking run factor times per output frame
+        out = {f"encoder.pre_rnn.layers.{i}": factor * m.flops_per_step()
+               for i, m in enumerate(self.encoder.pre_rnn.layers)}
+        out.update({f"encoder.post_rnn.layers.{i}": m.flops_per_step() for i, m in enumerate(self.encoder.post_rnn.layers)})
+        return out
 
     # --- computation ---------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -217,7 +231,8 @@ class MlperfRnnt(Transducer):
                 and "prediction.dec_rnn.lstm.weight_ih_l0" in state_dict)
 
     @classmethod
-    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str) -> "MlperfRnnt":
+    def from_foreign(cls, state_dict: dict[str, torch.Tensor], source: str, *, config: dict | None = None,
+                     files: dict[str, bytes] | None = None) -> "MlperfRnnt":
         # The inference code's spelling of the joint (joint.net.N) loads like the training one (joint_net.N).
         state_dict = {("joint_net." + k[len("joint.net."):] if k.startswith("joint.net.") else k): v
                       for k, v in state_dict.items()}

@@ -24,7 +24,7 @@ def register_family(name: str) -> Callable[[type[Transducer]], type[Transducer]]
 
 
 def _load_builtin_families() -> None:
-    from asrshrink.models import mlperf_rnnt  # noqa: F401  (registers itself)
+    from asrshrink.models import mlperf_rnnt, nemo_conformer  # noqa: F401  (register themselves)
 
 
 def get_family(name: str) -> type[Transducer]:

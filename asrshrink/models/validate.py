@@ -27,8 +27,14 @@ MAX_DIMS = 4
 REWRITE = "write the model again with asrshrink"
 
 
+#: Integer buffers PyTorch modules keep beside their weights (BatchNorm's step counter): scalars, any dtype.
+COUNTERS = (".num_batches_tracked",)
+
+
 def check_dtype(name: str, dtype: torch.dtype | str, source: str, fix: str = REWRITE) -> None:
-    """Refuse a non-floating tensor (integer, bool, complex): weights are floating point."""
+    """Refuse a non-floating tensor (integer, bool, complex): weights are floating point (COUNTERS aside)."""
+    if name.endswith(COUNTERS):
+        return
     floating = dtype in FLOAT_DTYPES if isinstance(dtype, torch.dtype) else dtype in ("F16", "BF16", "F32", "F64")
     if not floating:
         raise CheckpointError(f"{source}: tensor {name} has dtype {_dtype_name(dtype)}, expected a floating-point "
@@ -36,14 +42,17 @@ def check_dtype(name: str, dtype: torch.dtype | str, source: str, fix: str = REW
 
 
 def check_shape(name: str, shape: tuple[int, ...], source: str, fix: str = REWRITE) -> None:
-    """Refuse a tensor with no elements along some dimension, or with more than MAX_DIMS dimensions."""
-    if len(shape) == 0 or len(shape) > MAX_DIMS or any(int(n) <= 0 for n in shape):
-        raise CheckpointError(f"{source}: tensor {name} has shape {tuple(shape)}, expected 1 to {MAX_DIMS} "
+    """Refuse a tensor with no elements along some dimension, or with more than MAX_DIMS dimensions (a scalar,
+    0 dimensions, is fine)."""
+    if len(shape) > MAX_DIMS or any(int(n) <= 0 for n in shape):
+        raise CheckpointError(f"{source}: tensor {name} has shape {tuple(shape)}, expected at most {MAX_DIMS} "
                               f"non-empty dimensions; {fix}")
 
 
 def check_finite(name: str, tensor: torch.Tensor, source: str, fix: str = REWRITE) -> None:
     """Refuse NaN or infinite values, counting them."""
+    if not tensor.is_floating_point():
+        return
     finite = torch.isfinite(tensor)
     if not bool(finite.all()):
         nan = int(torch.isnan(tensor).sum())

@@ -13,6 +13,9 @@ import soundfile as sf
 from asrshrink.audio.datasets import Dataset, Entry, Utterance, open_dataset, read_audio
 from asrshrink.audio.text import Vocabulary
 from asrshrink.errors import DataError
+from asrshrink.models.mlperf_rnnt import MLPERF_LABELS
+
+CHARS = Vocabulary(MLPERF_LABELS)
 
 
 def tone(seconds: float, rate: int = 16000, freq: float = 440.0, channels: int = 1) -> np.ndarray:
@@ -60,7 +63,7 @@ def test_librispeech_split_and_parent(tmp_path):
     split = make_librispeech(tmp_path)
     make_librispeech(tmp_path, durations=(0.1,), speaker="2277", chapter="149896")
     for path in (split, tmp_path):
-        ds = open_dataset(path)
+        ds = open_dataset(path, vocabulary=CHARS)
         assert isinstance(ds, Dataset) and ds.kind == "librispeech"
         assert [e.id for e in ds.entries] == ["2277-149896-0000", "84-121123-0000", "84-121123-0001",
                                               "84-121123-0002"]
@@ -78,7 +81,7 @@ def test_librispeech_ogg_audio_and_single_transcript_file(tmp_path):
     write(chapter / "1-2-0001.opus", tone(0.3), format="OGG", subtype="OPUS")
     (chapter / "1-2.trans.txt").write_text("1-2-0000 FIRST\n1-2-0001 SECOND\n")
     for path in (tmp_path, chapter / "1-2.trans.txt"):
-        ds = open_dataset(path)
+        ds = open_dataset(path, vocabulary=CHARS)
         assert ds.kind == "librispeech" and [e.text for e in ds.entries] == ["first", "second"]
         assert abs(len(ds[0].audio) - 4800) <= 1 and abs(len(ds[1].audio) - 4800) <= 1
 
@@ -88,7 +91,7 @@ def test_folder_layout(tmp_path):
     write(tmp_path / "sub" / "c.flac", tone(0.15))
     (tmp_path / "sub" / "c.txt").write_text("Mr. Smith & 2 dogs\n")
     (tmp_path / "README.txt").write_text("not a transcript, no audio beside it")
-    ds = open_dataset(tmp_path)
+    ds = open_dataset(tmp_path, vocabulary=CHARS)
     assert ds.kind == "folder"
     assert [e.id for e in ds.entries] == ["a", "b", "sub/c"]
     assert ds.entries[0].text == "text of a"
@@ -108,14 +111,14 @@ def test_jsonl_manifest(tmp_path):
         {"audio_filepath": str(tmp_path / "y.wav"), "text": "second"},
         {"audio_filepath": "audio/x.wav", "text": "again"},
     ])
-    ds = open_dataset(manifest)
+    ds = open_dataset(manifest, vocabulary=CHARS)
     assert ds.kind == "jsonl"
     assert [e.id for e in ds.entries] == ["x", "y", "x#3"]  # file order kept, repeated name disambiguated
     assert [e.text for e in ds.entries] == ["first one", "second", "again"]
     assert [e.duration for e in ds.entries] == [0.2, None, None]
     assert ds[1].audio.shape == (1600,)
     # A folder holding only the manifest (and audio without transcripts) opens the manifest.
-    assert open_dataset(tmp_path).kind == "jsonl"
+    assert open_dataset(tmp_path, vocabulary=CHARS).kind == "jsonl"
 
 
 def mlperf_item(fname: str, duration: float, text: str) -> dict:
@@ -133,7 +136,7 @@ def test_mlperf_manifest_in_dataset_dir_and_below(tmp_path):
         items.append(mlperf_item(fname, d, f"words of {utt}"))
     manifest = tmp_path / "dev-clean-wav.json"
     manifest.write_text(json.dumps(items))
-    ds = open_dataset(manifest)
+    ds = open_dataset(manifest, vocabulary=CHARS)
     assert ds.kind == "mlperf" and [e.id for e in ds.entries] == ["2-1-0001", "1-1-0000"]
     assert [e.duration for e in ds.entries] == [0.3, 0.2]
     assert ds.entries[0].text == "words of two one one"  # "0001" is the number one
@@ -141,7 +144,7 @@ def test_mlperf_manifest_in_dataset_dir_and_below(tmp_path):
     # A copy of the manifest one level down resolves fname against the parent folder.
     (tmp_path / "manifests").mkdir()
     (tmp_path / "manifests" / "m.json").write_text(json.dumps(items))
-    assert open_dataset(tmp_path / "manifests" / "m.json").entries[1].audio_path == \
+    assert open_dataset(tmp_path / "manifests" / "m.json", vocabulary=CHARS).entries[1].audio_path == \
         tmp_path / "dev-clean-wav" / "1" / "1" / "1-1-0000.wav"
 
 
@@ -176,7 +179,7 @@ def test_int16_scaling_and_stereo_downmix(tmp_path):
 
 def test_max_duration_with_manifest_and_header_durations(tmp_path):
     split = make_librispeech(tmp_path, durations=(0.2, 0.5, 0.3, 0.31))
-    ds = open_dataset(split, max_duration=0.3)
+    ds = open_dataset(split, max_duration=0.3, vocabulary=CHARS)
     assert [e.id for e in ds.entries] == ["84-121123-0000", "84-121123-0002"]  # 0.3 kept: only > drops
     assert ds.dropped["max_duration"] == 2
     assert ds.entries[0].duration == pytest.approx(0.2)
@@ -184,30 +187,30 @@ def test_max_duration_with_manifest_and_header_durations(tmp_path):
     write(tmp_path / "m" / "a.wav", tone(0.1))
     manifest = make_jsonl(tmp_path / "m", [{"audio_filepath": "a.wav", "text": "a", "duration": 20.0},
                                            {"audio_filepath": "a.wav", "text": "b", "duration": 1.0}])
-    ds = open_dataset(manifest, max_duration=15)
+    ds = open_dataset(manifest, max_duration=15, vocabulary=CHARS)
     assert [e.text for e in ds.entries] == ["b"] and ds.dropped == {"empty_transcript": 0, "max_duration": 1}
 
 
 def test_max_duration_removes_everything(tmp_path):
     split = make_librispeech(tmp_path, durations=(0.2, 0.3))
     with pytest.raises(DataError, match=r"all 2 utterances are longer than the maximum duration of 0.1 s"):
-        open_dataset(split, max_duration=0.1)
+        open_dataset(split, max_duration=0.1, vocabulary=CHARS)
 
 
 def test_limit_seed_subsets(tmp_path):
     split = make_librispeech(tmp_path, durations=[0.05] * 20)
-    full = [e.id for e in open_dataset(split).entries]
-    a = [e.id for e in open_dataset(split, limit=5, seed=1).entries]
-    b = [e.id for e in open_dataset(split, limit=5, seed=1).entries]
-    c = [e.id for e in open_dataset(split, limit=5, seed=2).entries]
+    full = [e.id for e in open_dataset(split, vocabulary=CHARS).entries]
+    a = [e.id for e in open_dataset(split, limit=5, seed=1, vocabulary=CHARS).entries]
+    b = [e.id for e in open_dataset(split, limit=5, seed=1, vocabulary=CHARS).entries]
+    c = [e.id for e in open_dataset(split, limit=5, seed=2, vocabulary=CHARS).entries]
     assert a == b and len(a) == 5 and a != c
     assert a == [i for i in full if i in a]  # original order kept
-    assert [e.id for e in open_dataset(split, limit=50).entries] == full
+    assert [e.id for e in open_dataset(split, limit=50, vocabulary=CHARS).entries] == full
 
 
 def test_limit_applies_after_max_duration(tmp_path):
     split = make_librispeech(tmp_path, durations=[0.05, 0.5] * 5)
-    ds = open_dataset(split, max_duration=0.1, limit=3, seed=0)
+    ds = open_dataset(split, max_duration=0.1, limit=3, seed=0, vocabulary=CHARS)
     assert len(ds) == 3 and all(e.duration <= 0.1 for e in ds.entries)
 
 
@@ -215,14 +218,14 @@ def test_empty_transcripts_dropped_or_kept(tmp_path, caplog):
     make_folder(tmp_path, {"a": 0.1, "b": 0.1})
     (tmp_path / "b.txt").write_text("!!! ---\n")
     with caplog.at_level(logging.WARNING):
-        ds = open_dataset(tmp_path)
+        ds = open_dataset(tmp_path, vocabulary=CHARS)
     assert [e.id for e in ds.entries] == ["a"] and ds.dropped["empty_transcript"] == 1
     assert "dropped 1" in caplog.text
-    kept = open_dataset(tmp_path, keep_empty=True)
+    kept = open_dataset(tmp_path, keep_empty=True, vocabulary=CHARS)
     assert [e.text for e in kept.entries] == ["text of a", ""] and kept.dropped["empty_transcript"] == 0
     (tmp_path / "a.txt").write_text("\u4f60\u597d\n")
     with pytest.raises(DataError, match="all 2 transcripts are empty"):
-        open_dataset(tmp_path)
+        open_dataset(tmp_path, vocabulary=CHARS)
 
 
 # -------------------------------------------------------------------------------------------------- errors
@@ -230,43 +233,43 @@ def test_empty_transcripts_dropped_or_kept(tmp_path, caplog):
 
 def test_missing_path(tmp_path):
     with pytest.raises(DataError, match="nowhere.*does not exist"):
-        open_dataset(tmp_path / "nowhere")
+        open_dataset(tmp_path / "nowhere", vocabulary=CHARS)
 
 
 def test_no_layout_lists_accepted_layouts(tmp_path):
     (tmp_path / "notes.md").write_text("hi")
     with pytest.raises(DataError, match="accepted layouts: a LibriSpeech tree.*JSONL manifest.*MLPerf"):
-        open_dataset(tmp_path)
+        open_dataset(tmp_path, vocabulary=CHARS)
     with pytest.raises(DataError, match="notes.md: not a dataset manifest; accepted layouts"):
-        open_dataset(tmp_path / "notes.md")
+        open_dataset(tmp_path / "notes.md", vocabulary=CHARS)
     write(tmp_path / "lonely.wav", tone(0.1))
     with pytest.raises(DataError, match="found 1 audio files but no transcripts"):
-        open_dataset(tmp_path)
+        open_dataset(tmp_path, vocabulary=CHARS)
 
 
 def test_corrupt_audio_raised_lazily(tmp_path):
     make_folder(tmp_path, {"a": 0.1})
     (tmp_path / "bad.wav").write_bytes(b"RIFF\x00\x00\x00\x00this is not audio")
     (tmp_path / "bad.txt").write_text("bad")
-    ds = open_dataset(tmp_path)  # opening does not read audio
+    ds = open_dataset(tmp_path, vocabulary=CHARS)  # opening does not read audio
     assert ds[0].id == "a"
     with pytest.raises(DataError, match=r"bad\.wav: cannot read audio"):
         ds[1]
     # With --max-duration the header is read at open time, with the same kind of message.
     with pytest.raises(DataError, match=r"bad\.wav: cannot read audio header"):
-        open_dataset(tmp_path, max_duration=10)
+        open_dataset(tmp_path, max_duration=10, vocabulary=CHARS)
 
 
 def test_empty_audio(tmp_path):
     write(tmp_path / "empty.wav", np.zeros(0, np.float32))
     (tmp_path / "empty.txt").write_text("silence")
-    ds = open_dataset(tmp_path)
+    ds = open_dataset(tmp_path, vocabulary=CHARS)
     with pytest.raises(DataError, match=r"empty\.wav: audio file has no samples"):
         ds[0]
     (tmp_path / "zero.flac").write_bytes(b"")
     (tmp_path / "zero.txt").write_text("nothing")
     with pytest.raises(DataError, match=r"zero\.flac: audio file is empty \(0 bytes\)"):
-        open_dataset(tmp_path)[1]
+        open_dataset(tmp_path, vocabulary=CHARS)[1]
 
 
 def test_librispeech_line_without_audio(tmp_path):
@@ -274,21 +277,21 @@ def test_librispeech_line_without_audio(tmp_path):
     (split / "84" / "121123" / "84-121123-0001.flac").unlink()
     with pytest.raises(DataError, match=r"84-121123\.trans\.txt:2: transcript line for 84-121123-0001 has no "
                                         r"audio file"):
-        open_dataset(split)
+        open_dataset(split, vocabulary=CHARS)
 
 
 def test_librispeech_audio_without_line(tmp_path):
     split = make_librispeech(tmp_path)
     write(split / "84" / "121123" / "84-121123-0099.flac", tone(0.1))
     with pytest.raises(DataError, match=r"84-121123-0099\.flac: audio file has no line in 84-121123\.trans\.txt"):
-        open_dataset(split)
+        open_dataset(split, vocabulary=CHARS)
 
 
 def test_folder_audio_without_txt(tmp_path):
     make_folder(tmp_path, {"a": 0.1})
     write(tmp_path / "orphan.flac", tone(0.1))
     with pytest.raises(DataError, match=r"orphan\.flac: audio file has no transcript orphan\.txt"):
-        open_dataset(tmp_path)
+        open_dataset(tmp_path, vocabulary=CHARS)
 
 
 def test_malformed_jsonl_line(tmp_path):
@@ -296,38 +299,38 @@ def test_malformed_jsonl_line(tmp_path):
     manifest = tmp_path / "m.jsonl"
     manifest.write_text('{"audio_filepath": "a.wav", "text": "ok"}\n\n{"audio_filepath": "a.wav", "text": \n')
     with pytest.raises(DataError, match=r"m\.jsonl:3: malformed JSON"):
-        open_dataset(manifest)
+        open_dataset(manifest, vocabulary=CHARS)
     manifest.write_text('{"audio_filepath": "a.wav"}\n')
     with pytest.raises(DataError, match=r"m\.jsonl:1: missing text"):
-        open_dataset(manifest)
+        open_dataset(manifest, vocabulary=CHARS)
     manifest.write_text('{"audio_filepath": "gone.wav", "text": "x"}\n')
     with pytest.raises(DataError, match=r"m\.jsonl:1: audio file .*gone\.wav not found"):
-        open_dataset(manifest)
+        open_dataset(manifest, vocabulary=CHARS)
 
 
 def test_malformed_mlperf_manifest(tmp_path):
     manifest = tmp_path / "dev.json"
     manifest.write_text('[{"files": [{"fname": "x.wav"}], "transcript": "a"},')
     with pytest.raises(DataError, match=r"dev\.json:1: malformed JSON"):
-        open_dataset(manifest)
+        open_dataset(manifest, vocabulary=CHARS)
     manifest.write_text(json.dumps([{"transcript": "a"}]))
     with pytest.raises(DataError, match=r"dev\.json: entry 0: missing files\[0\]\.fname"):
-        open_dataset(manifest)
+        open_dataset(manifest, vocabulary=CHARS)
     manifest.write_text(json.dumps([mlperf_item("w/x.wav", 1.0, "a")]))
     with pytest.raises(DataError, match=r"dev\.json: entry 0: audio file w/x\.wav not found"):
-        open_dataset(manifest)
+        open_dataset(manifest, vocabulary=CHARS)
 
 
 def test_empty_manifest_and_bad_options(tmp_path):
     manifest = tmp_path / "m.json"
     manifest.write_text("[]")
     with pytest.raises(DataError, match=r"m\.json: no utterances found"):
-        open_dataset(manifest)
+        open_dataset(manifest, vocabulary=CHARS)
     make_folder(tmp_path / "f", {"a": 0.1})
     with pytest.raises(DataError, match="number of utterances to use must be a positive integer"):
-        open_dataset(tmp_path / "f", limit=0)
+        open_dataset(tmp_path / "f", limit=0, vocabulary=CHARS)
     with pytest.raises(DataError, match="maximum duration must be positive"):
-        open_dataset(tmp_path / "f", max_duration=0)
+        open_dataset(tmp_path / "f", max_duration=0, vocabulary=CHARS)
 
 
 def test_entry_is_frozen(tmp_path):

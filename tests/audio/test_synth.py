@@ -14,7 +14,7 @@ from asrshrink.audio.synth import (
     generate_corpus, load_sentences, plan_corpus, read_fortune_sentences, read_wordnet_examples,
     select_heldout_voices, split_fortune,
 )
-from asrshrink.audio.text import MLPERF_LABELS
+from asrshrink.models.mlperf_rnnt import MLPERF_LABELS
 from asrshrink.errors import DataError
 
 # Thirty short sentences, distinct after normalisation.

@@ -135,7 +135,9 @@ def test_metadata_and_tokens(dense_export):
     for part in ("encoder", "decoder", "joiner"):
         props = {p.key: p.value for p in onnx.load(out / f"{part}.onnx").metadata_props}
         assert props["component"] == part and props["family"] == "mlperf-rnnt"
-        assert json.loads(props["vocabulary"]) == model.vocabulary.to_json() and props["blank_id"] == "28"
+        assert props["blank_id"] == "28"
+        if part == "encoder":  # the vocabulary (for SentencePiece, a whole tokenizer) only where runtimes read it
+            assert json.loads(props["vocabulary"]) == model.vocabulary.to_json()
         assert json.loads(props["feature"]) == model.feature_config.to_json()
         assert json.loads(props["state_shape"]) == [TINY.pred_layers, TINY.pred_hidden]
         assert json.loads(props["compression"])["params"] == api.describe(model)["params"]

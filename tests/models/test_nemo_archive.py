@@ -1,0 +1,169 @@
+"""Hostile and malformed ``.nemo`` archives: each is refused with one line naming the file, exit 2, nothing written,
+and no code in them runs. Also the archive variants that must load (gzipped pre-1.7 archives)."""
+
+import gzip
+import io
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from asrshrink import api
+from asrshrink.cli.main import app
+from tests.helpers import assert_one_line_error
+
+runner = CliRunner()
+
+
+def members(nemo_fixture_dir: Path, layout: str = "fastconformer") -> dict[str, bytes]:
+    with tarfile.open(nemo_fixture_dir / layout / "model.nemo") as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}
+
+
+def write_archive(path: Path, files: dict[str, bytes], extra: list[tarfile.TarInfo] = (), mode: str = "w") -> Path:
+    with tarfile.open(path, mode) as tar:
+        for name, data in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+        for info in extra:
+            tar.addfile(info)
+    return path
+
+
+def with_config(files: dict[str, bytes], edit) -> dict[str, bytes]:
+    config = yaml.safe_load(files["./model_config.yaml"])
+    edit(config)
+    return {**files, "./model_config.yaml": yaml.safe_dump(config).encode()}
+
+
+def refused(path: Path, tmp_path: Path, *fragments: str) -> None:
+    out = tmp_path / "out"
+    result = runner.invoke(app, ["prune", str(path), "--sparsity", "0.5", "-o", str(out)])
+    assert_one_line_error(result, str(path), *fragments)
+    assert not out.exists()
+
+
+class RunsCode:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_path_traversal_member_is_refused(nemo_fixture_dir, tmp_path):
+    files = {**members(nemo_fixture_dir), "../../evil.txt": b"x"}
+    refused(write_archive(tmp_path / "m.nemo", files), tmp_path, "points outside the archive")
+    assert not (tmp_path.parent / "evil.txt").exists()
+
+
+def test_absolute_member_name_is_refused(nemo_fixture_dir, tmp_path):
+    files = {**members(nemo_fixture_dir), "/etc/evil": b"x"}
+    refused(write_archive(tmp_path / "m.nemo", files), tmp_path, "points outside the archive")
+
+
+@pytest.mark.parametrize("kind", [tarfile.SYMTYPE, tarfile.LNKTYPE])
+def test_link_member_is_refused(nemo_fixture_dir, tmp_path, kind):
+    link = tarfile.TarInfo("./model_config.yaml")
+    link.type, link.linkname = kind, "/etc/passwd"
+    files = {k: v for k, v in members(nemo_fixture_dir).items() if k != "./model_config.yaml"}
+    refused(write_archive(tmp_path / "m.nemo", files, [link]), tmp_path, "is a link")
+
+
+def test_device_member_is_refused(nemo_fixture_dir, tmp_path):
+    dev = tarfile.TarInfo("./zero")
+    dev.type = tarfile.CHRTYPE
+    refused(write_archive(tmp_path / "m.nemo", members(nemo_fixture_dir), [dev]), tmp_path, "not a regular file")
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol:UserWarning")
+def test_pickled_code_in_the_weights_is_refused_and_not_run(nemo_fixture_dir, tmp_path):
+    marker = tmp_path / "was_run"
+    buffer = io.BytesIO()
+    torch.save({"payload": RunsCode(marker)}, buffer)
+    files = {**members(nemo_fixture_dir), "./model_weights.ckpt": buffer.getvalue()}
+    refused(write_archive(tmp_path / "m.nemo", files), tmp_path, "would run code")
+    assert not marker.exists()
+
+
+def test_truncated_archive_is_refused(nemo_fixture_dir, tmp_path):
+    data = (nemo_fixture_dir / "fastconformer" / "model.nemo").read_bytes()
+    # Halfway, and inside the last member (the weights): the tar's end padding is at most 10 KiB.
+    for cut in (len(data) // 2, len(data) - 12_000):
+        path = tmp_path / f"cut{cut}.nemo"
+        path.write_bytes(data[:cut])
+        refused(path, tmp_path, "truncated")
+
+
+@pytest.mark.parametrize(("section", "key", "value", "fragment"), [
+    ("encoder", "self_attention_model", "abs_pos", "encoder.self_attention_model='abs_pos'"),
+    ("encoder", "subsampling", "vggnet", "encoder.subsampling='vggnet'"),
+    ("encoder", "att_context_size", [70, 1], "encoder.att_context_size"),
+    ("encoder", "conv_norm_type", "layer_norm", "encoder.conv_norm_type='layer_norm'"),
+    ("preprocessor", "window", "hamming", "preprocessor.window='hamming'"),
+    ("decoder", "blank_as_pad", False, "decoder.blank_as_pad=False"),
+    ("encoder", "d_model", "wide", "encoder.d_model='wide'"),
+])
+def test_unsupported_config_value_names_the_field(nemo_fixture_dir, tmp_path, section, key, value, fragment):
+    def edit(config):
+        config[section][key] = value
+
+    files = with_config(members(nemo_fixture_dir), edit)
+    refused(write_archive(tmp_path / "m.nemo", files), tmp_path, fragment)
+
+
+def test_unsupported_model_class_is_named(nemo_fixture_dir, tmp_path):
+    def edit(config):
+        config["target"] = "nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE"
+
+    files = with_config(members(nemo_fixture_dir), edit)
+    refused(write_archive(tmp_path / "m.nemo", files), tmp_path, "EncDecCTCModelBPE", "not supported")
+
+
+def test_config_sizes_that_disagree_with_the_weights_build_nothing(nemo_fixture_dir, tmp_path):
+    # A config claiming a huge model: the shapes are checked on a meta-device skeleton, so nothing is allocated.
+    def edit(config):
+        config["encoder"]["d_model"] = config["joint"]["jointnet"]["encoder_hidden"] = 2 ** 20
+
+    files = with_config(members(nemo_fixture_dir), edit)
+    refused(write_archive(tmp_path / "m.nemo", files), tmp_path, "has shape")
+
+
+def test_missing_weight_and_missing_tokenizer(nemo_fixture_dir, tmp_path):
+    files = members(nemo_fixture_dir)
+    state = torch.load(io.BytesIO(files["./model_weights.ckpt"]), weights_only=True)
+    del state["joint.enc.bias"]
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    refused(write_archive(tmp_path / "a.nemo", {**files, "./model_weights.ckpt": buffer.getvalue()}), tmp_path,
+            "missing keys", "joint.enc.bias")
+    no_tokenizer = {k: v for k, v in files.items() if not k.endswith("_tokenizer.model")}
+    refused(write_archive(tmp_path / "b.nemo", no_tokenizer), tmp_path, "tokenizer.model_path")
+
+
+def test_not_yaml_and_no_weights(nemo_fixture_dir, tmp_path):
+    files = members(nemo_fixture_dir)
+    refused(write_archive(tmp_path / "a.nemo", {**files, "./model_config.yaml": b"a: [unclosed"}), tmp_path,
+            "not valid YAML")
+    refused(write_archive(tmp_path / "b.nemo", {k: v for k, v in files.items() if "weights" not in k}), tmp_path,
+            "no model_weights.ckpt")
+
+
+def test_gzipped_archive_from_old_nemo_loads(nemo_fixture_dir, tmp_path):
+    plain = nemo_fixture_dir / "fastconformer" / "model.nemo"
+    path = tmp_path / "old.nemo"
+    path.write_bytes(gzip.compress(plain.read_bytes()))
+    model, _ = api.load_model(path)
+    reference, _ = api.load_model(plain)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), reference.state_dict().values()))
+
+
+def test_a_nemo_state_dict_without_its_archive_says_what_to_pass(nemo_fixture_dir, tmp_path):
+    state = torch.load(io.BytesIO(members(nemo_fixture_dir)["./model_weights.ckpt"]), weights_only=True)
+    path = tmp_path / "weights.ckpt"
+    torch.save(state, path)
+    refused(path, tmp_path, "pass the .nemo archive")
