@@ -77,7 +77,10 @@ class OutputLock:
             if not same:  # the previous holder removed the file after we opened it: lock the new one
                 os.close(fd)
                 continue
-            record = json.dumps({"pid": os.getpid(), "command": shlex.join(sys.argv)}) + "\n"
+            argv = list(sys.argv)
+            if argv and Path(argv[0]).name in ("__main__.py", "asrshrink"):  # python -m asrshrink, the script
+                argv[0] = "asrshrink"
+            record = json.dumps({"pid": os.getpid(), "command": shlex.join(argv)}) + "\n"
             os.ftruncate(fd, 0)
             os.write(fd, record.encode())
             self.fd = fd

@@ -417,3 +417,54 @@ def test_malformed_report(case, command, assets, tmp_path):
     folder = build(assets, d)
     argv = ["report", str(folder)] if command == "report" else ["gate", str(folder), "--max-params", "100000000"]
     _run_refused(argv, tmp_path, ("report.json", *fragments))
+
+
+# --- hostile NeMo archives: the same tensor validation as every other format ------------------------------------
+
+def _nemo_with(nemo_fixture_dir: Path, d: Path, edit) -> Path:
+    import io
+
+    from tests.models.test_nemo_archive import members, write_archive
+
+    files = members(nemo_fixture_dir)
+    key = next(k for k in files if k.endswith("model_weights.ckpt"))
+    state = torch.load(io.BytesIO(files[key]), weights_only=True)
+    name = edit(state)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    files[key] = buffer.getvalue()
+    return write_archive(d / "m.nemo", files), name
+
+
+def _first_weight(state: dict) -> str:
+    return next(k for k, v in state.items() if v.is_floating_point() and v.dim() == 2)
+
+
+def _nan(state):
+    key = _first_weight(state)
+    state[key].view(-1)[0] = float("nan")
+    return key
+
+
+def _to_int(state):
+    key = _first_weight(state)
+    state[key] = state[key].to(torch.int16)
+    return key
+
+
+def _empty(state):
+    key = _first_weight(state)
+    state[key] = torch.zeros(state[key].shape[0], 0)
+    return key
+
+
+@pytest.mark.parametrize("command", ["info", "eval", "svd"])
+@pytest.mark.parametrize("edit, fragment", [(_nan, "1 NaN"), (_to_int, "int16"), (_empty, ", 0)")],
+                         ids=["nan", "int", "empty"])
+def test_hostile_nemo_weights(edit, fragment, command, assets, nemo_fixture_dir, tmp_path):
+    d = tmp_path / "in"
+    d.mkdir()
+    path, key = _nemo_with(nemo_fixture_dir, d, edit)
+    argv = {"info": ["info", str(path)], "eval": ["eval", str(path), "--data", str(assets.data)],
+            "svd": ["svd", str(path), "--rank", "2", "-o", str(d / "out")]}[command]
+    _run_refused(argv, tmp_path, (str(path), key, fragment))
