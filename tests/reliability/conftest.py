@@ -63,7 +63,7 @@ def assets(tmp_path_factory) -> Assets:
     real_save = compress.save_model
 
     def stop_after_first_layer(model, path, **kwargs):
-        result = real_save(model, path, **kwargs)
+        real_save(model, path, **kwargs)
         raise KeyboardInterrupt
 
     compress.save_model = stop_after_first_layer

@@ -14,9 +14,8 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import struct
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable
 
 import numpy as np
 import pytest
