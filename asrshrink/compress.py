@@ -2,10 +2,13 @@
 
 One place for what every compressing command shares (``run`` behind svd and psvd, ``prune`` behind prune); the
 methods themselves live in ``asrshrink.methods``.
-Every option and input is checked before any long work starts, and the output model and reports are written
-only once everything has succeeded. PSVD writes a progress checkpoint after every layer into ``OUT/.progress``
-(the partially refitted model, with its position in its own metadata, so model and position are one atomic
-file), so an interrupted run resumes from the last finished layer.
+Every option and input (model, calibration and evaluation data, the writability of ``OUT``) is checked
+before any long work starts. ``OUT`` belongs to one run (``asrshrink.output.OutputFolder``: an OS lock held for
+the run); the model and reports are staged beside it and published together once everything has succeeded,
+so a failed run leaves ``OUT`` as it was. PSVD writes a progress checkpoint after every layer into
+``OUT/.progress`` (the partially refitted model, with its position and the run's full options in its own
+metadata, so model, position and options are one atomic file), so an interrupted run resumes from the last
+finished layer; ``resume`` refuses a checkpoint whose options or source model do not match.
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from asrshrink.methods.psvd import VARIANTS, LayerReport, PsvdConfig, psvd
 from asrshrink.methods.svd import (MODES, budget_ranks, choose_ranks, data_aware_svd_compress, input_scales,
                                    svd_compress)
 from asrshrink.models.checkpoint import MODEL_FILENAME, bundled_speech, load_model, save_model
+from asrshrink.output import OutputFolder
 from asrshrink.report import build_report, write_report
 
 PROGRESS = ".progress"
+#: What a compressing command writes into OUT (an existing OUT holding anything else is refused).
+OWNED = (MODEL_FILENAME, "report.json", "report.md", PROGRESS)
 Log = Callable[[str], None]
 Progress = Callable[[str, int, int], None]
 
@@ -73,29 +79,76 @@ def check_output(out: Path) -> None:
                              f"report.md); choose a folder name")
 
 
+def _refuse_interrupted(out: Path, command: str) -> None:
+    """A fresh run must not silently discard (or mix with) another run's resumable progress in ``out``; a
+    progress folder without a finished layer (a run stopped before its first layer) is dropped."""
+    if (out / PROGRESS / MODEL_FILENAME).exists():
+        raise AsrshrinkError(f"{out}: holds an interrupted psvd run ({out / PROGRESS}); continue it with "
+                             f"asrshrink psvd --resume {out}, or remove {out / PROGRESS} (or choose another -o) "
+                             f"to start this {command} run")
+    shutil.rmtree(out / PROGRESS, ignore_errors=True)
+
+
 def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: CalibConfig | None = None,
         post: PsvdConfig | None = None, evaluation: EvalConfig | None = None, resume: bool = False,
         log: Log = lambda line: None, progress: Progress | None = None) -> dict:
     """Compress ``model`` with SVD (and PSVD when ``post`` is given) into ``out``; returns the report."""
-    started = time.perf_counter()
     out = Path(out)
     check_options(out, svd, post)
+    if post is None and resume:
+        raise AsrshrinkError("only psvd runs can be resumed")
+    with OutputFolder(out, owned=OWNED) as folder:
+        if not resume:
+            _refuse_interrupted(out, command)
+        try:
+            return _run(command, folder, model=model, svd=svd, calib=calib, post=post, evaluation=evaluation,
+                        resume=resume, log=log, progress=progress)
+        except KeyboardInterrupt:  # the progress checkpoint stays (resume with --resume OUT) if it has a layer
+            if not (out / PROGRESS / MODEL_FILENAME).is_file():
+                shutil.rmtree(out / PROGRESS, ignore_errors=True)
+            raise
+        except BaseException:
+            if post is not None and not resume:
+                shutil.rmtree(out / PROGRESS, ignore_errors=True)  # this run's own, useless after an error
+            raise
+
+
+def run_options(command: str, info, svd: SvdConfig, calib: CalibConfig | None, post: PsvdConfig | None,
+                evaluation: EvalConfig | None) -> dict:
+    """The full record of a run's options, as saved for ``resume`` (paths absolute)."""
+    return {"command": command, "model": str(info.path.resolve()), "source_sha256": info.sha256,
+            "svd": to_json(svd), "calib": to_json(_absolute(calib)) if calib else None,
+            "psvd": to_json(post) if post else None,
+            "evaluation": to_json(_absolute(evaluation)) if evaluation else None}
+
+
+def _run(command: str, folder: OutputFolder, *, model: str | None, svd: SvdConfig, calib: CalibConfig | None,
+         post: PsvdConfig | None, evaluation: EvalConfig | None, resume: bool, log: Log,
+         progress: Progress | None) -> dict:
+    started = time.perf_counter()
+    out = folder.out
     original, info = load_model(model)
     if post is not None or svd.data_aware:
         walked = tuple(dict.fromkeys(svd.components + (post.components if post is not None else ())))
         check_lstm_walk(original, walked, "psvd" if post is not None else "--data-aware svd")
     eval_set = _open_eval(original, evaluation)
     progress_dir = out / PROGRESS
-    state = _read_state(progress_dir) if resume else None
-    if resume and state is None:
-        raise AsrshrinkError(f"{out}: no finished layer to resume from; start the run again without --resume")
-    if state is not None and state["source_sha256"] != info.sha256:
-        raise AsrshrinkError(f"{out}: the interrupted run compressed another model (sha256 "
-                             f"{state['source_sha256'][:12]}…); pass the same MODEL or a new -o")
-    batches, calib_used = [], None
     if post is not None or svd.data_aware:
         calib = calib or CalibConfig()
         calib.check()
+    record = run_options(command, info, svd, calib, post, evaluation)
+    state = _read_state(progress_dir) if resume else None
+    if resume and state is None:
+        raise AsrshrinkError(f"{out}: no finished layer to resume from; start the run again without --resume")
+    if state is not None and state.get("source_sha256") != info.sha256:
+        raise AsrshrinkError(f"{out}: the interrupted run compressed another model (sha256 "
+                             f"{str(state.get('source_sha256'))[:12]}…); pass the same MODEL or a new -o")
+    if state is not None and state.get("options") != record:
+        raise AsrshrinkError(f"{progress_dir}: its checkpoint was written with other options than "
+                             f"{PROGRESS}/options.json ({_difference(state.get('options'), record)}); remove "
+                             f"{progress_dir} and start the run again")
+    batches, calib_used = [], None
+    if post is not None or svd.data_aware:
         batches, calib_used = _calibration(original, calib, log, progress)
     ranks = None
     if svd.budgeted:
@@ -116,11 +169,7 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
         log(f"resuming in iteration {state['iteration'] + 1} after block {state['block']}")
     else:
         if post is not None:
-            shutil.rmtree(progress_dir, ignore_errors=True)
-            write_json_atomic(progress_dir / "options.json", {
-                "command": command, "model": str(info.path.resolve()),
-                "svd": to_json(svd), "calib": to_json(_absolute(calib)), "psvd": to_json(post),
-                "evaluation": to_json(_absolute(evaluation)) if evaluation else None})
+            write_json_atomic(progress_dir / "options.json", record)
         log(("data-aware " if svd.data_aware else "") + f"truncated SVD of {sum(c.rank is not None for c in choices)}"
             " matrices")
         compressed = (data_aware_svd_compress(original, choices, batches) if svd.data_aware
@@ -133,27 +182,35 @@ def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: Ca
                 f"relative output error {report.error_before:.4f} -> {report.error_after:.4f} "
                 f"(step {report.step:g}, {report.seconds:.1f} s)")
             save_model(model, progress_dir / MODEL_FILENAME, source_sha256=info.source_sha256, extra={
-                "psvd_progress": {"source_sha256": info.sha256, "iteration": iteration, "block": block,
-                                  "layers": layer_rows,
+                "psvd_progress": {"source_sha256": info.sha256, "options": record, "iteration": iteration,
+                                  "block": block, "layers": layer_rows,
                                   "seconds": earlier_seconds + time.perf_counter() - started}})
 
         psvd(original, compressed, batches, post, on_layer=on_layer, start=start)
-    options = {"model": str(info.path), **to_json(svd)}
+    options = {"model": str(info.path.resolve()), **to_json(svd)}
     if post is not None:
         options.update(psvd=to_json(post))
     if calib_used is not None:
-        options.update(calib=to_json(calib), calib_used=calib_used)
+        options.update(calib=to_json(_absolute(calib)), calib_used=calib_used)
     evaluated = _evaluate_both(original, compressed, eval_set, log, progress) if eval_set is not None else None
-    path = save_model(compressed, out, source_sha256=info.source_sha256,
-                      extra={"method": {"command": command, "options": options}})
+    return _publish(folder, command, compressed, info, original, options=options,
+                    layers=[c.to_json() for c in choices], post_training=layer_rows,
+                    seconds=earlier_seconds + time.perf_counter() - started, evaluated=evaluated)
+
+
+def _publish(folder: OutputFolder, command: str, compressed, info, original, *, options: dict, layers: list,
+             seconds: float, evaluated: dict | None, post_training: list | None = None) -> dict:
+    """Stage model.safetensors, report.json and report.md, then publish them together into ``folder.out``
+    (which drops any progress checkpoint there)."""
+    staged = save_model(compressed, folder.staging, source_sha256=info.source_sha256,
+                        extra={"method": {"command": command, "options": options}})
     report = build_report(
         command, source={"path": str(info.path), "sha256": info.sha256, "family": original.family},
-        output=path, options=options, before=api.describe(original), after=api.describe(compressed),
-        layers=[c.to_json() for c in choices], post_training=layer_rows,
-        seconds=earlier_seconds + time.perf_counter() - started, evaluation=evaluated)
-    write_report(out, report)
-    if post is not None:
-        shutil.rmtree(progress_dir, ignore_errors=True)
+        output=staged, options=options, before=api.describe(original), after=api.describe(compressed),
+        layers=layers, post_training=post_training, seconds=seconds, evaluation=evaluated)
+    report["output"]["path"] = str(folder.out / MODEL_FILENAME)
+    write_report(folder.staging, report)
+    folder.publish()
     return report
 
 
@@ -162,12 +219,20 @@ def prune(*, model: str | None, out: Path, config: PruneConfig, calib: CalibConf
           ) -> dict:
     """Prune ``model`` per ``config`` into ``out``; returns the report. Calibrated methods read ``calib`` (the
     bundled calibration sample when None)."""
-    started = time.perf_counter()
     out = Path(out)
     config.check()
     check_output(out)
     if not config.calibrated and calib is not None and calib.path is not None:
         raise AsrshrinkError("--calib is read only by --method sparsegpt or wanda; drop --calib or choose one")
+    with OutputFolder(out, owned=OWNED) as folder:
+        _refuse_interrupted(out, "prune")
+        return _prune(folder, model=model, config=config, calib=calib, evaluation=evaluation, log=log,
+                      progress=progress)
+
+
+def _prune(folder: OutputFolder, *, model: str | None, config: PruneConfig, calib: CalibConfig | None,
+           evaluation: EvalConfig | None, log: Log, progress: Progress | None) -> dict:
+    started = time.perf_counter()
     original, info = load_model(model)
     targets = prune_targets(original, list(config.components))
     if not any(t.prunable for t in targets):
@@ -194,32 +259,55 @@ def prune(*, model: str | None, out: Path, config: PruneConfig, calib: CalibConf
     log(f"{config.method} pruning to sparsity {config.sparsity:g}"
         + (" (one magnitude threshold across all matrices)" if config.global_threshold else " per matrix"))
     pruned, rows = prune_model(original, config, batches, on_matrix=on_matrix)
-    options = {"model": str(info.path), **to_json(config)}
+    options = {"model": str(info.path.resolve()), **to_json(config)}
     if calib_used is not None:
-        options.update(calib=to_json(calib), calib_used=calib_used)
+        options.update(calib=to_json(_absolute(calib)), calib_used=calib_used)
     evaluated = _evaluate_both(original, pruned, eval_set, log, progress) if eval_set is not None else None
-    path = save_model(pruned, out, source_sha256=info.source_sha256,
-                      extra={"method": {"command": "prune", "options": options}})
-    report = build_report(
-        "prune", source={"path": str(info.path), "sha256": info.sha256, "family": original.family},
-        output=path, options=options, before=api.describe(original), after=api.describe(pruned),
-        layers=[r.to_json() for r in rows], seconds=time.perf_counter() - started, evaluation=evaluated)
-    write_report(out, report)
-    return report
+    return _publish(folder, "prune", pruned, info, original, options=options, layers=[r.to_json() for r in rows],
+                    seconds=time.perf_counter() - started, evaluated=evaluated)
 
 
 def _open_eval(model, evaluation: EvalConfig | None):
+    """The --eval dataset, with every file's header read now (missing, unreadable or too-short audio is
+    reported before the compute, not after it)."""
     if evaluation is None or not evaluation.path:
         return None
-    return api.open_dataset(evaluation.path, vocabulary=model.vocabulary, sample_rate=model.feature_config.sample_rate,
-                            limit=evaluation.limit, seed=evaluation.seed, max_duration=evaluation.max_duration)
+    if evaluation.limit is not None and evaluation.limit < 1:
+        raise AsrshrinkError(f"--eval-limit must be at least 1, got {evaluation.limit}")
+    dataset = api.open_dataset(evaluation.path, vocabulary=model.vocabulary,
+                               sample_rate=model.feature_config.sample_rate, limit=evaluation.limit,
+                               seed=evaluation.seed, max_duration=evaluation.max_duration)
+    check_audio(model, dataset, "--eval")
+    return dataset
+
+
+def check_audio(model, dataset, option: str) -> None:
+    """Read every entry's audio header: refuse missing, unreadable and too-short files, naming the file."""
+    from asrshrink.audio.datasets import _audio_info_duration
+
+    shortest = model.feature_config.min_samples / model.feature_config.sample_rate
+    for entry in dataset.entries:
+        seconds = _audio_info_duration(entry.audio_path)
+        if seconds < shortest:
+            raise AsrshrinkError(f"{entry.audio_path}: {seconds:.4f} s of audio, shorter than the {shortest:.4f} s "
+                                 f"the featurizer needs; remove it from the {option} data")
 
 
 def _calibration(model, calib: CalibConfig, log: Log, progress: Progress | None) -> tuple[list[dict], dict]:
     """Featurized calibration batches and a record of what was used."""
-    dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=model.vocabulary,
-                               sample_rate=model.feature_config.sample_rate,
-                               max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
+    from asrshrink.errors import DataError
+
+    try:
+        dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=model.vocabulary,
+                                   sample_rate=model.feature_config.sample_rate,
+                                   max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
+    except DataError as exc:
+        if "longer than the maximum duration" not in str(exc):
+            raise
+        raise DataError(f"{calib.path}: every --calib utterance is longer than {calib.max_duration:g} s, the "
+                        f"longest a calibration utterance may be; pass --calib data with shorter "
+                        f"utterances") from None
+    check_audio(model, dataset, "--calib")
     batches = calibration_batches(model, dataset, batch_size=calib.batch_size,
                                   progress=(lambda d, t: progress("featurizing calibration audio", d, t))
                                   if progress else None)
@@ -256,19 +344,69 @@ def _evaluate_both(original, compressed, dataset, log: Log, progress: Progress |
             **results}
 
 
-def resume(out: Path, *, log: Log = lambda line: None, progress: Progress | None = None) -> dict:
-    """Continue the interrupted PSVD run in ``out`` with the options it was started with."""
-    path = Path(out) / PROGRESS / "options.json"
+def _difference(saved, current) -> str:
+    """The first option where two option records differ, as "section.field saved X, now Y"."""
+    saved, current = saved or {}, current or {}
+    for key in sorted(set(saved) | set(current)):
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            for field in sorted(set(a) | set(b)):
+                if a.get(field) != b.get(field):
+                    return f"{key}.{field}: {a.get(field)!r} there, {b.get(field)!r} here"
+        elif a != b:
+            return f"{key}: {a!r} there, {b!r} here"
+    return "no difference"
+
+
+def _normalise(value):
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def resume(out: Path, *, given: dict[str, tuple[str, str, object]] | None = None, model: str | None = None,
+           log: Log = lambda line: None, progress: Progress | None = None) -> dict:
+    """Continue the interrupted PSVD run in ``out`` with the options it was started with.
+
+    ``given`` maps each option the user passed explicitly (e.g. "--rank-threshold") to (section, field, value)
+    of the saved record (sections: svd, calib, psvd, evaluation); one that contradicts the saved value is
+    refused, naming both. ``model``, when given, must be the interrupted run's source model (same sha256)."""
+    out = Path(out)
+    path = out / PROGRESS / "options.json"
     if not path.is_file():
         raise AsrshrinkError(f"{out}: no interrupted run to resume here (no {PROGRESS}/options.json); "
                              f"start it again without --resume")
     try:
         saved = json.loads(path.read_text())
-        return run(saved["command"], model=saved["model"], out=Path(out), svd=from_json(SvdConfig, saved["svd"]),
+        if not isinstance(saved, dict):
+            raise TypeError("not an object")
+        for option, (section, field, value) in (given or {}).items():
+            record = saved.get(section) or {}
+            if _normalise(value) != record.get(field):
+                raise AsrshrinkError(f"{option} {_show(value)} contradicts the interrupted run in {out}, which used "
+                                     f"{_show(record.get(field))} ({path}); drop {option} to resume it, or start "
+                                     f"a new run with another -o")
+        if model is not None:
+            from asrshrink.models.checkpoint import _file_format, resolve_model_path
+            from asrshrink.io import sha256_file
+
+            given_path = resolve_model_path(model)
+            _file_format(given_path)
+            if sha256_file(given_path) != saved.get("source_sha256"):
+                raise AsrshrinkError(f"{given_path}: not the model the interrupted run in {out} compressed "
+                                     f"({saved.get('model')}); drop MODEL to resume it, or start a new run with "
+                                     f"another -o")
+        return run(saved["command"], model=saved["model"], out=out, svd=from_json(SvdConfig, saved["svd"]),
                    calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
                    post=from_json(PsvdConfig, saved["psvd"]),
                    evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,
                    resume=True, log=log, progress=progress)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise AsrshrinkError(f"{path}: unreadable ({type(exc).__name__}: {exc}); delete {Path(out) / PROGRESS} "
+    except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise AsrshrinkError(f"{path}: unreadable ({type(exc).__name__}: {exc}); delete {out / PROGRESS} "
                              f"and start the run again") from None
+
+
+def _show(value) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return "(none)" if value is None else str(value)

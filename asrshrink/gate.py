@@ -8,6 +8,7 @@ without ``eval`` fails, with the fix in its message: the bound cannot be shown t
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -46,8 +47,11 @@ def check_bounds(report: dict, *, max_size_mb: float | None = None, max_params: 
     """One Check per bound given; raises AsrshrinkError when none is given or a bound cannot be met by any model."""
     if all(b is None for b in (max_size_mb, max_params, max_wer, max_wer_increase)):
         raise AsrshrinkError("give at least one bound: --max-size-mb, --max-params, --max-wer or --max-wer-increase")
-    for option, value in (("--max-size-mb", max_size_mb), ("--max-params", max_params), ("--max-wer", max_wer)):
-        if value is not None and value < 0:
+    for option, value in (("--max-size-mb", max_size_mb), ("--max-params", max_params), ("--max-wer", max_wer),
+                          ("--max-wer-increase", max_wer_increase)):
+        if value is not None and not math.isfinite(value):
+            raise AsrshrinkError(f"{option} must be a finite number, got {value}")
+        if value is not None and value < 0 and option != "--max-wer-increase":
             raise AsrshrinkError(f"{option} must not be negative, got {value}")
     e = report["eval"]
     measured = {

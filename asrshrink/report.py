@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -169,9 +170,46 @@ def write_report(out_dir: Path, report: dict) -> None:
 
 # Reading reports back: comparison rows and the WER-against-size plot of ``asrshrink report``.
 
-_NUMBERS = ("before.params", "before.bytes", "before.flops.encoder_per_frame", "after.params", "after.bytes",
-            "after.flops.encoder_per_frame", "compression_ratio.model")
-_EVAL_NUMBERS = ("eval.before.wer", "eval.after.wer")
+#: What ``report`` and ``gate`` read from a report: (dotted key, kind, required). kind: "count" (a
+#: non-negative integer), "number" (finite, non-negative), "str", "dict", "eval" (null or an object).
+FIELDS = (
+    ("command", "str", True), ("options", "dict", False), ("source", "dict", False),
+    ("before.params", "count", True), ("before.bytes", "number", True), ("before.sparse_bytes", "number", False),
+    ("before.flops.encoder_per_frame", "number", True),
+    ("after.params", "count", True), ("after.bytes", "number", True), ("after.sparse_bytes", "number", False),
+    ("after.flops.encoder_per_frame", "number", True),
+    ("compression_ratio.model", "number", True), ("eval", "eval", True),
+)
+EVAL_FIELDS = (("eval.before.wer", "number", True), ("eval.after.wer", "number", True),
+               ("eval.data", "str", False))
+_MISSING = object()
+
+
+def check_report(report: Any, file: Path) -> None:
+    """Refuse a report that ``report`` / ``gate`` cannot read, naming the first bad key and what it should be."""
+    redo = "re-run the svd/psvd/prune command that wrote it"
+    schema = report.get("schema") if isinstance(report, dict) else None
+    if schema != SCHEMA:
+        newer = isinstance(schema, str) and schema.startswith("asrshrink.report/")
+        raise AsrshrinkError(f"{file}: schema {schema!r}, expected {SCHEMA!r}; "
+                             + ("upgrade asrshrink to read it" if newer else
+                                "pass the report.json that asrshrink svd, psvd or prune wrote"))
+    fields = FIELDS + (EVAL_FIELDS if isinstance(report.get("eval"), dict) else ())
+    for key, kind, required in fields:
+        value = _lookup(report, key)
+        if value is _MISSING:
+            if required:
+                raise AsrshrinkError(f"{file}: {key} is missing; {redo}")
+            continue
+        ok = {"count": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
+              "number": lambda v: (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                   and v >= 0),
+              "str": lambda v: isinstance(v, str), "dict": lambda v: isinstance(v, dict),
+              "eval": lambda v: v is None or isinstance(v, dict)}[kind](value)
+        if not ok:
+            want = {"count": "a non-negative integer", "number": "a finite non-negative number", "str": "a string",
+                    "dict": "an object", "eval": "null or an object with before.wer and after.wer"}[kind]
+            raise AsrshrinkError(f"{file}: {key} is {json.dumps(value)[:60]}, expected {want}; {redo}")
 
 
 def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -181,32 +219,31 @@ def load_report(path: str | Path) -> tuple[Path, dict[str, Any]]:
     """
     path = Path(path)
     file = path / "report.json" if path.is_dir() else path
-    redo = "re-run the svd/psvd command that wrote it"
+    redo = "re-run the svd/psvd/prune command that wrote it"
     if not file.is_file():
         raise AsrshrinkError(f"{file}: no such file; pass an output directory that svd or psvd wrote, or its "
                              f"report.json")
     try:
-        report = json.loads(file.read_bytes())
-    except ValueError as exc:
-        raise AsrshrinkError(f"{file}: not valid JSON ({exc}); {redo}") from None
-    schema = report.get("schema") if isinstance(report, dict) else None
-    if schema != SCHEMA:
-        newer = isinstance(schema, str) and schema.startswith("asrshrink.report/")
-        raise AsrshrinkError(f"{file}: schema {schema!r}, expected {SCHEMA!r}; "
-                             + ("upgrade asrshrink to read it" if newer else
-                                "pass the report.json that asrshrink svd or psvd wrote"))
-    for key in _NUMBERS + (_EVAL_NUMBERS if report.get("eval") is not None else ()):
-        value = _lookup(report, key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise AsrshrinkError(f"{file}: {key} is {'missing' if value is None else repr(value)}, expected a "
-                                 f"number; {redo}")
+        with open(file, "rb") as f:
+            data = f.read(64 << 20)  # a report is a few KB; a huge file is not one
+        report = json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise AsrshrinkError(f"{file}: not valid JSON ({_one_line(exc)}); {redo}") from None
+    check_report(report, file)
     return file, report
 
 
+def _one_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:120]
+
+
 def _lookup(report: dict, key: str) -> Any:
+    """The value at a dotted key, or _MISSING when a level is absent or not an object."""
     value: Any = report
     for part in key.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
+        if not isinstance(value, dict) or part not in value:
+            return _MISSING
+        value = value[part]
     return value
 
 

@@ -54,8 +54,9 @@ def models(tmp: Path, psvd_utterances: int, mlperf: bool) -> list[tuple[str, str
     return cases
 
 
-def throughput(path: Path, features: torch.Tensor, threads: int, repeats: int) -> float:
-    """Audio seconds per wall second of encoder.onnx at ``path`` on ``features`` (B, T, F), best of ``repeats``."""
+def throughput(path: Path, features: torch.Tensor, threads: int, repeats: int, frame_seconds: float) -> float:
+    """Audio seconds per wall second of encoder.onnx at ``path`` on ``features`` (B, T, F), best of ``repeats``;
+    each feature frame stands for ``frame_seconds`` of audio."""
     encoder = session(path, threads)
     batch, frames = features.shape[:2]
     feeds = {"features": features.numpy(), "feature_lengths": torch.full((batch,), frames).numpy()}
@@ -65,7 +66,7 @@ def throughput(path: Path, features: torch.Tensor, threads: int, repeats: int) -
         start = time.perf_counter()
         encoder.run(None, feeds)
         best = min(best, time.perf_counter() - start)
-    return batch * frames * 0.01 / best  # 10 ms feature frames
+    return batch * frames * frame_seconds / best
 
 
 def main() -> None:
@@ -90,9 +91,12 @@ def main() -> None:
             path = tmp / f"{family}-{name.replace(' ', '-')}.onnx"
             onnx.save(to_onnx(model)["encoder"], path)
             flops = api.describe(model)["flops"]["encoder_per_frame"]
+            # A feature frame is 30 ms of audio for the MLPerf featurizer: 10 ms hop, 3 frames spliced into one
+            # (FeatureConfig.frame_shift_seconds), so --seconds of audio is seconds / 0.03 frames.
+            frame_seconds = model.feature_config.frame_shift_seconds
             torch.manual_seed(0)
-            features = torch.randn(args.batch, int(args.seconds * 100), model.feature_config.feature_dim)
-            speeds = {t: throughput(path, features, t, args.repeats) for t in args.threads}
+            features = torch.randn(args.batch, round(args.seconds / frame_seconds), model.feature_config.feature_dim)
+            speeds = {t: throughput(path, features, t, args.repeats, frame_seconds) for t in args.threads}
             base_flops, base_speeds = baseline.setdefault(family, (flops, speeds))
             cut = base_flops / flops
             cells = "".join(f"{speeds[t]:>12.1f}{speeds[t] / base_speeds[t]:>10.2f}"

@@ -40,6 +40,18 @@ TargetParams = Annotated[Optional[int], typer.Option(help="Per-layer ranks under
                                                           "keeps at most this many parameters.")]
 
 
+def _explicit(ctx: typer.Context, name: str) -> bool:
+    """Whether the user gave option ``name`` (on the command line or through the environment)."""
+    source = ctx.get_parameter_source(name)  # compared by name: Typer may bring its own copy of click's enum
+    return getattr(source, "name", None) in ("COMMANDLINE", "ENVIRONMENT")
+
+
+def _given_options(ctx: typer.Context, options: dict[str, tuple]) -> dict[str, tuple]:
+    """{option: (section, field, value)} for the options the user gave explicitly."""
+    return {flag: (section, field, value) for name, (flag, section, field, value) in options.items()
+            if _explicit(ctx, name)}
+
+
 def _components(value: str) -> tuple[str, ...]:
     from asrshrink.errors import AsrshrinkError
 
@@ -71,7 +83,8 @@ def _run(command: str, json_out: bool, **kwargs) -> None:
             if command == "prune":
                 report = compress.prune(log=log, progress=_Bars(bar), **kwargs)
             elif kwargs.pop("resume_run", False):
-                report = compress.resume(kwargs["out"], log=log, progress=_Bars(bar))
+                report = compress.resume(kwargs["out"], given=kwargs.get("given"), model=kwargs.get("model"),
+                                         log=log, progress=_Bars(bar))
             else:
                 report = compress.run(command, log=log, progress=_Bars(bar), **kwargs)
         except KeyboardInterrupt:
@@ -147,6 +160,7 @@ def svd_command(
 @app.command("psvd")
 @handle_errors
 def psvd_command(
+    ctx: typer.Context,
     model: ModelArg = None, out: Out = Path("psvd-out"), calib: Calib = None, rank_threshold: Threshold = 0.2,
     rank: Rank = None, iterations: Annotated[int, typer.Option(help="Passes over the layers, first to last.")] = 3,
     num_utterances: NumUtts = 400, mode: Mode = "stacked", components: Components = "encoder",
@@ -173,7 +187,26 @@ def psvd_command(
     from asrshrink.methods.psvd import PsvdConfig
 
     if resume is not None:
-        _run("psvd", json_out, out=resume, resume_run=True)
+        given = _given_options(ctx, {
+            "rank_threshold": ("--rank-threshold", "svd", "threshold", rank_threshold),
+            "rank": ("--rank", "svd", "rank", rank), "mode": ("--mode", "svd", "mode", mode),
+            "components": ("--components", "svd", "components", COMPONENTS.get(components, components)),
+            "data_aware": ("--data-aware", "svd", "data_aware", data_aware),
+            "compression_ratio": ("--compression-ratio", "svd", "compression_ratio", compression_ratio),
+            "target_params": ("--target-params", "svd", "target_params", target_params),
+            "calib": ("--calib", "calib", "path", str(calib.resolve()) if calib else None),
+            "num_utterances": ("--num-utterances", "calib", "num_utterances", num_utterances),
+            "seed": ("--seed", "calib", "seed", seed),
+            "iterations": ("--iterations", "psvd", "iterations", iterations),
+            "variant": ("--variant", "psvd", "variant", variant), "refits": ("--refits", "psvd", "refits", refits),
+            "eval_data": ("--eval", "evaluation", "path", str(eval_data.resolve()) if eval_data else None),
+            "eval_limit": ("--eval-limit", "evaluation", "limit", eval_limit)})
+        if _explicit(ctx, "out") and out.resolve() != resume.resolve():
+            from asrshrink.errors import AsrshrinkError
+
+            raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
+                                 f"resumes; drop -o")
+        _run("psvd", json_out, out=resume, resume_run=True, given=given, model=model)
         return
     comps = _components(components)
     _run("psvd", json_out, model=model, out=out,

@@ -41,11 +41,14 @@ def export_command(
     from asrshrink import api
     from asrshrink.export.onnx import check_export_options, export_model, speech_sample
 
+    from asrshrink.output import OutputLock
+
     check_export_options(out, opset)
-    net, info = api.load_model(model)
-    speech = speech_sample(net, data)
-    report = export_model(net, out, info=info, opset=opset, int8=int8, speech=speech,
-                          log=lambda line: err.print(line, markup=False, highlight=False))
+    with OutputLock(out):  # one run per export folder; export_model stages and publishes it atomically
+        net, info = api.load_model(model)
+        speech = speech_sample(net, data)
+        report = export_model(net, out, info=info, opset=opset, int8=int8, speech=speech,
+                              log=lambda line: err.print(line, markup=False, highlight=False))
     err.print(f"{info.path} -> {out}", soft_wrap=True, markup=False, highlight=False)
     table = Table()
     for column in ("file", "MB", "max abs diff vs PyTorch"):

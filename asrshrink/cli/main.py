@@ -28,23 +28,62 @@ ModelArg = Annotated[Optional[Path], typer.Argument(
     show_default=False)]
 
 
+#: Exit code of an internal error (a bug in asrshrink, not in the user's input): neither 1 (``gate``: a bound
+#: failed) nor 2 (a user error).
+EXIT_INTERNAL = 3
+_DISK_FULL = {"ENOSPC", "EFBIG", "EDQUOT"}
+_NOT_ALLOWED = {"EACCES", "EPERM", "EROFS"}
+
+
+def _os_error_line(exc: OSError) -> str:
+    import errno
+
+    where = exc.filename or ""
+    name = errno.errorcode.get(exc.errno or 0, "")
+    if name in _DISK_FULL:
+        fix = "free disk space (or choose another output location) and run again; outputs were left as they were"
+    elif name in _NOT_ALLOWED:
+        fix = "choose a location you can write to, or fix its permissions"
+    else:
+        fix = "check the path and free space"
+    return f"{where}: {exc.strerror or exc}; {fix}" if where else f"{exc.strerror or exc}; {fix}"
+
+
 def handle_errors(fn: Callable) -> Callable:
-    """Turn an AsrshrinkError into one line on stderr and exit code 2 (no traceback)."""
+    """Turn an AsrshrinkError or an OS error into one line on stderr and exit code 2 (no traceback). Any other
+    exception is a bug: one line naming it, exit code 3 (set ASRSHRINK_DEBUG=1 for the traceback)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import os
+
+        import click
+
         from asrshrink.errors import AsrshrinkError
 
         try:
             return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
         except AsrshrinkError as exc:
             err.print(f"error: {exc}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except OSError as exc:  # the file system refused: a full disk, a folder where a file goes, permissions
-            where = exc.filename or ""
-            err.print(f"error: {where}: {exc.strerror or exc}; check the path and free space", markup=False,
-                      highlight=False, soft_wrap=True)
+            err.print(f"error: {_os_error_line(exc)}", markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
+        except MemoryError:
+            err.print("error: out of memory; use a machine with more memory, or fewer utterances "
+                      "(--num-utterances, --limit) or a smaller --batch-size", markup=False, highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(2) from None
+        except Exception as exc:
+            if os.environ.get("ASRSHRINK_DEBUG"):
+                raise
+            text = (str(exc).strip().splitlines() or [""])[0][:200]
+            err.print(f"error: internal error ({type(exc).__name__}: {text}); this is a bug in asrshrink "
+                      f"{__version__}, please report it with the command (ASRSHRINK_DEBUG=1 shows the traceback)",
+                      markup=False, highlight=False, soft_wrap=True)
+            raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
 
@@ -94,6 +133,29 @@ def eval_command(
         from asrshrink.errors import AsrshrinkError
 
         raise AsrshrinkError(f"{hypotheses}: --hypotheses takes a file name (JSONL), not a directory")
+    if hypotheses is not None:
+        import os
+
+        from asrshrink.errors import AsrshrinkError
+
+        parent = hypotheses.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise AsrshrinkError(f"{hypotheses}: --hypotheses cannot be written there ({parent} is not a writable "
+                                 f"folder); choose another file name")
+    if batch_size < 1:
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"--batch-size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"--limit must be at least 1 (utterances to evaluate), got {limit}")
+    if max_duration is not None and not max_duration > 0:
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"--max-duration must be a positive number of seconds, got {max_duration}")
     from asrshrink.export.runtime import is_export, load_export
 
     net, info = load_export(model) if is_export(model) else api.load_model(model)

@@ -72,9 +72,11 @@ def gate_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print every bound with its measured value and "
                                                           "verdict as one JSON object on stdout.")] = False,
 ) -> None:
-    """Check a compressed output against bounds, for CI: one line per bound (measured against the bound);
-    exit 0 when every bound holds, 1 when one fails, 2 on bad input or when no bound is given. A WER bound on
-    a report without WER (a run without --eval) fails.
+    """Check a compressed output against bounds, for CI: one line per bound (measured against the bound).
+
+    Exit codes: 0 when every bound holds; 1 only when a bound fails; 2 on any input or usage error (no bound
+    given, a bound that is not a finite number, a missing or malformed report.json: one line naming the file
+    and the key); 3 on an internal error. A WER bound on a report without WER (a run without --eval) fails.
 
     Example: asrshrink gate out/psvd --max-size-mb 40 --max-wer-increase 0.5
     """

@@ -41,11 +41,9 @@ import copy
 import io
 import json
 import logging
-import os
 import shutil
 import tempfile
 import time
-import uuid
 import warnings
 from pathlib import Path
 from typing import Callable, Sequence
@@ -420,7 +418,13 @@ def speech_sample(model: Transducer, data: str | Path | None = None, count: int 
 
     dataset = open_dataset(data or bundled_speech("test", "--data"), vocabulary=model.vocabulary,
                            sample_rate=model.feature_config.sample_rate, max_duration=15.0, limit=count, seed=0)
-    return [u.audio for u in dataset]
+    waveforms = [u.audio for u in dataset]
+    need = model.feature_config.min_samples
+    for entry, audio in zip(dataset.entries, waveforms):
+        if len(audio) < need:
+            raise ExportError(f"{entry.audio_path}: {len(audio)} samples, fewer than the {need} the featurizer needs "
+                              f"for the parity check; remove it from the --data speech or pass other --data")
+    return waveforms
 
 
 def quantize_int8(source: Path, target: Path) -> None:
@@ -496,14 +500,7 @@ def export_model(model: Transducer, out: str | Path, *, info: ModelInfo | None =
 
 
 def _publish(tmp: Path, out: Path) -> None:
-    """Rename the finished ``tmp`` directory onto ``out``, replacing an earlier export there."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700 directories; outputs get the usual permissions
-    if not out.exists():
-        os.replace(tmp, out)
-        return
-    old = out.parent / f".{out.name}.{uuid.uuid4().hex}.old"
-    os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
+    """Swap the finished ``tmp`` directory in for ``out`` in one step, replacing an earlier export there."""
+    from asrshrink.output import publish_folder
+
+    publish_folder(tmp, out)

@@ -7,8 +7,13 @@ family, full config, compression structure, asrshrink version and the source che
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import pickle
+import pickletools
+import stat
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +21,7 @@ from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
 
 import asrshrink
 from asrshrink.errors import CheckpointError
@@ -24,6 +29,8 @@ from asrshrink.io import atomic_write, sha256_file
 from asrshrink.models.base import Transducer
 from asrshrink.models.layers import model_structure
 from asrshrink.models.registry import detect_family, get_family
+from asrshrink.models.validate import (REWRITE, check_config, check_dtype, check_finite, check_shape,
+                                       check_structure, check_tensors)
 
 MODEL_FILENAME = "model.safetensors"
 FORMAT_VERSION = 1
@@ -73,24 +80,29 @@ def resolve_model_path(model: str | Path | None) -> Path:
 
 
 def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
-    """Load a model in eval mode from a foreign checkpoint, an asrshrink file or directory, or the default."""
+    """Load a model in eval mode from a foreign checkpoint, an asrshrink file or directory, or the default.
+
+    The file's format is read from its first bytes (regular files only) before it is hashed, and every
+    tensor, config and structure is validated (``asrshrink.models.validate``) before a network is built."""
     path = resolve_model_path(model)
+    file_format = _file_format(path)
     digest = sha256_file(path)
-    kind = _file_format(path)
-    if kind == "safetensors":
+    if file_format == "safetensors":
         net, meta = _load_native(path)
-        info = ModelInfo(path, "asrshrink", digest, meta.get("source_sha256", digest),
-                         structure=meta.get("structure", {}), extra=meta)
-    elif kind == "nemo":
+        info = ModelInfo(path, "asrshrink", digest, meta.get("source_sha256") or digest,
+                         structure=meta.get("structure") or {}, extra=meta)
+    elif file_format == "nemo":
         from asrshrink.models.nemo_archive import read_nemo
 
         config, state_dict, files = read_nemo(path)
+        check_tensors(state_dict, str(path), fix=FOREIGN_FIX)
         family = detect_family(state_dict, str(path))
         net = family.from_foreign(state_dict, str(path), config=config, files=files)
         info = ModelInfo(path, "foreign", digest, digest)
     else:
         checkpoint = read_torch_checkpoint(path)
         state_dict = _state_dict_of(checkpoint, path)
+        check_tensors(state_dict, str(path), fix=FOREIGN_FIX)
         family = detect_family(state_dict, str(path))
         net = family.from_foreign(state_dict, str(path))
         extra = {k: v for k, v in checkpoint.items() if k in ("epoch",)} if isinstance(checkpoint, dict) else {}
@@ -98,23 +110,107 @@ def load_model(model: str | Path | None = None) -> tuple[Transducer, ModelInfo]:
     return net.eval(), info
 
 
+FOREIGN_FIX = "pass an intact checkpoint of a trained model"
+#: Modules a weights-only PyTorch checkpoint's pickle may name (tensor rebuilding and plain containers).
+_SAFE_GLOBAL_PREFIXES = ("torch.", "collections.OrderedDict", "builtins.set", "builtins.frozenset",
+                         "builtins.bytearray", "_codecs.encode", "numpy.core.multiarray._reconstruct",
+                         "numpy.dtype", "numpy.ndarray")
+
+
+def _pickle_stream(path: Path | BinaryIO) -> bytes:
+    """The pickle bytes of a checkpoint (a path, or an open binary file, left where it was): ``data.pkl`` of a
+    zip archive, else the first 16 MB."""
+    if not isinstance(path, (str, Path)):
+        start = path.tell()
+        try:
+            if zipfile.is_zipfile(path):
+                path.seek(start)
+                with zipfile.ZipFile(path) as archive:
+                    names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                    return archive.read(names[0])[: 16 << 20] if names else b""
+            path.seek(start)
+            return path.read(16 << 20)
+        finally:
+            path.seek(start)
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            names = [n for n in archive.namelist() if n.endswith("data.pkl")]
+            return archive.read(names[0])[: 16 << 20] if names else b""
+    with open(path, "rb") as f:
+        return f.read(16 << 20)
+
+
+def pickle_globals(data: bytes) -> list[str]:
+    """The "module.name" globals a pickle stream imports (GLOBAL, STACK_GLOBAL, INST), read with pickletools:
+    nothing is executed. Several concatenated pickles (the legacy torch format) are all read."""
+    found: list[str] = []
+    stream = io.BytesIO(data)
+    while stream.tell() < len(data):
+        strings: list[str] = []
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # pickletools warns on odd escapes in garbage
+                ops = list(_genops(stream))
+            for opcode, arg in ops:
+                if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                    found.append(arg.replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL" and len(strings) >= 2:
+                    found.append(f"{strings[-2]}.{strings[-1]}")
+                elif isinstance(arg, str):
+                    strings.append(arg)
+        except Exception:  # a truncated or garbled stream: report what was read so far
+            break
+    return found
+
+
+def _genops(stream: io.BytesIO):
+    """(opcode, arg) pairs of one pickle; on a broken stream, those read before the break."""
+    try:
+        for opcode, arg, _ in pickletools.genops(stream):
+            yield opcode, arg
+    except Exception:
+        stream.seek(0, io.SEEK_END)
+
+
+def _code_globals(path: Path | BinaryIO) -> list[str]:
+    try:
+        names = pickle_globals(_pickle_stream(path))
+    except (OSError, zipfile.BadZipFile, ValueError, KeyError, RuntimeError):
+        return []
+    return [n for n in names if not n.startswith(_SAFE_GLOBAL_PREFIXES)]
+
+
+def _refuse_code(path: Path, names: list[str]) -> CheckpointError:
+    shown = ", ".join(dict.fromkeys(names[:3]))
+    return CheckpointError(
+        f"{path}: refused: the file holds pickled code that would run code when loaded (it imports and calls "
+        f"{shown}); asrshrink never runs code from a checkpoint. Ask its author for a weights-only file, e.g. "
+        f"torch.save({{'state_dict': model.state_dict()}}, 'model.pt')")
+
+
 def read_torch_checkpoint(path: Path | BinaryIO, source: str | None = None) -> Any:
     """``torch.load`` restricted to tensors and plain containers; every failure becomes a CheckpointError.
 
-    ``path`` is a file name or an open binary file; ``source`` names it in errors (default: ``path``)."""
+    ``path`` is a file name or an open binary file; ``source`` names it in errors (default: ``path``). A file
+    whose pickle would import anything beyond tensor rebuilding is refused by name before torch reads it;
+    torch's own weights-only refusal is the second line of defence."""
     file, path = path, (source if source is not None else path)
+    code = _code_globals(file)
+    if code:
+        raise _refuse_code(path, code)
     try:
         return torch.load(file, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
         text = str(exc)
-        if "Unsupported global" in text:
+        if "Unsupported global" in text or "GLOBAL" in text:
             raise CheckpointError(
-                f"{path}: refused: the file contains pickled Python objects that would run code when loaded; "
-                f"re-save only the tensors (torch.save({{'state_dict': model.state_dict()}})) and retry") from None
+                f"{path}: refused: the file contains pickled Python objects ({_first_line(text)}) that asrshrink "
+                f"does not load; ask its author for a weights-only file, e.g. "
+                f"torch.save({{'state_dict': model.state_dict()}}, 'model.pt')") from None
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint ({_first_line(text)}); "
                               f"download or copy it again") from None
     except (EOFError, RuntimeError, ValueError, OSError, zipfile.BadZipFile, KeyError, IndexError,
-            AttributeError, TypeError, UnicodeDecodeError) as exc:
+            AttributeError, TypeError, UnicodeDecodeError, MemoryError, OverflowError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated checkpoint, or not a PyTorch file "
                               f"({type(exc).__name__}: {_first_line(str(exc))}); download or copy it again") from None
 
@@ -125,6 +221,11 @@ def _first_line(text: str) -> str:
     lines = text.strip().splitlines()
     cause = [line for line in lines if "WeightsUnpickler error:" in line]
     line = cause[0].split("WeightsUnpickler error:", 1)[1].strip() if cause else (lines[0] if lines else "")
+    globals_ = [g for g in lines if "GLOBAL" in g]
+    if globals_:  # torch's banner advises weights_only=False, which would run the code: name the global only
+        line = globals_[0].strip()
+    elif "weights_only" in line:
+        line = "not a weights-only checkpoint"
     return line[:160]
 
 
@@ -143,13 +244,29 @@ def _state_dict_of(checkpoint: Any, path: Path) -> dict[str, torch.Tensor]:
 
 
 def _file_format(path: Path) -> str:
-    """"safetensors" or "torch" from the file's first bytes; CheckpointError for anything else."""
+    """"safetensors", "torch" or "nemo" from a regular file's first bytes; CheckpointError for anything else
+    (FIFOs, devices and sockets are refused before a byte is read, so they cannot hang the command)."""
     from asrshrink.models.nemo_archive import is_nemo_archive
 
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check the MODEL path") from None
+    if not stat.S_ISREG(mode):
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else \
+            "a socket" if stat.S_ISSOCK(mode) else "not a regular file"
+        raise CheckpointError(f"{path}: {kind}, not a model file; pass a .pt checkpoint, a .nemo archive, a "
+                              f".safetensors model or an output directory")
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read ({exc.strerror}); check the MODEL path and its "
+                              f"permissions") from None
+    if not head:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a model; copy or download it again")
     if path.suffix == ".safetensors":
         return "safetensors"
-    with open(path, "rb") as f:
-        head = f.read(512)
     # safetensors: 8-byte little-endian header length, then a JSON object.
     if len(head) >= 9 and head[8:9] == b"{":
         return "safetensors"
@@ -157,42 +274,92 @@ def _file_format(path: Path) -> str:
         return "torch"
     if is_nemo_archive(head):  # a NeMo .nemo archive: tar, or gzipped tar before NeMo 1.7
         return "nemo"
+    code = _code_globals(path)  # a protocol-0/1 pickle (text opcodes) that imports something
+    if code:
+        raise _refuse_code(path, code)
     raise CheckpointError(f"{path}: not a PyTorch checkpoint or an asrshrink model (neither a zip archive nor "
-                          f"a pickle); pass a .pt checkpoint, a .nemo archive, a .safetensors model or an output directory")
+                          f"a pickle); pass a .pt checkpoint, a .nemo archive, a .safetensors model or an output "
+                          f"directory")
 
 
 def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:
+    """Read metadata and tensor shapes, validate them against the family's network built on the meta device
+    (which allocates nothing), then read the tensors, check them and build the real network."""
+    source = str(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(source, framework="pt") as f:
             raw = (f.metadata() or {}).get("asrshrink")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as exc:
+            slices = {k: f.get_slice(k) for k in f.keys()}
+            shapes = {k: tuple(s.get_shape()) for k, s in slices.items()}
+            dtypes = {k: s.get_dtype() for k, s in slices.items()}
+    except (SafetensorError, OSError, ValueError, MemoryError, OverflowError) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated model file ({_first_line(str(exc))}); "
-                              f"write it again with asrshrink") from None
+                              f"{REWRITE}") from None
     if raw is None:
         raise CheckpointError(f"{path}: safetensors file without asrshrink metadata; asrshrink reads its own "
                               f"outputs or a model family's training checkpoint (.pt)")
     try:
         meta = json.loads(raw)
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: invalid asrshrink metadata (not JSON: {exc}); {REWRITE}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("family"), str) or "config" not in meta:
+        raise CheckpointError(f"{path}: invalid asrshrink metadata (no family or config); {REWRITE}")
+    version = meta.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CheckpointError(f"{path}: invalid asrshrink metadata (format_version {version!r}); {REWRITE}")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path}: written by a newer asrshrink (format {version}); upgrade asrshrink")
+    try:
         family = get_family(meta["family"])
-        if int(meta.get("format_version", 0)) > FORMAT_VERSION:
-            raise CheckpointError(f"{path}: written by a newer asrshrink (format {meta['format_version']}); "
-                                  f"upgrade asrshrink")
-        net = family.from_config_dict(meta["config"])
-    except (KeyError, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{path}: invalid asrshrink metadata ({exc}); write the model again") from None
-    if meta.get("structure"):
-        net.apply_structure(meta["structure"])
-    expected = {k: v for k, v in net.state_dict().items() if not k.startswith("featurizer.")}
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path}: {exc}; pass a model written by this asrshrink version, or upgrade "
+                              f"asrshrink") from None
+    for key in ("source_sha256",):
+        if not isinstance(meta.get(key, ""), str):
+            raise CheckpointError(f"{path}: invalid asrshrink metadata ({key} {meta[key]!r}); {REWRITE}")
+    check_config(meta["config"], source, tensors=len(shapes))
+    for key in shapes:
+        check_dtype(key, dtypes[key], source)
+        check_shape(key, shapes[key], source)
+    structure = meta.get("structure") or {}
+
+    def build(device: str) -> Transducer:
+        try:
+            with torch.device(device):
+                net = family.from_config_dict(meta["config"])
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}; {REWRITE}") from None
+        except (KeyError, TypeError, ValueError, RuntimeError, AttributeError, OverflowError) as exc:
+            raise CheckpointError(f"{path}: invalid asrshrink metadata ({type(exc).__name__}: "
+                                  f"{_first_line(str(exc))}); {REWRITE}") from None
+        check_structure(structure, net, source)
+        try:
+            net.apply_structure(structure)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
+        return net
+
+    skeleton = build("meta")
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if not k.startswith("featurizer.")}
+    del skeleton
+    missing = sorted(set(expected) - set(shapes))
+    unexpected = sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{path}: tensors do not match its config (missing {missing[:5]}, unexpected "
-                              f"{unexpected[:5]}); write the model again")
-    for key, ref in expected.items():
-        if tensors[key].shape != ref.shape:
-            raise CheckpointError(f"{path}: tensor {key} has shape {tuple(tensors[key].shape)}, its config "
-                                  f"says {tuple(ref.shape)}; write the model again")
+                              f"{unexpected[:5]}); {REWRITE}")
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            raise CheckpointError(f"{path}: tensor {key} has shape {shapes[key]}, its config says {shape}; "
+                                  f"{REWRITE}")
+    try:
+        with safe_open(source, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, MemoryError) as exc:
+        raise CheckpointError(f"{path}: corrupt or truncated model file ({_first_line(str(exc))}); "
+                              f"{REWRITE}") from None
+    for key, tensor in tensors.items():
+        check_finite(key, tensor, source)
+    net = build("cpu")
     net.load_state_dict(tensors, strict=False)
     return net, meta
 
@@ -217,4 +384,17 @@ def save_model(model: Transducer, path: str | Path, *, source_sha256: str = "",
     }
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
                if not k.startswith("featurizer.")}
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata={"asrshrink": json.dumps(meta)}))
+    for key, tensor in tensors.items():
+        check_finite(key, tensor, str(path), fix="nothing was written; the method diverged on this model, try "
+                                                 "other options or calibration data")
+    # Serialised in memory and written with plain file I/O, so a full disk is an OSError naming errno
+    # (safetensors' own writer raises a SafetensorError without one).
+    data = safetensors_bytes(tensors, metadata={"asrshrink": json.dumps(meta)})
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+
+    return atomic_write(path, write)

@@ -305,6 +305,9 @@ def _config_from_foreign(sd: dict[str, torch.Tensor], source: str) -> MlperfRnnt
     def shape(key: str) -> tuple[int, ...]:
         if key not in sd or not isinstance(sd[key], torch.Tensor):
             raise CheckpointError(f"{source}: not a complete mlperf-rnnt checkpoint: missing key {key}")
+        if sd[key].dim() != 2 or min(sd[key].shape) < 1:
+            raise CheckpointError(f"{source}: tensor {key} has shape {tuple(sd[key].shape)}, expected a non-empty "
+                                  f"matrix; pass an intact mlperf-rnnt checkpoint")
         return tuple(sd[key].shape)
 
     wih0 = shape("encoder.pre_rnn.lstm.weight_ih_l0")

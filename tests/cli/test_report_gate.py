@@ -81,7 +81,7 @@ def test_plot_without_any_wer_or_matplotlib(outputs, tmp_path, monkeypatch):
     ("{not json", "not valid JSON"),
     ('{"schema": "something/1"}', "expected 'asrshrink.report/1'"),
     ('{"schema": "asrshrink.report/2"}', "upgrade asrshrink"),
-    ('{"schema": "asrshrink.report/1", "before": {}}', "before.params is missing"),
+    ('{"schema": "asrshrink.report/1", "command": "svd", "before": {}, "eval": null}', "before.params is missing"),
 ])
 def test_bad_reports_are_one_line_errors(tmp_path, content, fragment):
     folder = tmp_path / "out"

@@ -22,21 +22,27 @@ def model_path(tmp_path):
     return str(save_model(MlperfRnnt(TINY).eval(), tmp_path / "model"))
 
 
-def test_export_then_eval_gives_the_pytorch_wer(model_path, tiny_data, tmp_path):
+def test_export_then_eval_gives_the_pytorch_wer(tmp_path):
+    """On the bundled (trained) model and speech, where hypotheses are not empty: a random model decodes every
+    clip to "", and 100 % == 100 % could not fail."""
     out = tmp_path / "onnx"
-    result = runner.invoke(app, ["export", model_path, "-o", str(out), "--int8", "--json", "--data", str(tiny_data)])
+    result = runner.invoke(app, ["export", "-o", str(out), "--int8", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["schema"] == "asrshrink.export/1" and report["source"]["path"] == model_path
+    assert report["schema"] == "asrshrink.export/1" and report["source"]["path"].endswith("model.safetensors")
     assert {"encoder.onnx", "decoder.onnx", "joiner.onnx", "encoder.int8.onnx", "tokens.txt"} <= set(report["files"])
     assert "the same as PyTorch" in result.stderr
-    runs = {}
-    for name, target in (("torch", model_path), ("onnx", str(out)), ("int8", str(out / "encoder.int8.onnx"))):
-        result = runner.invoke(app, ["eval", target, "--data", str(tiny_data), "--json"])
+    runs, hyps = {}, {}
+    for name, target in (("torch", []), ("onnx", [str(out)]), ("int8", [str(out / "encoder.int8.onnx")])):
+        file = tmp_path / f"{name}.jsonl"
+        result = runner.invoke(app, ["eval", *target, "--limit", "8", "--json", "--hypotheses", str(file)])
         assert result.exit_code == 0, result.output
         runs[name] = json.loads(result.stdout)
-    assert runs["onnx"]["wer"] == runs["torch"]["wer"] and runs["onnx"]["num_words"] == 7
-    assert runs["int8"]["num_utterances"] == 3
+        hyps[name] = [json.loads(line)["hypothesis"] for line in file.read_text().splitlines()]
+    words = sum(len(h.split()) for h in hyps["torch"])
+    assert words > 0.5 * runs["torch"]["num_words"]  # the model really transcribes: the comparison can fail
+    assert hyps["onnx"] == hyps["torch"] and runs["onnx"]["wer"] == runs["torch"]["wer"] < 100
+    assert runs["int8"]["num_utterances"] == 8 and sum(len(h.split()) for h in hyps["int8"]) > 0
 
 
 def test_help_has_an_example():
