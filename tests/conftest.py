@@ -44,7 +44,7 @@ def tiny_data(tmp_path) -> Path:
 def nemo_fixture_dir() -> Path:
     """The NeMo Conformer-Transducer conformance fixture directory; fails (never skips) when it is missing."""
     path = FIXTURES_ROOT / "nemo_conformer"
-    if not all((path / layout / name).is_file() for layout in ("conformer", "fastconformer")
+    if not all((path / layout / name).is_file() for layout in ("conformer", "fastconformer", "options")
                for name in ("model.nemo", "outputs.npz")):
         pytest.fail(f"NeMo Conformer fixture not found at {path} (set ASRSHRINK_FIXTURES to the directory "
                     f"that holds nemo_conformer/)", pytrace=False)

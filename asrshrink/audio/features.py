@@ -26,8 +26,25 @@ __all__ = ["FeatureConfig", "Featurizer", "feature_config_from_json", "slaney_me
 _NORMALIZE_TYPES = ("per_feature", "none")
 
 
+class JsonConfig:
+    """JSON round trip of a featurizer config dataclass, tagged with its ``kind``."""
+
+    kind = ""
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict):
+        data = {k: v for k, v in data.items() if k != "kind"}
+        unknown = sorted(set(data) - {f.name for f in fields(cls)})
+        if unknown:
+            raise ValueError(f"unknown feature configuration keys: {unknown}")
+        return cls(**data)
+
+
 @dataclass(frozen=True)
-class FeatureConfig:
+class FeatureConfig(JsonConfig):
     """Featurizer settings; the defaults are the MLPerf RNN-T evaluation configuration."""
 
     sample_rate: int = 16000
@@ -87,17 +104,6 @@ class FeatureConfig:
     def featurizer(self) -> "Featurizer":
         return Featurizer(self)
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "FeatureConfig":
-        data = {k: v for k, v in data.items() if k != "kind"}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown feature configuration keys: {unknown}")
-        return cls(**data)
 
 
 def feature_config_from_json(data: dict):

@@ -15,11 +15,11 @@ Dimension letters: B batch, N samples, T frames, F mel bands.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
-from asrshrink.audio.features import slaney_mel_filterbank
+from asrshrink.audio.features import JsonConfig, slaney_mel_filterbank
 from asrshrink.errors import DataError
 
 __all__ = ["NemoFeatureConfig", "NemoFeaturizer"]
@@ -30,7 +30,7 @@ _NORMALIZE_TYPES = ("per_feature", "none")
 
 
 @dataclass(frozen=True)
-class NemoFeatureConfig:
+class NemoFeatureConfig(JsonConfig):
     """``preprocessor`` settings of a NeMo ASR model that asrshrink reproduces (the values NeMo's Conformer
     and FastConformer recipes use are the defaults)."""
 
@@ -84,17 +84,6 @@ class NemoFeatureConfig:
     def featurizer(self) -> "NemoFeaturizer":
         return NemoFeaturizer(self)
 
-    def to_json(self) -> dict:
-        return {"kind": self.kind, **asdict(self)}
-
-    @classmethod
-    def from_json(cls, data: dict) -> "NemoFeatureConfig":
-        data = {k: v for k, v in data.items() if k != "kind"}
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"unknown feature configuration keys: {unknown}")
-        return cls(**data)
 
 
 class NemoFeaturizer(torch.nn.Module):

@@ -32,6 +32,33 @@ class Block:
     run: Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+def check_foreign_state_dict(expected: dict[str, torch.Tensor], state_dict: dict[str, torch.Tensor], source: str,
+                             what: str, ignore: tuple[str, ...] = ()) -> None:
+    """Refuse a foreign checkpoint whose keys, shapes or dtypes differ from ``expected`` (the family's layout for
+    the sizes it inferred), in one line naming up to five keys; keys ending in ``ignore`` are not compared."""
+    from asrshrink.errors import CheckpointError
+
+    wanted = {k: v for k, v in expected.items() if not k.endswith(ignore)} if ignore else expected
+    present = [k for k in state_dict if not (ignore and k.endswith(ignore))]
+    missing = [k for k in wanted if k not in state_dict]
+    unexpected = [k for k in present if k not in wanted]
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
+        if unexpected:
+            parts.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
+        raise CheckpointError(f"{source}: {what}: {'; '.join(parts)}")
+    for key, ref in wanted.items():
+        got = state_dict[key]
+        if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
+            shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+            raise CheckpointError(f"{source}: tensor {key} has shape {shape}, expected {tuple(ref.shape)} "
+                                  f"for the sizes of this model")
+        if not got.is_floating_point():
+            raise CheckpointError(f"{source}: tensor {key} has dtype {got.dtype}, expected a float tensor")
+
+
 class Transducer(nn.Module):
     """A transducer: encoder, prediction network and joint network, plus its featurizer and vocabulary.
 

@@ -21,7 +21,7 @@ from torch import nn
 from asrshrink.audio.features import FeatureConfig
 from asrshrink.audio.text import Vocabulary
 from asrshrink.errors import CheckpointError
-from asrshrink.models.base import Block, State, Transducer
+from asrshrink.models.base import Block, State, Transducer, check_foreign_state_dict
 from asrshrink.models.layers import LSTMStack, mask_time, stack_time
 from asrshrink.models.registry import register_family
 
@@ -241,24 +241,8 @@ class MlperfRnnt(Transducer):
             model = cls(config)
         except CheckpointError as exc:
             raise CheckpointError(f"{source}: {exc}") from None
-        expected = model.to_foreign_state_dict()
-        missing = [k for k in expected if k not in state_dict]
-        unexpected = [k for k in state_dict if k not in expected]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
-            raise CheckpointError(f"{source}: not a complete mlperf-rnnt checkpoint: {'; '.join(parts)}")
-        for key, ref in expected.items():
-            got = state_dict[key]
-            if not isinstance(got, torch.Tensor) or tuple(got.shape) != tuple(ref.shape):
-                shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise CheckpointError(f"{source}: tensor {key} has shape {shape}, expected {tuple(ref.shape)} "
-                                      f"for the sizes inferred from the checkpoint")
-            if not got.is_floating_point():
-                raise CheckpointError(f"{source}: tensor {key} has dtype {got.dtype}, expected a float tensor")
+        check_foreign_state_dict(model.to_foreign_state_dict(), state_dict, source,
+                                 "not a complete mlperf-rnnt checkpoint")
         mapped = _from_foreign_keys(state_dict, config)
         # The featurizer buffers are recomputed from the feature config (as the reference does), not loaded.
         mapped.update({k: v for k, v in model.state_dict().items() if k.startswith("featurizer.")})

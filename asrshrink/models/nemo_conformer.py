@@ -37,7 +37,7 @@ from torch import nn
 from asrshrink.audio.nemo_features import NemoFeatureConfig
 from asrshrink.audio.text import vocabulary_from_json
 from asrshrink.errors import CheckpointError
-from asrshrink.models.base import Block, State, Transducer
+from asrshrink.models.base import Block, State, Transducer, check_foreign_state_dict
 from asrshrink.models.layers import LSTMStack
 from asrshrink.models.registry import register_family
 
@@ -472,25 +472,8 @@ class NemoConformerTransducer(Transducer):
                 skeleton = cls(c)
         except CheckpointError as exc:
             raise CheckpointError(f"{source}: {exc}") from None
-        expected = {k: v for k, v in skeleton.to_foreign_state_dict().items()
-                    if not k.endswith(".num_batches_tracked")}
-        present = {k for k in state_dict if not k.endswith(".num_batches_tracked")}
-        missing = [k for k in expected if k not in present]
-        unexpected = [k for k in present if k not in expected]
-        if missing or unexpected:
-            parts = []
-            if missing:
-                parts.append(f"missing keys {missing[:5]}" + (" ..." if len(missing) > 5 else ""))
-            if unexpected:
-                parts.append(f"unexpected keys {unexpected[:5]}" + (" ..." if len(unexpected) > 5 else ""))
-            raise CheckpointError(f"{source}: weights do not match model_config.yaml: {'; '.join(parts)}")
-        for key, ref in expected.items():
-            got = state_dict[key]
-            if tuple(got.shape) != tuple(ref.shape):
-                raise CheckpointError(f"{source}: tensor {key} has shape {tuple(got.shape)}, expected "
-                                      f"{tuple(ref.shape)} from model_config.yaml")
-            if not got.is_floating_point():
-                raise CheckpointError(f"{source}: tensor {key} has dtype {got.dtype}, expected a float tensor")
+        check_foreign_state_dict(skeleton.to_foreign_state_dict(), state_dict, source,
+                                 "weights do not match model_config.yaml", ignore=(".num_batches_tracked",))
         featurizer = c.feature.featurizer()
         for key, ours in (("preprocessor.featurizer.fb", featurizer.mel_fb.unsqueeze(0)),
                           ("preprocessor.featurizer.window", featurizer.window)):
