@@ -93,9 +93,8 @@ def test_sherpa_onnx_decodes_the_export(exported):
         agreement.append(1 - jiwer.wer(ours, " ".join(str(ids[t]) for t in got)))
     # sherpa-onnx computes its own fbank features, which only approximate NeMo's, and these random-weight models
     # amplify any feature difference (the graphs themselves are checked exactly above). Measured token agreement
-    # on these four utterances: 0.38 and -0.82 (conformer), 0.65 and 0.57 (fastconformer) (benchmarks/sherpa_agreement.py);
-    # a broken interface
-    # (wrong state order, vocabulary size or layout) decodes nothing or garbage.
+    # on these four utterances (benchmarks/sherpa_agreement.py): 0.38 and -0.82 (conformer), 0.65 and 0.57
+    # (fastconformer); a broken interface (wrong state order, vocabulary size or layout) decodes nothing or garbage.
     assert max(agreement) > 0.3, agreement
 
 
