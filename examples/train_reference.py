@@ -1,13 +1,15 @@
-"""Train asrshrink's bundled reference RNN-T (``mlperf-rnnt`` family) on the synthetic espeak-ng corpus.
+"""Train asrshrink's bundled reference RNN-T (``mlperf-rnnt`` family) on the synthetic speech corpus.
 
-    python examples/make_corpus.py data/synth                # the corpus (see that script)
-    python examples/train_reference.py train --corpus data/synth --out runs/reference --steps 8000
-    python examples/train_reference.py train --corpus data/synth --out runs/reference --steps 8000 --resume
+    python examples/make_corpus.py data/corpus2              # the corpus (see that script)
+    python examples/train_reference.py train --corpus data/corpus2 --out runs/reference --steps 8000
+    python examples/train_reference.py train --corpus data/corpus2 --out runs/reference --steps 8000 --resume
     python examples/train_reference.py export --out runs/reference --to asrshrink/assets/reference
-    python examples/train_reference.py train --corpus data/synth --out runs/more --steps 3000 \
+    python examples/train_reference.py train --corpus data/corpus2 --out runs/more --steps 3000 \
         --init asrshrink/assets/reference/model.safetensors    # continue from a model's weights
 
-``train`` featurizes the train split once (cached in OUT/bank-train), then runs the resumable training loop:
+Any corpus whose ``train`` and ``dev`` folders ``asrshrink`` can read works (corpus v2's manifests, or the
+LibriSpeech layout of the first corpus). ``train`` featurizes the train split once (cached in OUT/bank-train,
+or in the folder given by ``--bank`` so that several runs share it), then runs the resumable training loop:
 transducer loss plus an auxiliary CTC loss on the lower encoder, SpecAugment, AdamW with warm-up and cosine
 decay, gradient clipping, length-bucketed batches. It writes OUT/train_state.pt (atomically, every
 --checkpoint-every steps and on Ctrl-C / SIGTERM), OUT/train_log.jsonl (loss curve) and OUT/dev_log.jsonl
@@ -65,7 +67,7 @@ def cmd_train(args: argparse.Namespace) -> None:
         start, _ = load_model(args.init)
         model.load_state_dict(start.state_dict())
         log(f"starting from the weights of {args.init} (fresh optimizer and schedule)")
-    bank_dir = out / "bank-train"
+    bank_dir = Path(args.bank) if args.bank else out / "bank-train"
     if (bank_dir / "index.json").exists():
         bank = FeatureBank.load(bank_dir)
     else:
@@ -155,6 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--eval-every", type=int, default=500)
     t.add_argument("--dev-limit", type=int, default=150)
     t.add_argument("--log-every", type=int, default=20)
+    t.add_argument("--bank", default=None, help="feature bank folder to use or build (default OUT/bank-train)")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--init", default=None, help="start from this model's weights (an asrshrink model of the same "
                                                   "sizes, e.g. the bundled one) with a fresh optimizer and schedule")
