@@ -58,11 +58,11 @@ class NemoFeatureConfig(JsonConfig):
 
     @property
     def win_length(self) -> int:
-        return int(round(self.window_size * self.sample_rate))
+        return int(self.window_size * self.sample_rate)  # truncated, as NeMo computes n_window_size
 
     @property
     def hop_length(self) -> int:
-        return int(round(self.window_stride * self.sample_rate))
+        return int(self.window_stride * self.sample_rate)
 
     @property
     def feature_dim(self) -> int:

@@ -37,18 +37,22 @@ _ABBREVIATIONS = {"mr": "mister", "mrs": "missus", "dr": "doctor", "st": "saint"
 def normalize_text(text: str, labels: tuple[str, ...]) -> str:
     """Map free text onto a model's labels.
 
-    ASCII folding, lower case, digits spelt out, common abbreviations expanded, ``&``/``+``/``%`` as words,
+    ASCII folding of characters the labels lack (``é`` stays when a label holds it), lower case unless the
+    labels have upper-case letters, digits spelt out, common abbreviations expanded, ``&``/``+``/``%`` as words,
     other punctuation as spaces, characters outside ``labels`` dropped, white space collapsed.
     """
-    text = unicodedata.normalize("NFKD", text)
-    text = "".join(ch for ch in text if not unicodedata.combining(ch)).lower()
+    allowed = set("".join(labels))
+    cased = any(ch.isupper() for ch in allowed)
+    if not cased:
+        text = text.lower()
+    text = "".join(ch if ch in allowed else "".join(c for c in unicodedata.normalize("NFKD", ch)
+                                                      if not unicodedata.combining(c)) for ch in text)
     text = text.replace("\u2019", "'").replace("`", "'")
     for old, new in _REPLACEMENTS:
         text = text.replace(old, new)
     text = re.sub(r"\b(" + "|".join(_ABBREVIATIONS) + r")\.", lambda m: _ABBREVIATIONS[m.group(1)] + " ", text)
     text = re.sub(r"(?<=\d),(?=\d{3})", "", text)
     text = re.sub(r"\d+", lambda m: " " + number_to_words(int(m.group())) + " ", text)
-    allowed = set(labels)
     text = "".join(ch if ch in allowed else " " for ch in text)
     return " ".join(text.split())
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import io
 import math
+import re
+import reprlib
 import tarfile
 import zlib
 from pathlib import Path, PurePosixPath
@@ -23,11 +25,13 @@ import yaml
 from asrshrink.audio.nemo_features import NemoFeatureConfig
 from asrshrink.audio.text import SentencePieceVocabulary, Vocabulary
 from asrshrink.errors import CheckpointError
+from asrshrink.models.validate import FEATURE_BOUNDS, MAX_SIZE
 
 CONFIG = "model_config.yaml"
 WEIGHTS = "model_weights.ckpt"
 _MAX_MEMBERS = 1000
 _MAX_SMALL = 64 << 20               # config and tokenizer files: a SentencePiece model is at most a few MB
+_MAX_RATIO = 20                     # gzipped archives (NeMo < 1.7): float weights compress by about 1.1x
 SUPPORTED_TARGETS = ("nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel",
                      "nemo.collections.asr.models.rnnt_models.EncDecRNNTModel")
 
@@ -38,9 +42,13 @@ def is_nemo_archive(head: bytes) -> bool:
 
 
 def read_nemo(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict[str, bytes]]:
-    """The config, the weights' state dict and the other small files (by member name) of a ``.nemo`` archive."""
+    """The config, the weights' state dict and the files the config refers to (the tokenizer, by member name)
+    of a ``.nemo`` archive. Only those members are read, against a budget of bytes: a plain tar cannot hold
+    more than its own size, a gzipped one at most ``_MAX_RATIO`` times it (weights barely compress)."""
     from asrshrink.models.checkpoint import read_torch_checkpoint
 
+    size = path.stat().st_size
+    budget = [size if not _is_gzip(path) else _MAX_RATIO * size + _MAX_SMALL]
     try:
         with tarfile.open(path, mode="r:*") as tar:
             members = _checked_members(tar, path)
@@ -48,30 +56,56 @@ def read_nemo(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict
                 absent = [n for n in (CONFIG, WEIGHTS) if n not in members]
                 raise CheckpointError(f"{path}: not a NeMo model archive (no {', '.join(absent)} inside); pass the "
                                       f".nemo file NeMo's save_to wrote")
+            config = _parse_config(_read_member(tar, members[CONFIG], path, budget, _MAX_SMALL), path)
             files = {}
-            for name, member in members.items():
-                if name == WEIGHTS:
-                    continue
-                if member.size > _MAX_SMALL:
-                    raise CheckpointError(f"{path}: archive member {name} is {member.size} bytes, too large for a "
-                                          f"config or tokenizer file; the archive is not a NeMo model")
-                files[name] = _read_member(tar, member, path)
-            weights = io.BytesIO(_read_member(tar, members[WEIGHTS], path))
+            for name in _referenced_files(config):
+                if name in members:
+                    files[name] = _read_member(tar, members[name], path, budget, _MAX_SMALL)
+            weights = io.BytesIO(_read_member(tar, members[WEIGHTS], path, budget, None))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as exc:
         raise CheckpointError(f"{path}: corrupt or truncated .nemo archive ({type(exc).__name__}: "
                               f"{str(exc)[:120]}); copy or download it again") from None
-    try:
-        config = yaml.safe_load(files[CONFIG].decode("utf-8"))
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: {CONFIG} inside the archive is not valid YAML "
-                              f"({str(exc).splitlines()[0][:120]})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: {CONFIG} inside the archive is not a mapping of settings")
     checkpoint = read_torch_checkpoint(weights, source=f"{path} ({WEIGHTS})")
     state_dict = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise CheckpointError(f"{path}: {WEIGHTS} inside the archive is not a dict of tensors")
     return config, dict(state_dict), files
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """YAML's safe loader without anchors and aliases: NeMo configs have none, and an alias bomb expands to
+    gigabytes when printed."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.events.AliasEvent):
+            raise yaml.YAMLError("YAML aliases (*name) are not allowed in a model config")
+        return super().compose_node(parent, index)
+
+
+def _parse_config(data: bytes, path: Path) -> dict:
+    try:
+        config = yaml.load(data.decode("utf-8"), Loader=_NoAliasLoader)
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: {CONFIG} inside the archive is not valid YAML "
+                              f"({str(exc).splitlines()[0][:120]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: {CONFIG} inside the archive is not a mapping of settings")
+    return config
+
+
+def _referenced_files(config: dict) -> list[str]:
+    """Member names the config refers to as ``nemo:<name>`` (the tokenizer's files)."""
+    tokenizer = config.get("tokenizer")
+    if not isinstance(tokenizer, dict):
+        return []
+    refs = [str(v) for v in tokenizer.values() if isinstance(v, str)]
+    return [PurePosixPath(r[len("nemo:"):] if r.startswith("nemo:") else r).name for r in refs
+            if r.startswith("nemo:") or r.endswith(".model")]
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def _checked_members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarInfo]:
@@ -89,7 +123,7 @@ def _checked_members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarI
         if member.issym() or member.islnk():
             raise CheckpointError(f"{path}: refused: archive member {raw!r} is a link; NeMo archives hold only "
                                   f"regular files")
-        if not member.isfile():
+        if not member.isfile() or member.issparse():
             raise CheckpointError(f"{path}: refused: archive member {raw!r} is not a regular file")
         key = str(name)  # "./model_config.yaml" -> "model_config.yaml"
         if key in members:
@@ -98,15 +132,34 @@ def _checked_members(tar: tarfile.TarFile, path: Path) -> dict[str, tarfile.TarI
     return members
 
 
-def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path) -> bytes:
+def _read_member(tar: tarfile.TarFile, member: tarfile.TarInfo, path: Path, budget: list[int],
+                 cap: int | None) -> bytes:
+    """A member's bytes, refusing one larger than ``cap`` or than what is left of ``budget`` (a one-item list,
+    decremented)."""
+    if cap is not None and member.size > cap:
+        raise CheckpointError(f"{path}: archive member {member.name} is {member.size} bytes, too large for a "
+                              f"config or tokenizer file; the archive is not a NeMo model")
+    if member.size > budget[0]:
+        raise CheckpointError(f"{path}: archive member {member.name} claims {member.size} bytes, more than the "
+                              f"archive can hold; the file is corrupt or crafted")
+    budget[0] -= member.size
     handle = tar.extractfile(member)
-    data = handle.read() if handle is not None else b""
+    data = handle.read(member.size + 1) if handle is not None else b""
     if len(data) != member.size:
         raise CheckpointError(f"{path}: archive member {member.name} is truncated; copy or download the file again")
     return data
 
 
 # --- NeMo config -> NemoConformerConfig ---------------------------------------------------------------------
+
+_REPR = reprlib.Repr()  # Python 3.10 takes no keyword arguments here
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict, _REPR.maxlevel = 160, 160, 8, 8, 2
+
+
+def _short(value: Any) -> str:
+    """A config value for an error message, bounded in length whatever the file holds."""
+    return _REPR.repr(value)
+
 
 def _section(cfg: dict, key: str, source: str) -> dict:
     value = cfg.get(key)
@@ -115,15 +168,22 @@ def _section(cfg: dict, key: str, source: str) -> dict:
     return value
 
 
-def _get(section: dict, key: str, where: str, source: str, kind: type | tuple = int, default: Any = ...) -> Any:
-    if key not in section or section[key] is None and default is not ...:
+def _get(section: dict, key: str, where: str, source: str, kind: type | tuple = int, default: Any = ...,
+         null: Any = ...) -> Any:
+    """``section[key]`` checked to be of ``kind``; ``default`` when absent (required when ``...``), ``null``
+    when given as null (NeMo's meaning of null; refused when ``...``)."""
+    if key not in section:
         if default is ...:
             raise CheckpointError(f"{source}: model_config.yaml has no {where}.{key}")
         return default
     value = section[key]
+    if value is None:
+        if null is ...:
+            raise CheckpointError(f"{source}: {where}.{key} is null in model_config.yaml; it needs a value")
+        return null
     kinds = kind if isinstance(kind, tuple) else (kind,)
     if isinstance(value, bool) and bool not in kinds or not isinstance(value, kinds):
-        raise CheckpointError(f"{source}: {where}.{key}={value!r} in model_config.yaml is not "
+        raise CheckpointError(f"{source}: {where}.{key}={_short(value)} in model_config.yaml is not "
                               f"{' or '.join(k.__name__ for k in kinds)}")
     return value
 
@@ -131,7 +191,7 @@ def _get(section: dict, key: str, where: str, source: str, kind: type | tuple = 
 def _require(section: dict, key: str, allowed: tuple, where: str, source: str) -> None:
     """Refuse a setting whose value asrshrink does not compute (absent keys take NeMo's default, allowed[0])."""
     if key in section and section[key] not in allowed:
-        raise CheckpointError(f"{source}: {where}.{key}={section[key]!r} is not supported by the "
+        raise CheckpointError(f"{source}: {where}.{key}={_short(section[key])} is not supported by the "
                               f"nemo-conformer-transducer family (supported: {', '.join(map(repr, allowed))})")
 
 
@@ -141,7 +201,7 @@ def config_from_nemo(cfg: dict, files: dict[str, bytes], state_dict: dict[str, t
 
     target = cfg.get("target")
     if target is not None and target not in SUPPORTED_TARGETS:
-        raise CheckpointError(f"{source}: target={target!r} is not supported; asrshrink reads NeMo transducers "
+        raise CheckpointError(f"{source}: target={_short(target)} is not supported; asrshrink reads NeMo transducers "
                               f"({', '.join(t.rsplit('.', 1)[1] for t in SUPPORTED_TARGETS)})")
     pre = _section(cfg, "preprocessor", source)
     enc = _section(cfg, "encoder", source)
@@ -150,27 +210,38 @@ def config_from_nemo(cfg: dict, files: dict[str, bytes], state_dict: dict[str, t
     for section, where, suffix in ((pre, "preprocessor", "AudioToMelSpectrogramPreprocessor"),
                                    (enc, "encoder", "ConformerEncoder"), (dec, "decoder", "RNNTDecoder"),
                                    (joint, "joint", "RNNTJoint")):
-        name = str(section.get("_target_", suffix))
-        if not name.endswith(suffix):
-            raise CheckpointError(f"{source}: {where}._target_={name!r} is not supported (expected {suffix})")
+        name = section.get("_target_", suffix)
+        if not isinstance(name, str) or not name.endswith(suffix):
+            raise CheckpointError(f"{source}: {where}._target_={_short(name)} is not supported (expected "
+                                  f"{suffix})")
 
     for key, allowed in (("window", ("hann",)), ("frame_splicing", (1,)), ("lowfreq", (0, 0.0)),
                          ("highfreq", (None,)), ("log", (True,)), ("log_zero_guard_type", ("add",)),
                          ("log_zero_guard_value", (2 ** -24,)), ("exact_pad", (False,)), ("mel_norm", ("slaney",)),
                          ("normalize", ("per_feature", "NA", None)), ("stft_exact_pad", (False,)),
-                         ("stft_conv", (False,)), ("nb_augmentation_prob", (0, 0.0))):
+                         ("stft_conv", (False,)), ("nb_augmentation_prob", (0, 0.0)),
+                         ("n_window_size", (None,)), ("n_window_stride", (None,)), ("pad_value", (0, 0.0))):
         _require(pre, key, allowed, "preprocessor", source)
     rate = _get(pre, "sample_rate", "preprocessor", source, default=16000)
     window_size = float(_get(pre, "window_size", "preprocessor", source, (int, float), 0.02))
-    n_fft = _get(pre, "n_fft", "preprocessor", source, default=None)
-    if n_fft is None:
-        n_fft = 2 ** math.ceil(math.log2(round(window_size * rate)))
+    for key, value, top in (("sample_rate", rate, FEATURE_BOUNDS["sample_rate"]), ("window_size", window_size, 1.0)):
+        if not (math.isfinite(value) and 0 < value <= top):
+            raise CheckpointError(f"{source}: preprocessor.{key}={value!r} is out of range (0, {top}]")
+    n_fft = _get(pre, "n_fft", "preprocessor", source, default=None, null=None)
+    if n_fft is None:  # NeMo: the next power of two above the window length
+        n_fft = 2 ** math.ceil(math.log2(max(int(window_size * rate), 1)))
+    if not 2 <= n_fft <= FEATURE_BOUNDS["n_fft"] or n_fft % 2:
+        raise CheckpointError(f"{source}: preprocessor.n_fft={n_fft} is not supported (an even size up to "
+                              f"{FEATURE_BOUNDS['n_fft']})")
+    features = _get(pre, "features", "preprocessor", source, default=64)
+    if not 1 <= features <= FEATURE_BOUNDS["n_mels"]:
+        raise CheckpointError(f"{source}: preprocessor.features={features} is out of range 1..{FEATURE_BOUNDS['n_mels']}")
     try:
         feature = NemoFeatureConfig(
             sample_rate=rate, window_size=window_size,
             window_stride=float(_get(pre, "window_stride", "preprocessor", source, (int, float), 0.01)),
-            n_fft=n_fft, features=_get(pre, "features", "preprocessor", source, default=64),
-            preemph=float(_get(pre, "preemph", "preprocessor", source, (int, float), 0.97) or 0.0),
+            n_fft=n_fft, features=features,
+            preemph=float(_get(pre, "preemph", "preprocessor", source, (int, float), 0.97, null=0.0)),
             mag_power=float(_get(pre, "mag_power", "preprocessor", source, (int, float), 2.0)),
             normalize="per_feature" if pre.get("normalize", "per_feature") == "per_feature" else "none",
             pad_to=_get(pre, "pad_to", "preprocessor", source, default=16))
@@ -203,10 +274,13 @@ def config_from_nemo(cfg: dict, files: dict[str, bytes], state_dict: dict[str, t
         if value is not None and value != len(vocabulary.labels):
             raise CheckpointError(f"{source}: {where}.{key}={value!r} but the tokenizer has "
                                   f"{len(vocabulary.labels)} tokens")
-    greedy = (cfg.get("decoding") or {}).get("greedy") or {}
-    max_symbols = greedy.get("max_symbols", 10)
+    decoding = cfg.get("decoding") or {}
+    greedy = decoding.get("greedy") if isinstance(decoding, dict) else None
+    greedy = greedy if isinstance(greedy, dict) else {}
+    max_symbols = greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10))
     if not isinstance(max_symbols, int) or isinstance(max_symbols, bool) or max_symbols < 1:
-        raise CheckpointError(f"{source}: decoding.greedy.max_symbols={max_symbols!r} must be a positive integer")
+        raise CheckpointError(f"{source}: decoding.greedy.max_symbols={_short(max_symbols)} must be a positive "
+                              f"integer")
     config = NemoConformerConfig(
         feat_in=_get(enc, "feat_in", "encoder", source), d_model=d_model,
         n_layers=_get(enc, "n_layers", "encoder", source), n_heads=_get(enc, "n_heads", "encoder", source, default=4),
@@ -215,8 +289,8 @@ def config_from_nemo(cfg: dict, files: dict[str, bytes], state_dict: dict[str, t
         subsampling=_get(enc, "subsampling", "encoder", source, str, "striding"),
         subsampling_factor=_get(enc, "subsampling_factor", "encoder", source, default=4),
         subsampling_conv_channels=d_model if channels == -1 else channels,
-        xscaling=_get(enc, "xscaling", "encoder", source, bool, True),
-        untie_biases=_get(enc, "untie_biases", "encoder", source, bool, True),
+        xscaling=_get(enc, "xscaling", "encoder", source, bool, True, null=False),
+        untie_biases=_get(enc, "untie_biases", "encoder", source, bool, True, null=False),
         pred_hidden=_get(prednet, "pred_hidden", "decoder.prednet", source),
         pred_rnn_layers=_get(prednet, "pred_rnn_layers", "decoder.prednet", source, default=1),
         joint_hidden=_get(jointnet, "joint_hidden", "joint.jointnet", source),
@@ -232,12 +306,36 @@ def config_from_nemo(cfg: dict, files: dict[str, bytes], state_dict: dict[str, t
         config.check()
     except CheckpointError as exc:
         raise CheckpointError(f"{source}: {exc}") from None
+    _check_sizes(config, state_dict, source)
     for where, key, value in (("joint.jointnet", "encoder_hidden", jointnet.get("encoder_hidden")),
                               ("joint.jointnet", "pred_hidden", jointnet.get("pred_hidden"))):
         wanted = d_model if key == "encoder_hidden" else config.pred_hidden
         if value is not None and value != wanted:
             raise CheckpointError(f"{source}: {where}.{key}={value!r} does not match {wanted}")
     return config
+
+
+def _check_sizes(c, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Bound the config's sizes by the tensors before anything is built from it: the layer count, the
+    subsampling, every width, and the stored filterbank's and window's shapes."""
+    layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
+    if c.n_layers != len(layers):
+        raise CheckpointError(f"{source}: encoder.n_layers={c.n_layers} but the weights hold {len(layers)} layers")
+    if c.subsampling_factor > 64:
+        raise CheckpointError(f"{source}: encoder.subsampling_factor={c.subsampling_factor} is out of range (at "
+                              f"most 64)")
+    for name in ("d_model", "n_heads", "ff_expansion_factor", "conv_kernel_size", "subsampling_conv_channels",
+                 "pred_hidden", "pred_rnn_layers", "joint_hidden"):
+        if getattr(c, name) > MAX_SIZE:
+            raise CheckpointError(f"{source}: {name}={getattr(c, name)} is out of range (at most {MAX_SIZE})")
+    f = c.feature
+    for key, shape in (("preprocessor.featurizer.fb", (1, f.features, f.n_fft // 2 + 1)),
+                       ("preprocessor.featurizer.window", (f.win_length,))):
+        got = state_dict.get(key)
+        if got is None or tuple(got.shape) != shape:
+            found = "missing" if got is None else f"shape {tuple(got.shape)}"
+            raise CheckpointError(f"{source}: tensor {key} is {found}, expected {shape} for the preprocessor "
+                                  f"settings in model_config.yaml")
 
 
 def _vocabulary(cfg: dict, files: dict[str, bytes], source: str):
@@ -278,7 +376,10 @@ def write_nemo(model, path: str | Path) -> Path:
     if model_structure(model):
         raise CheckpointError("a compressed model (low-rank or shared layers) has no NeMo layout; write it with "
                               "asrshrink's own format")
-    cfg = yaml.safe_load(c.nemo_config) if c.nemo_config else {}
+    if not c.nemo_config:
+        raise CheckpointError("this model has no NeMo model config (it was not loaded from a .nemo archive), so "
+                              "no .nemo can be written for it; save it in asrshrink's format")
+    cfg = yaml.safe_load(c.nemo_config)
     vocab = model.vocabulary
     files: dict[str, bytes] = {}
     if isinstance(vocab, SentencePieceVocabulary):

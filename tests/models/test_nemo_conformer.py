@@ -69,6 +69,7 @@ def test_round_trip_to_nemo_layout_is_exact(nemo, nemo_fixture_dir):
     layout, model, _, _ = nemo
     _, original, _ = read_nemo(nemo_fixture_dir / layout / "model.nemo")
     ours = model.to_foreign_state_dict()
+    assert set(ours) == set(original)
     for key, tensor in original.items():
         if key.endswith("num_batches_tracked"):
             continue
