@@ -161,12 +161,17 @@ class Transducer(nn.Module):
         raise NotImplementedError
 
     def initial_state(self, batch_size: int) -> State:
-        """Prediction-network state before any label, for ``batch_size`` utterances."""
-        raise NotImplementedError
+        """Prediction-network state before any label, for ``batch_size`` utterances: zeros (h, c) each (L, B, P)
+        for a family whose ``prediction`` module runs an LSTM stack ``rnn``."""
+        layers = self.prediction.rnn.layers
+        shape = (len(layers), batch_size, layers[0].hidden_size)
+        weight = next(self.prediction.parameters())
+        return (weight.new_zeros(shape), weight.new_zeros(shape))
 
     def predict(self, labels: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        """labels (B, U) int64, where the blank id stands for the start symbol -> output (B, U, P), new state."""
-        raise NotImplementedError
+        """labels (B, U) int64, where the blank id stands for the start symbol -> output (B, U, P), new state.
+        Default: the family's ``prediction`` module."""
+        return self.prediction(labels, state)
 
     def joint_encoder(self, enc: torch.Tensor) -> torch.Tensor:
         """The encoder's share of the joint's first layer: (..., D) -> (..., J). Cacheable per frame."""
@@ -177,8 +182,9 @@ class Transducer(nn.Module):
         raise NotImplementedError
 
     def joint_output(self, enc_part: torch.Tensor, pred_part: torch.Tensor) -> torch.Tensor:
-        """Combine broadcastable (..., J) shares into unnormalised logits (..., V)."""
-        raise NotImplementedError
+        """Combine broadcastable (..., J) shares into unnormalised logits (..., V). Default: the family's
+        ``joint_net`` module."""
+        return self.joint_net(enc_part, pred_part)
 
     def joint(self, enc: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
         """Joint network on broadcastable enc (..., D) and pred (..., P) -> logits (..., V)."""

@@ -207,22 +207,11 @@ class MlperfRnnt(Transducer):
     def aux_dim(self) -> int:
         return self.config.encoder_hidden
 
-    def initial_state(self, batch_size: int) -> State:
-        weight = self.prediction.embed.weight
-        shape = (self.config.pred_layers, batch_size, self.config.pred_hidden)
-        return (weight.new_zeros(shape), weight.new_zeros(shape))
-
-    def predict(self, labels: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        return self.prediction(labels, state)
-
     def joint_encoder(self, enc: torch.Tensor) -> torch.Tensor:
         return self.joint_net.encoder_proj(enc)
 
     def joint_prediction(self, pred: torch.Tensor) -> torch.Tensor:
         return self.joint_net.prediction_proj(pred)
-
-    def joint_output(self, enc_part: torch.Tensor, pred_part: torch.Tensor) -> torch.Tensor:
-        return self.joint_net(enc_part, pred_part)
 
     # --- the released checkpoint layout --------------------------------------------------------------------
     @classmethod

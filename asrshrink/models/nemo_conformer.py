@@ -435,22 +435,11 @@ class NemoConformerTransducer(Transducer):
     def aux_dim(self) -> int:
         return self.config.d_model
 
-    def initial_state(self, batch_size: int) -> State:
-        weight = self.prediction.embed.weight
-        shape = (self.config.pred_rnn_layers, batch_size, self.config.pred_hidden)
-        return (weight.new_zeros(shape), weight.new_zeros(shape))
-
-    def predict(self, labels: torch.Tensor, state: State) -> tuple[torch.Tensor, State]:
-        return self.prediction(labels, state)
-
     def joint_encoder(self, enc: torch.Tensor) -> torch.Tensor:
         return self.joint_net.enc(enc)
 
     def joint_prediction(self, pred: torch.Tensor) -> torch.Tensor:
         return self.joint_net.pred(pred)
-
-    def joint_output(self, enc_part: torch.Tensor, pred_part: torch.Tensor) -> torch.Tensor:
-        return self.joint_net(enc_part, pred_part)
 
     # --- NeMo's layout -------------------------------------------------------------------------------------
     @classmethod
