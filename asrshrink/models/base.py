@@ -84,13 +84,16 @@ class Transducer(nn.Module):
         self.featurizer = feature_config.featurizer()
 
     # --- configuration -------------------------------------------------------------------------------------
+    #: The family's frozen config dataclass (with to_json / from_json); ``self.config`` holds an instance.
+    config_class: type = object
+
     def config_dict(self) -> dict[str, Any]:
         """JSON-serialisable configuration from which ``from_config_dict`` rebuilds the same architecture."""
-        raise NotImplementedError
+        return self.config.to_json()
 
     @classmethod
     def from_config_dict(cls, config: dict[str, Any]) -> "Transducer":
-        raise NotImplementedError
+        return cls(cls.config_class.from_json(config))
 
     def apply_structure(self, structure: dict[str, Any]) -> None:
         """Rebuild the compressed modules (low rank, ...) that a saved model's ``structure`` names, in place."""
@@ -127,8 +130,9 @@ class Transducer(nn.Module):
         raise NotImplementedError
 
     def components(self) -> dict[str, nn.Module]:
-        """The model's parts by role, e.g. {"encoder": ..., "prediction": ..., "joint": ...}."""
-        raise NotImplementedError
+        """The model's parts by role: {"encoder": ..., "prediction": ..., "joint": ...} (the modules a family
+        names ``encoder``, ``prediction`` and ``joint_net``)."""
+        return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
 
     def flops(self) -> dict[str, int]:
         """FLOPs (2 per multiply-add) of: ``encoder`` per encoder output frame, ``prediction`` per label

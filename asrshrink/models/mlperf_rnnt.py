@@ -133,15 +133,7 @@ class MlperfRnnt(Transducer):
         self.joint_net = Joint(config)
 
     # --- configuration -------------------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_json()
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> "MlperfRnnt":
-        return cls(MlperfRnntConfig.from_json(config))
-
-    def components(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
+    config_class = MlperfRnntConfig
 
     @property
     def time_reduction(self) -> int:

@@ -355,15 +355,7 @@ class NemoConformerTransducer(Transducer):
         self.joint_net = Joint(config, vocabulary.size)
 
     # --- configuration -------------------------------------------------------------------------------------
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_json()
-
-    @classmethod
-    def from_config_dict(cls, config: dict[str, Any]) -> "NemoConformerTransducer":
-        return cls(NemoConformerConfig.from_json(config))
-
-    def components(self) -> dict[str, nn.Module]:
-        return {"encoder": self.encoder, "prediction": self.prediction, "joint": self.joint_net}
+    config_class = NemoConformerConfig
 
     @property
     def time_reduction(self) -> int:
