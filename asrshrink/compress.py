@@ -1,7 +1,7 @@
 """Running a compression method end to end: check options, load, calibrate, compress, evaluate, save, report.
 
-One place for what every compressing command shares (``run`` behind svd and psvd, ``prune`` behind prune); the
-methods themselves live in ``asrshrink.methods``.
+One place for what every compressing command shares: ``run_method(name, config, ...)`` runs any method of the
+registry (``asrshrink.methods.registry``); the methods themselves live in ``asrshrink.methods``.
 Every option and input (model, calibration and evaluation data, the writability of ``OUT``) is checked
 before any long work starts. ``OUT`` belongs to one run (``asrshrink.output.OutputFolder``: an OS lock held for
 the run); the model and reports are staged beside it and published together once everything has succeeded,
@@ -16,19 +16,17 @@ from __future__ import annotations
 import json
 import shutil
 import time
-from dataclasses import dataclass
+import typing
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Callable
 
 from asrshrink import api
-from asrshrink.calibrate import calibration_batches, check_lstm_walk
-from asrshrink.config import CalibConfig, PruneConfig, SvdConfig, from_json, to_json
+from asrshrink.calibrate import calibration_batches
+from asrshrink.config import CalibConfig, PruneConfig, PsvdConfig, PsvdRunConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import write_json_atomic
-from asrshrink.methods.prune import MatrixReport, prune_model, prune_targets, walked_components
-from asrshrink.methods.psvd import VARIANTS, LayerReport, PsvdConfig, psvd
-from asrshrink.methods.svd import (MODES, budget_ranks, choose_ranks, data_aware_svd_compress, input_scales,
-                                   svd_compress)
+from asrshrink.methods.registry import Context, get_method
 from asrshrink.models.checkpoint import MODEL_FILENAME, bundled_speech, load_model, save_model
 from asrshrink.output import OutputFolder
 from asrshrink.report import build_report, write_report
@@ -48,31 +46,6 @@ class EvalConfig:
     max_duration: float | None = None
 
 
-def check_options(out: Path, svd: SvdConfig, post: PsvdConfig | None) -> None:
-    """Refuse bad options before any work is done."""
-    svd.check()
-    if svd.mode not in MODES:
-        raise AsrshrinkError(f"--mode must be one of {', '.join(MODES)}, got {svd.mode!r}")
-    if svd.rank is not None and svd.budgeted:
-        raise AsrshrinkError("give either --rank or a budget (--compression-ratio / --target-params), not both")
-    if svd.compression_ratio is not None and svd.target_params is not None:
-        raise AsrshrinkError("give either --compression-ratio or --target-params, not both")
-    if svd.compression_ratio is not None and svd.compression_ratio <= 1:
-        raise AsrshrinkError(f"--compression-ratio must be above 1, got {svd.compression_ratio}")
-    if svd.target_params is not None and svd.target_params <= 0:
-        raise AsrshrinkError(f"--target-params must be positive, got {svd.target_params}")
-    if post is not None:
-        if post.iterations < 1:
-            raise AsrshrinkError(f"--iterations must be at least 1, got {post.iterations}")
-        if post.refits < 1:
-            raise AsrshrinkError(f"--refits must be at least 1, got {post.refits}")
-        if post.variant not in VARIANTS:
-            raise AsrshrinkError(f"--variant must be one of {', '.join(VARIANTS)}, got {post.variant!r}")
-        if not post.components:
-            raise AsrshrinkError("psvd refits LSTM layers: --components must include encoder or prediction")
-    check_output(out)
-
-
 def check_output(out: Path) -> None:
     if out.suffix == ".safetensors" or (out.exists() and not out.is_dir()):
         raise AsrshrinkError(f"{out}: -o takes a directory (it receives model.safetensors, report.json and "
@@ -89,54 +62,60 @@ def _refuse_interrupted(out: Path, command: str) -> None:
     shutil.rmtree(out / PROGRESS, ignore_errors=True)
 
 
-def run(command: str, *, model: str | None, out: Path, svd: SvdConfig, calib: CalibConfig | None = None,
-        post: PsvdConfig | None = None, evaluation: EvalConfig | None = None, resume: bool = False,
-        log: Log = lambda line: None, progress: Progress | None = None) -> dict:
-    """Compress ``model`` with SVD (and PSVD when ``post`` is given) into ``out``; returns the report."""
+def run_method(name: str, config, *, model: str | None, out: Path, calib: CalibConfig | None = None,
+               evaluation: EvalConfig | None = None, resume: bool = False, log: Log = lambda line: None,
+               progress: Progress | None = None) -> dict:
+    """Compress ``model`` with the registered method ``name`` and its ``config`` into ``out``; returns the
+    report. A calibrated config reads ``calib`` (the bundled calibration sample when None or its path is None);
+    ``resume`` continues a resumable method's interrupted run in ``out``."""
+    method = get_method(name)
     out = Path(out)
-    check_options(out, svd, post)
-    if post is None and resume:
-        raise AsrshrinkError("only psvd runs can be resumed")
+    if not isinstance(config, method.config_class):
+        raise TypeError(f"{name} takes a {method.config_class.__name__}, got {type(config).__name__}")
+    config.check()
+    check_output(out)
+    if resume and not method.resumable:
+        raise AsrshrinkError(f"{name} runs cannot be resumed; start it again without --resume")
+    if method.unused_calib and not method.calibrated(config) and calib is not None and calib.path is not None:
+        raise AsrshrinkError(method.unused_calib)
     with OutputFolder(out, owned=OWNED) as folder:
         if not resume:
-            _refuse_interrupted(out, command)
+            _refuse_interrupted(out, name)
         try:
-            return _run(command, folder, model=model, svd=svd, calib=calib, post=post, evaluation=evaluation,
-                        resume=resume, log=log, progress=progress)
+            return _run_method(method, config, folder, model=model, calib=calib, evaluation=evaluation,
+                               resume=resume, log=log, progress=progress)
         except KeyboardInterrupt:  # the progress checkpoint stays (resume with --resume OUT) if it has a layer
             if not (out / PROGRESS / MODEL_FILENAME).is_file():
                 shutil.rmtree(out / PROGRESS, ignore_errors=True)
             raise
         except BaseException:
-            if post is not None and not resume:
+            if method.resumable and not resume:
                 shutil.rmtree(out / PROGRESS, ignore_errors=True)  # this run's own, useless after an error
             raise
 
 
-def run_options(command: str, info, svd: SvdConfig, calib: CalibConfig | None, post: PsvdConfig | None,
-                evaluation: EvalConfig | None) -> dict:
-    """The full record of a run's options, as saved for ``resume`` (paths absolute)."""
-    return {"command": command, "model": str(info.path.resolve()), "source_sha256": info.sha256,
-            "svd": to_json(svd), "calib": to_json(_absolute(calib)) if calib else None,
-            "psvd": to_json(post) if post else None,
+def run_options(name: str, info, config, calib: CalibConfig | None, evaluation: EvalConfig | None) -> dict:
+    """The full record of a run's options, as saved for ``resume`` (paths absolute): one section per part of
+    the method's config (svd, psvd; or the config itself under the method's name), calib and evaluation."""
+    parts = {f.name: to_json(getattr(config, f.name)) for f in fields(config)} \
+        if all(is_dataclass(getattr(config, f.name)) for f in fields(config)) else {name: to_json(config)}
+    return {"command": name, "model": str(info.path.resolve()), "source_sha256": info.sha256, **parts,
+            "calib": to_json(_absolute(calib)) if calib else None,
             "evaluation": to_json(_absolute(evaluation)) if evaluation else None}
 
 
-def _run(command: str, folder: OutputFolder, *, model: str | None, svd: SvdConfig, calib: CalibConfig | None,
-         post: PsvdConfig | None, evaluation: EvalConfig | None, resume: bool, log: Log,
-         progress: Progress | None) -> dict:
+def _run_method(method, config, folder: OutputFolder, *, model: str | None, calib: CalibConfig | None,
+                evaluation: EvalConfig | None, resume: bool, log: Log, progress: Progress | None) -> dict:
     started = time.perf_counter()
     out = folder.out
     original, info = load_model(model)
-    if post is not None or svd.data_aware:
-        walked = tuple(dict.fromkeys(svd.components + (post.components if post is not None else ())))
-        check_lstm_walk(original, walked, "psvd" if post is not None else "--data-aware svd")
     eval_set = _open_eval(original, evaluation)
     progress_dir = out / PROGRESS
-    if post is not None or svd.data_aware:
+    calibrated = method.calibrated(config)
+    if calibrated:
         calib = calib or CalibConfig()
         calib.check()
-    record = run_options(command, info, svd, calib, post, evaluation)
+    record = run_options(method.name, info, config, calib if calibrated else None, evaluation)
     state = _read_state(progress_dir) if resume else None
     if resume and state is None:
         raise AsrshrinkError(f"{out}: no finished layer to resume from; start the run again without --resume")
@@ -148,54 +127,28 @@ def _run(command: str, folder: OutputFolder, *, model: str | None, svd: SvdConfi
                              f"{PROGRESS}/options.json ({_difference(state.get('options'), record)}); remove "
                              f"{progress_dir} and start the run again")
     batches, calib_used = [], None
-    if post is not None or svd.data_aware:
+    if calibrated:
         batches, calib_used = _calibration(original, calib, log, progress)
-    ranks = None
-    if svd.budgeted:
-        log("measuring per-layer truncation errors for the budget")
-        scales = input_scales(original, batches, svd.components) if svd.data_aware else None
-        ranks = budget_ranks(original, list(svd.components), mode=svd.mode, scales=scales,
-                             compression_ratio=svd.compression_ratio, target_params=svd.target_params)
-    choices = choose_ranks(original, list(svd.components), threshold=svd.threshold, rank=svd.rank, mode=svd.mode,
-                           ranks=ranks)
-    for choice in choices:
-        if choice.rank is None:
-            log(f"{choice.layer} {choice.side} {choice.rows}x{choice.cols}: {choice.reason}")
-    layer_rows: list[dict] = list(state["layers"]) if state else []
     earlier_seconds = state["seconds"] if state else 0.0
-    if state is not None:
-        compressed, _ = load_model(progress_dir / MODEL_FILENAME)
-        start = (state["iteration"], state["block"] + 1)
-        log(f"resuming in iteration {state['iteration'] + 1} after block {state['block']}")
-    else:
-        if post is not None:
-            write_json_atomic(progress_dir / "options.json", record)
-        log(("data-aware " if svd.data_aware else "") + f"truncated SVD of {sum(c.rank is not None for c in choices)}"
-            " matrices")
-        compressed = (data_aware_svd_compress(original, choices, batches) if svd.data_aware
-                      else svd_compress(original, choices))
-        start = (0, 0)
-    if post is not None:
-        def on_layer(report: LayerReport, model, iteration: int, block: int) -> None:
-            layer_rows.append(report.to_json())
-            log(f"iteration {report.iteration} {report.layer} ranks {report.ranks} rows {report.rows}: "
-                f"relative output error {report.error_before:.4f} -> {report.error_after:.4f} "
-                f"(step {report.step:g}, {report.seconds:.1f} s)")
-            save_model(model, progress_dir / MODEL_FILENAME, source_sha256=info.source_sha256, extra={
-                "psvd_progress": {"source_sha256": info.sha256, "options": record, "iteration": iteration,
-                                  "block": block, "layers": layer_rows,
-                                  "seconds": earlier_seconds + time.perf_counter() - started}})
+    if method.resumable and state is None:
+        write_json_atomic(progress_dir / "options.json", record)
 
-        psvd(original, compressed, batches, post, on_layer=on_layer, start=start)
-    options = {"model": str(info.path.resolve()), **to_json(svd)}
-    if post is not None:
-        options.update(psvd=to_json(post))
+    def checkpoint(model, saved: dict) -> None:
+        save_model(model, progress_dir / MODEL_FILENAME, source_sha256=info.source_sha256, extra={
+            "psvd_progress": {"source_sha256": info.sha256, "options": record, **saved,
+                              "seconds": earlier_seconds + time.perf_counter() - started}})
+
+    ctx = Context(original, batches, log, progress=state,
+                  resumed_model=load_model(progress_dir / MODEL_FILENAME)[0] if state is not None else None,
+                  checkpoint=checkpoint if method.resumable else None)
+    outcome = method.core(config, ctx)
+    options = {"model": str(info.path.resolve()), **method.options(config)}
     if calib_used is not None:
         options.update(calib=to_json(_absolute(calib)), calib_used=calib_used)
-    evaluated = _evaluate_both(original, compressed, eval_set, log, progress) if eval_set is not None else None
-    return _publish(folder, command, compressed, info, original, options=options,
-                    layers=[c.to_json() for c in choices], post_training=layer_rows,
-                    seconds=earlier_seconds + time.perf_counter() - started, evaluated=evaluated)
+    evaluated = _evaluate_both(original, outcome.model, eval_set, log, progress) if eval_set is not None else None
+    return _publish(folder, method.name, outcome.model, info, original, options=options, layers=outcome.layers,
+                    post_training=outcome.post_training, seconds=earlier_seconds + time.perf_counter() - started,
+                    evaluated=evaluated)
 
 
 def _publish(folder: OutputFolder, command: str, compressed, info, original, *, options: dict, layers: list,
@@ -214,57 +167,16 @@ def _publish(folder: OutputFolder, command: str, compressed, info, original, *, 
     return report
 
 
-def prune(*, model: str | None, out: Path, config: PruneConfig, calib: CalibConfig | None = None,
-          evaluation: EvalConfig | None = None, log: Log = lambda line: None, progress: Progress | None = None
-          ) -> dict:
-    """Prune ``model`` per ``config`` into ``out``; returns the report. Calibrated methods read ``calib`` (the
-    bundled calibration sample when None)."""
-    out = Path(out)
-    config.check()
-    check_output(out)
-    if not config.calibrated and calib is not None and calib.path is not None:
-        raise AsrshrinkError("--calib is read only by --method sparsegpt or wanda; drop --calib or choose one")
-    with OutputFolder(out, owned=OWNED) as folder:
-        _refuse_interrupted(out, "prune")
-        return _prune(folder, model=model, config=config, calib=calib, evaluation=evaluation, log=log,
-                      progress=progress)
+def run(command: str, *, svd: SvdConfig, post: PsvdConfig | None = None, **kwargs) -> dict:
+    """``run_method`` for the svd and psvd methods, their configs given apart."""
+    if (command == "psvd") != (post is not None):
+        raise AsrshrinkError("psvd runs take a PsvdConfig (post), svd runs none")
+    return run_method(command, PsvdRunConfig(svd, post) if post is not None else svd, **kwargs)
 
 
-def _prune(folder: OutputFolder, *, model: str | None, config: PruneConfig, calib: CalibConfig | None,
-           evaluation: EvalConfig | None, log: Log, progress: Progress | None) -> dict:
-    started = time.perf_counter()
-    original, info = load_model(model)
-    targets = prune_targets(original, list(config.components))
-    if not any(t.prunable for t in targets):
-        raise AsrshrinkError(f"nothing to prune in {', '.join(config.components)} (only low-rank factors); "
-                             f"choose other --components")
-    if config.calibrated:
-        check_lstm_walk(original, config.components, f"--method {config.method}")
-    if config.calibrated and not walked_components(original, targets):
-        raise AsrshrinkError(f"--method {config.method} prunes LSTM layers on calibration speech: --components "
-                             f"must include encoder or prediction")
-    eval_set = _open_eval(original, evaluation)
-    batches, calib_used = [], None
-    if config.calibrated:
-        calib = calib or CalibConfig()
-        calib.check()
-        batches, calib_used = _calibration(original, calib, log, progress)
-
-    def on_matrix(r: MatrixReport) -> None:
-        errors = "" if r.error is None else (
-            f", relative output error {r.error:.4f} (magnitude {r.error_magnitude:.4f}), layer {r.layer_error:.4f}")
-        log(f"{r.layer} {r.side} {r.shape[0]}x{r.shape[1]}: " + (
-            f"sparsity {r.sparsity:.3f}{errors} ({r.seconds:.1f} s)" if r.target_sparsity is not None else r.status))
-
-    log(f"{config.method} pruning to sparsity {config.sparsity:g}"
-        + (" (one magnitude threshold across all matrices)" if config.global_threshold else " per matrix"))
-    pruned, rows = prune_model(original, config, batches, on_matrix=on_matrix)
-    options = {"model": str(info.path.resolve()), **to_json(config)}
-    if calib_used is not None:
-        options.update(calib=to_json(_absolute(calib)), calib_used=calib_used)
-    evaluated = _evaluate_both(original, pruned, eval_set, log, progress) if eval_set is not None else None
-    return _publish(folder, "prune", pruned, info, original, options=options, layers=[r.to_json() for r in rows],
-                    seconds=time.perf_counter() - started, evaluated=evaluated)
+def prune(*, config: PruneConfig, **kwargs) -> dict:
+    """``run_method`` for the prune method."""
+    return run_method("prune", config, **kwargs)
 
 
 def _open_eval(model, evaluation: EvalConfig | None):
@@ -396,11 +308,14 @@ def resume(out: Path, *, given: dict[str, tuple[str, str, object]] | None = None
                 raise AsrshrinkError(f"{given_path}: not the model the interrupted run in {out} compressed "
                                      f"({saved.get('model')}); drop MODEL to resume it, or start a new run with "
                                      f"another -o")
-        return run(saved["command"], model=saved["model"], out=out, svd=from_json(SvdConfig, saved["svd"]),
-                   calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
-                   post=from_json(PsvdConfig, saved["psvd"]),
-                   evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,
-                   resume=True, log=log, progress=progress)
+        method = get_method(saved["command"])
+        parts = typing.get_type_hints(method.config_class)  # a resumable config's sections (psvd: svd, psvd)
+        config = method.config_class(**{f.name: from_json(parts[f.name], saved[f.name])
+                                        for f in fields(method.config_class)})
+        return run_method(saved["command"], config, model=saved["model"], out=out,
+                          calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
+                          evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,
+                          resume=True, log=log, progress=progress)
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise AsrshrinkError(f"{path}: unreadable ({type(exc).__name__}: {exc}); delete {out / PROGRESS} "
                              f"and start the run again") from None
@@ -410,3 +325,4 @@ def _show(value) -> str:
     if isinstance(value, (list, tuple)):
         return ",".join(map(str, value))
     return "(none)" if value is None else str(value)
+

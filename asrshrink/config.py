@@ -19,6 +19,8 @@ class SvdConfig:
     data_aware: bool = False                   # truncate W S (S: Cholesky factor of the inputs' second moment)
     compression_ratio: float | None = None     # per-layer ranks under a global budget instead of a threshold
     target_params: int | None = None
+    targets: tuple[str, ...] = ()              # module name patterns to compress (empty: all of the components)
+    ignore: tuple[str, ...] = ()               # module name patterns to leave as they are
 
     @property
     def budgeted(self) -> bool:
@@ -29,6 +31,58 @@ class SvdConfig:
             raise AsrshrinkError(f"--rank-threshold must be in (0, 1], got {self.threshold}")
         if self.rank is not None and self.rank < 1:
             raise AsrshrinkError(f"--rank must be at least 1, got {self.rank}")
+        if self.mode not in SVD_MODES:
+            raise AsrshrinkError(f"--mode must be one of {', '.join(SVD_MODES)}, got {self.mode!r}")
+        if self.rank is not None and self.budgeted:
+            raise AsrshrinkError("give either --rank or a budget (--compression-ratio / --target-params), not both")
+        if self.compression_ratio is not None and self.target_params is not None:
+            raise AsrshrinkError("give either --compression-ratio or --target-params, not both")
+        if self.compression_ratio is not None and self.compression_ratio <= 1:
+            raise AsrshrinkError(f"--compression-ratio must be above 1, got {self.compression_ratio}")
+        if self.target_params is not None and self.target_params <= 0:
+            raise AsrshrinkError(f"--target-params must be positive, got {self.target_params}")
+
+
+#: SVD modes: factor groups per LSTM side (stacked: the 4 gates as one matrix; rollout: each gate on its own).
+SVD_MODES = {"stacked": 1, "rollout": 4}
+PSVD_VARIANTS = ("paper", "joint")
+
+
+@dataclass(frozen=True)
+class PsvdConfig:
+    """PSVD post-training: ``iterations`` passes over the factorised matrices, first to last; ``variant``
+    "paper" fits each LSTM side on its own, "joint" fits both sides to the summed pre-activation."""
+
+    iterations: int = 3
+    variant: str = "paper"
+    ridge: float = 1e-7
+    components: tuple[str, ...] = ("encoder",)
+    #: Fits per layer and iteration. The recurrent fit's regressors are the hidden states of the layer's
+    #: previous version; refitting with the refitted layer's own states approaches a fixed point (1: the paper).
+    refits: int = 1
+
+    def check(self) -> None:
+        if self.iterations < 1:
+            raise AsrshrinkError(f"--iterations must be at least 1, got {self.iterations}")
+        if self.refits < 1:
+            raise AsrshrinkError(f"--refits must be at least 1, got {self.refits}")
+        if self.variant not in PSVD_VARIANTS:
+            raise AsrshrinkError(f"--variant must be one of {', '.join(PSVD_VARIANTS)}, got {self.variant!r}")
+        if not self.components:
+            raise AsrshrinkError("psvd refits the encoder or prediction network: --components must include "
+                                 "encoder or prediction")
+
+
+@dataclass(frozen=True)
+class PsvdRunConfig:
+    """The psvd method's options: the SVD it starts from, then the post-training."""
+
+    svd: SvdConfig = SvdConfig()
+    psvd: PsvdConfig = PsvdConfig()
+
+    def check(self) -> None:
+        self.svd.check()
+        self.psvd.check()
 
 
 PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda")
@@ -46,6 +100,17 @@ class PruneConfig:
     global_threshold: bool = False
     block_size: int = 128
     damping: float = 0.01
+    pattern: str | None = None                 # "N:M": keep N of every M consecutive weights of a row
+    targets: tuple[str, ...] = ()
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        """The N:M pattern as (N, M), or None."""
+        if self.pattern is None:
+            return None
+        n, m = (int(v) for v in self.pattern.split(":"))
+        return n, m
 
     @property
     def calibrated(self) -> bool:
@@ -61,6 +126,17 @@ class PruneConfig:
             raise AsrshrinkError(f"the SparseGPT block size must be at least 1, got {self.block_size}")
         if not self.damping > 0:
             raise AsrshrinkError(f"the SparseGPT damping must be positive, got {self.damping}")
+        if self.pattern is not None:
+            parts = self.pattern.split(":")
+            if len(parts) != 2 or not all(p.isdigit() for p in parts) or not 0 < int(parts[0]) < int(parts[1]):
+                raise AsrshrinkError(f"--pattern must be N:M with 0 < N < M (e.g. 2:4), got {self.pattern!r}")
+            n, m = self.nm
+            if abs(self.sparsity - (1 - n / m)) > 1e-9:
+                raise AsrshrinkError(f"--pattern {self.pattern} keeps {n} of "
+                                     f"every {m}, a sparsity of {1 - n / m:g}; drop --sparsity or give "
+                                     f"--sparsity {1 - n / m:g}")
+            if self.global_threshold:
+                raise AsrshrinkError(f"--pattern {self.pattern} fixes every matrix's sparsity; drop --global")
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,12 @@ Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON
 Ratio = Annotated[Optional[float], typer.Option(help="Per-layer ranks under a global budget: the chosen components "
                                                      "shrink by this factor; the ranks go where the measured "
                                                      "per-layer error drops most per parameter.")]
+Targets = Annotated[Optional[list[str]], typer.Option(
+    "--targets", help="Compress only the weight matrices whose module name matches this pattern (* matches "
+                      "dots too; repeat for several), e.g. 'encoder.layers.*.feed_forward*'.", show_default=False)]
+Ignore = Annotated[Optional[list[str]], typer.Option(
+    "--ignore", help="Leave the matrices whose module name matches this pattern as they are (repeatable), e.g. "
+                     "'*.linear_pos'.", show_default=False)]
 TargetParams = Annotated[Optional[int], typer.Option(help="Per-layer ranks under a global budget: the whole model "
                                                           "keeps at most this many parameters.")]
 
@@ -72,33 +78,35 @@ class _Bars:
         self.bar.update(self.tasks[description], completed=done)
 
 
-def _run(command: str, json_out: bool, **kwargs) -> None:
+def _run(name: str, json_out: bool, config=None, *, resume_run: bool = False, **kwargs) -> None:
+    """Run the registered method ``name`` with ``config`` (or resume its interrupted run), showing progress,
+    then print its summary."""
     from asrshrink import compress
+    from asrshrink.methods.registry import get_method
 
+    method = get_method(name)
     with progress_bar("") as bar:
         def log(line: str) -> None:
             bar.console.print(line, markup=False, highlight=False, soft_wrap=True)
 
         try:
-            if command == "prune":
-                report = compress.prune(log=log, progress=_Bars(bar), **kwargs)
-            elif kwargs.pop("resume_run", False):
+            if resume_run:
                 report = compress.resume(kwargs["out"], given=kwargs.get("given"), model=kwargs.get("model"),
                                          log=log, progress=_Bars(bar))
             else:
-                report = compress.run(command, log=log, progress=_Bars(bar), **kwargs)
+                report = compress.run_method(name, config, log=log, progress=_Bars(bar), **kwargs)
         except KeyboardInterrupt:
             from asrshrink.compress import PROGRESS
             from asrshrink.models.checkpoint import MODEL_FILENAME
 
-            if command == "prune":
+            if not method.resumable:
                 log("interrupted; nothing was written")
             elif (Path(kwargs["out"]) / PROGRESS / MODEL_FILENAME).is_file():
-                log(f"interrupted; continue with: asrshrink psvd --resume {kwargs['out']}")
+                log(f"interrupted; continue with: asrshrink {name} --resume {kwargs['out']}")
             else:
                 log("interrupted before the first layer was finished; nothing to resume")
             raise typer.Exit(130) from None
-    (_prune_summary if command == "prune" else _summary)(report)
+    SUMMARIES.get(name, _summary)(report)
     if json_out:
         print(json.dumps(report))
 
@@ -132,6 +140,10 @@ def _summary(report: dict) -> None:
               f"{report['compression_ratio']['by_component'].get('encoder', 1):.2f}x) in {report['seconds']:.1f} s")
 
 
+#: A method's terminal summary, where it differs from the low-rank one (sizes, FLOPs, WER).
+SUMMARIES = {"prune": _prune_summary}
+
+
 @app.command("svd")
 @handle_errors
 def svd_command(
@@ -139,20 +151,24 @@ def svd_command(
     mode: Mode = "stacked", components: Components = "encoder", data_aware: DataAware = False,
     calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
     eval_limit: EvalLimit = None, compression_ratio: Ratio = None, target_params: TargetParams = None,
-    json_out: Json = False,
+    targets: Targets = None, ignore: Ignore = None, json_out: Json = False,
 ) -> None:
     """Low-rank factorisation (truncated SVD) of LSTM and Linear weights; a factorised layer computes
     W x as U (V x), so the saving is real in FLOPs and parameters. Matrices where a factorisation would not
     save (rank >= m n / (m + n)) stay dense, and the report says so.
 
     Example: asrshrink svd rnnt.pt --rank-threshold 0.2 -o out/ --eval LibriSpeech/dev-clean
+
+    Example: asrshrink svd model.nemo --compression-ratio 2 --data-aware --targets 'encoder.layers.*.feed_forward*'
+    --targets 'encoder.layers.*.self_attn.*' --ignore '*.linear_pos' -o out/
     """
     from asrshrink.compress import EvalConfig
     from asrshrink.config import CalibConfig, SvdConfig
 
     _run("svd", json_out, model=model, out=out,
-         svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=_components(components),
-                       data_aware=data_aware, compression_ratio=compression_ratio, target_params=target_params),
+         config=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=_components(components),
+                          data_aware=data_aware, compression_ratio=compression_ratio, target_params=target_params,
+                          targets=tuple(targets or ()), ignore=tuple(ignore or ())),
          calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
          evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
 
@@ -172,19 +188,19 @@ def psvd_command(
                                              "refitted layer's own hidden states (1: the paper).")] = 1,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this output directory "
                                                         "(its options are reused).", show_default=False)] = None,
-    json_out: Json = False,
+    targets: Targets = None, ignore: Ignore = None, json_out: Json = False,
 ) -> None:
     """SVD, then PSVD: layer-sequential least-squares post-training on calibration speech, no backprop.
 
     Each factorised LSTM layer, first to last, is refitted so its input-side and recurrent-side
     pre-activations match the uncompressed model's, with its inputs taken from the already-compressed layers;
-    repeated --iterations times. One log line per layer; resumable per layer with --resume OUT.
+    on a Conformer, each factorised Linear of each block in forward order, to the uncompressed Linear's
+    outputs. Repeated --iterations times. One log line per matrix; resumable with --resume OUT.
 
     Example: asrshrink psvd rnnt.pt --calib LibriSpeech/dev-clean --rank-threshold 0.2 -o out/
     """
     from asrshrink.compress import EvalConfig
-    from asrshrink.config import CalibConfig, SvdConfig
-    from asrshrink.methods.psvd import PsvdConfig
+    from asrshrink.config import CalibConfig, PsvdConfig, PsvdRunConfig, SvdConfig
 
     if resume is not None:
         given = _given_options(ctx, {
@@ -200,7 +216,9 @@ def psvd_command(
             "iterations": ("--iterations", "psvd", "iterations", iterations),
             "variant": ("--variant", "psvd", "variant", variant), "refits": ("--refits", "psvd", "refits", refits),
             "eval_data": ("--eval", "evaluation", "path", str(eval_data.resolve()) if eval_data else None),
-            "eval_limit": ("--eval-limit", "evaluation", "limit", eval_limit)})
+            "eval_limit": ("--eval-limit", "evaluation", "limit", eval_limit),
+            "targets": ("--targets", "svd", "targets", tuple(targets or ())),
+            "ignore": ("--ignore", "svd", "ignore", tuple(ignore or ()))})
         if _explicit(ctx, "out") and out.resolve() != resume.resolve():
             from asrshrink.errors import AsrshrinkError
 
@@ -209,12 +227,13 @@ def psvd_command(
         _run("psvd", json_out, out=resume, resume_run=True, given=given, model=model)
         return
     comps = _components(components)
-    _run("psvd", json_out, model=model, out=out,
-         svd=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=comps, data_aware=data_aware,
-                       compression_ratio=compression_ratio, target_params=target_params),
+    svd = SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=comps, data_aware=data_aware,
+                    compression_ratio=compression_ratio, target_params=target_params, targets=tuple(targets or ()),
+                    ignore=tuple(ignore or ()))
+    post = PsvdConfig(iterations=iterations, variant=variant, refits=refits,
+                      components=tuple(c for c in comps if c != "joint"))
+    _run("psvd", json_out, model=model, out=out, config=PsvdRunConfig(svd, post),
          calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
-         post=PsvdConfig(iterations=iterations, variant=variant, refits=refits,
-                         components=tuple(c for c in comps if c != "joint")),
          evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
 
 
@@ -234,26 +253,38 @@ def prune_command(
                                              "from the layer inputs' statistics; wanda: smallest |w| ||x|| per "
                                              "output. sparsegpt and wanda read --calib.")] = "magnitude",
     calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
-    eval_limit: EvalLimit = None, json_out: Json = False,
+    eval_limit: EvalLimit = None,
+    pattern: Annotated[Optional[str], typer.Option(
+        help="N:M semi-structured sparsity: keep N of every M consecutive weights of each row (e.g. 2:4, a "
+             "sparsity of 0.5; --sparsity may then be left out).", show_default=False)] = None,
+    targets: Targets = None, ignore: Ignore = None, json_out: Json = False,
 ) -> None:
     """Unstructured pruning of LSTM input and recurrent matrices (and Linear weights of the chosen components).
 
     Pruned weights are stored as exact zeros in dense matrices; the model file records each matrix's
     non-zeros, and the report gives sizes dense (float32) and as sparse storage (a bit mask plus the float32
-    non-zeros). With --method sparsegpt or wanda, the LSTM layers are pruned first to last on calibration
-    speech, each with its inputs from the already-pruned layers; the joint's Linears are pruned by magnitude.
+    non-zeros). With --method sparsegpt or wanda, the encoder's (and prediction network's) matrices are pruned
+    first to last on calibration speech, each with its inputs from the already-pruned matrices; the joint's
+    Linears are pruned by magnitude.
 
     Example: asrshrink prune rnnt.pt --sparsity 0.7 --method sparsegpt -o out/ --eval LibriSpeech/dev-clean
+
+    Example: asrshrink prune model.nemo --pattern 2:4 --method sparsegpt -o out/
     """
     from asrshrink.compress import EvalConfig
     from asrshrink.config import CalibConfig, PruneConfig
 
-    if sparsity is None:
+    if sparsity is None and pattern is None:
         from asrshrink.errors import AsrshrinkError
 
-        raise AsrshrinkError("--sparsity is required: the fraction of weights to set to zero, e.g. --sparsity 0.5")
+        raise AsrshrinkError("--sparsity is required: the fraction of weights to set to zero, e.g. --sparsity 0.5 "
+                             "(or an N:M --pattern such as 2:4)")
+    if sparsity is None:
+        n, _, m = pattern.partition(":")
+        sparsity = 1 - int(n) / int(m) if n.isdigit() and m.isdigit() and int(m) > 0 else 0.0
     config = PruneConfig(sparsity=sparsity, method=method, components=_components(components),
-                         global_threshold=global_threshold)
+                         global_threshold=global_threshold, pattern=pattern, targets=tuple(targets or ()),
+                         ignore=tuple(ignore or ()))
     _run("prune", json_out, model=model, out=out, config=config,
          calib=(CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed)
                 if config.calibrated or calib else None),

@@ -20,11 +20,15 @@ from typing import Callable
 import torch
 from torch import nn
 
+from asrshrink.calibrate.stats import Moments, OutputError, matrix_error
+from asrshrink.calibrate.walk import Capture, Solution, shift, valid_rows, walk, walked
 from asrshrink.config import PruneConfig
 from asrshrink.errors import AsrshrinkError
 from asrshrink.models.base import Transducer
-from asrshrink.models.layers import (FactorizedLSTMLayer, LowRankLinear, LSTMLayer, SparseLinear, SparseLSTMLayer,
-                                     lstm_side_weights, named_lstm_layers, sparse_storage_bytes)
+from asrshrink.models.layers import (FactorizedLSTMLayer, LSTMLayer, SparseLinear, SparseLSTMLayer, is_lstm_layer,
+                                     lstm_side_weights, matrices, sparse_storage_bytes)
+from asrshrink.methods.registry import Context, Method, Outcome, register
+from asrshrink.models.targets import WeightTarget, select_targets
 
 
 # --- pure math ------------------------------------------------------------------------------------------------
@@ -60,23 +64,41 @@ def smallest(scores: torch.Tensor, count: int) -> torch.Tensor:
     return mask.view_as(scores)
 
 
-def magnitude_prune(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """``weight`` (O, I) with its round(s O I) smallest-magnitude entries set to zero."""
+def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Boolean mask (O, I) of the entries an N:M pattern drops: in every run of ``m`` consecutive entries of a
+    row, all but the ``n`` highest scores (a shorter last run keeps up to ``n``); ties go to earlier entries."""
+    rows, cols = scores.shape
+    pad = (-cols) % m
+    padded = torch.cat([scores.double(), scores.new_full((rows, pad), -math.inf, dtype=torch.float64)], 1)
+    groups = padded.view(rows, -1, m)                                        # (O, ceil(I / m), m)
+    order = torch.sort(groups, dim=-1, stable=True).indices[..., :m - n]      # the m - n lowest per run
+    mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(-1, order, True)
+    return mask.view(rows, -1)[:, :cols]
+
+
+def magnitude_prune(weight: torch.Tensor, sparsity: float, pattern: tuple[int, int] | None = None) -> torch.Tensor:
+    """``weight`` (O, I) with its round(s O I) smallest-magnitude entries set to zero (or, with ``pattern``
+    (N, M), all but the N largest of every M consecutive entries of a row)."""
+    if pattern is not None:
+        return weight.masked_fill(nm_mask(weight.abs(), *pattern), 0.0)
     return weight.masked_fill(smallest(weight.abs(), pruned_count(weight.numel(), sparsity)), 0.0)
 
 
-def wanda_prune(weight: torch.Tensor, sparsity: float, moment: torch.Tensor) -> torch.Tensor:
+def wanda_prune(weight: torch.Tensor, sparsity: float, moment: torch.Tensor,
+                pattern: tuple[int, int] | None = None) -> torch.Tensor:
     """Wanda's score (Sun et al., 2023): drop the round(s O I) smallest |W_oj| ||x_j|| of the matrix.
 
     weight (O, I); moment (I, I) the inputs' second moment (only its diagonal, mean x_j^2, is used). The paper
     compares scores within each output row; across the four stacked gates of an LSTM side, whose rows differ
     in scale, one comparison over the whole matrix gave lower output errors on the reference model."""
     scores = weight.abs().double() * moment.diagonal().double().clamp(min=0).sqrt()
+    if pattern is not None:
+        return weight.masked_fill(nm_mask(scores, *pattern), 0.0)
     return weight.masked_fill(smallest(scores, pruned_count(weight.numel(), sparsity)), 0.0)
 
 
 def sparsegpt_prune(weight: torch.Tensor, moment: torch.Tensor, sparsity: float, *, block_size: int = 128,
-                    damping: float = 0.01) -> torch.Tensor:
+                    damping: float = 0.01, pattern: tuple[int, int] | None = None) -> torch.Tensor:
     """SparseGPT (Frantar & Alistarh, 2023): prune ``weight`` (O, I) to minimise ||(W - W') X||^2 on inputs
     with second moment ``moment`` (I, I) = X X^T / N, in float64.
 
@@ -84,7 +106,9 @@ def sparsegpt_prune(weight: torch.Tensor, moment: torch.Tensor, sparsity: float,
     by w^2 / [U]_jj^2 (U the upper Cholesky factor of (H + damping mean(diag H) I)^-1), pruning the block's
     proportional share of round(s O I); then each column's pruning error is spread over the block's later
     columns by the OBS update, and the block's accumulated errors over all later columns in one product (lazy
-    batch update). The pruned entries are exact zeros and the total count is exact.
+    batch update). The pruned entries are exact zeros and the total count is exact. With ``pattern`` (N, M) the
+    mask of each run of M columns is chosen when the run starts (by the same score on the updated weights),
+    keeping N per row.
     """
     rows, cols = weight.shape
     w = weight.double().clone()
@@ -100,9 +124,13 @@ def sparsegpt_prune(weight: torch.Tensor, moment: torch.Tensor, sparsity: float,
         block = w[:, start:end].clone()                                      # (O, b)
         u_block = u[start:end, start:end]
         d = u_block.diagonal()
-        mask = smallest(block.square() / d.square(), count)
+        mask = smallest(block.square() / d.square(), count) if pattern is None else \
+            torch.zeros_like(block, dtype=torch.bool)
         errors = torch.zeros_like(block)
         for i in range(end - start):
+            if pattern is not None and (start + i) % pattern[1] == 0:
+                run = slice(i, min(i + pattern[1], end - start))
+                mask[:, run] = nm_mask(block[:, run].square() / d[run].square(), *pattern)
             column = block[:, i]
             kept = column.masked_fill(mask[:, i], 0.0)
             errors[:, i] = (column - kept) / d[i]
@@ -113,55 +141,29 @@ def sparsegpt_prune(weight: torch.Tensor, moment: torch.Tensor, sparsity: float,
     return w.to(weight.dtype)
 
 
-def relative_error(weight: torch.Tensor, pruned: torch.Tensor, moment: torch.Tensor) -> float:
-    """||(W - W') X||^2 / ||W X||^2 from the inputs' second moment (I, I): the pruned matrix's relative output
-    error on those inputs."""
-    w, delta, m = weight.double(), (weight - pruned).double(), moment.double()
-    return float(((delta @ m) * delta).sum() / ((w @ m) * w).sum().clamp(min=1e-300))
-
-
-class SecondMoment:
-    """Streaming second moment X X^T / N of input rows, accumulated in float64 (memory independent of N)."""
-
-    def __init__(self, size: int):
-        self.sum = torch.zeros(size, size, dtype=torch.float64)
-        self.rows = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """x (N, I): one batch of rows."""
-        x = x.double()
-        self.sum += x.T @ x
-        self.rows += x.shape[0]
-
-    def value(self) -> torch.Tensor:
-        return self.sum / max(self.rows, 1)
+relative_error = matrix_error
+SecondMoment = Moments
 
 
 def prune_matrix(weight: torch.Tensor, sparsity: float, method: str, moment: torch.Tensor | None = None, *,
-                 block_size: int = 128, damping: float = 0.01) -> torch.Tensor:
-    """``weight`` (O, I) pruned to ``sparsity`` by ``method`` (sparsegpt and wanda need ``moment`` (I, I))."""
+                 block_size: int = 128, damping: float = 0.01, pattern: tuple[int, int] | None = None
+                 ) -> torch.Tensor:
+    """``weight`` (O, I) pruned to ``sparsity`` (or to an N:M ``pattern``) by ``method`` (sparsegpt and wanda
+    need ``moment`` (I, I))."""
     if method == "magnitude":
-        return magnitude_prune(weight, sparsity)
+        return magnitude_prune(weight, sparsity, pattern)
     if moment is None:
         raise ValueError(f"{method} pruning needs the inputs' second moment")
     if method == "wanda":
-        return wanda_prune(weight, sparsity, moment)
+        return wanda_prune(weight, sparsity, moment, pattern)
     if method == "sparsegpt":
-        return sparsegpt_prune(weight, moment, sparsity, block_size=block_size, damping=damping)
+        return sparsegpt_prune(weight, moment, sparsity, block_size=block_size, damping=damping, pattern=pattern)
     raise ValueError(f"unknown pruning method {method!r}")
 
 
 # --- the model-level method ---------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class Target:
-    """One weight matrix of a chosen component: an LSTM side ("ih", "hh") or a Linear ("linear")."""
-
-    layer: str            # dotted module name in the model
-    side: str
-    rows: int             # O
-    cols: int             # I
-    prunable: bool        # False: low-rank factors, left as they are
+Target = WeightTarget
 
 
 @dataclass
@@ -195,32 +197,13 @@ class MatrixReport:
                 "error": self.error, "error_magnitude": self.error_magnitude, "layer_error": self.layer_error}
 
 
-def prune_targets(model: Transducer, components: list[str]) -> list[Target]:
-    """Every LSTM side and Linear weight of the chosen components, in forward order."""
-    known = model.components()
-    unknown = [c for c in components if c not in known]
-    if unknown:
-        raise AsrshrinkError(f"unknown component(s) {unknown}; this model has {', '.join(known)}")
-    paths = {id(m): n for n, m in model.named_modules()}
-    targets = []
-    for component in components:
-        prefix = paths[id(known[component])]
-        lstms = dict(named_lstm_layers(known[component]))
-        inside = tuple(name + "." for name in lstms)
-        for name, module in known[component].named_modules():
-            full = f"{prefix}.{name}" if name else prefix
-            if name in lstms:
-                sides = {"ih": getattr(module, "ih", None), "hh": getattr(module, "hh", None)}
-                for side, (weight, _) in lstm_side_weights(module).items():
-                    targets.append(Target(full, side, *weight.shape, not isinstance(sides[side], LowRankLinear)))
-            elif isinstance(module, nn.Linear) and not name.startswith(inside):
-                targets.append(Target(full, "linear", module.out_features, module.in_features, True))
-    return targets
+def prune_targets(model: Transducer, components: list[str]) -> list[WeightTarget]:
+    """Every weight target of the chosen components, in forward order (low-rank factors are not prunable)."""
+    return model.weight_targets(components)
 
 
-def matrix(model: nn.Module, target: Target) -> torch.Tensor:
-    layer = model.get_submodule(target.layer)
-    return layer.weight.detach() if target.side == "linear" else lstm_side_weights(layer)[target.side][0]
+def matrix(model: nn.Module, target: WeightTarget) -> torch.Tensor:
+    return matrices(model.get_submodule(target.layer))[target.side].weight
 
 
 def allocate(model: Transducer, targets: list[Target], sparsity: float, global_threshold: bool = False
@@ -255,21 +238,74 @@ def with_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Modul
 MatrixHook = Callable[[MatrixReport], None]
 
 
+class PruneSolver:
+    """Walk solver: prunes the chosen matrices of one module on its calibration inputs' second moments (an
+    LSTM layer's recurrent inputs are the hidden states it produces on them before it is pruned). For an LSTM
+    layer it also measures the pruned layer's output error against the unpruned model's."""
+
+    def __init__(self, module: nn.Module, targets: list[WeightTarget], goals: dict, config: PruneConfig,
+                 done: Callable[[MatrixReport], None]):
+        self.module, self.targets, self.goals, self.config, self.done = module, targets, goals, config, done
+        self.moments = {t.side: Moments(t.cols) for t in targets}
+        self.needs_original = is_lstm_layer(module)
+        self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.references: list[torch.Tensor] = []
+        self.started = time.perf_counter()
+
+    def add_batch(self, capture: Capture) -> None:
+        for side, moment in self.moments.items():
+            moment.add(capture.rows(shift(capture.compressed_output) if side == "hh" else capture.compressed_input))
+        if self.needs_original:
+            self.inputs.append((capture.compressed_input, capture.lengths))
+            self.references.append(capture.original_output)
+
+    def solve(self) -> Solution:
+        c = self.config
+        current = matrices(self.module)
+        new, rows = {}, []
+        for t in self.targets:
+            weight, moment = current[t.side].weight, self.moments[t.side].mean()
+            goal = self.goals[t.key]
+            new[t.side] = prune_matrix(weight, goal, c.method, moment, block_size=c.block_size, damping=c.damping,
+                                       pattern=c.nm)
+            rows.append(MatrixReport(t.layer, t.side, (t.rows, t.cols), f"pruned ({c.method})", goal,
+                                     int(new[t.side].count_nonzero()), relative_error(weight, new[t.side], moment),
+                                     relative_error(weight, magnitude_prune(weight, goal, c.nm), moment)))
+        layer = with_weights(self.module, new)
+        outputs, layer_error = None, None
+        if self.needs_original:
+            outputs, error = [], OutputError()
+            for (x, lengths), h_o in zip(self.inputs, self.references):
+                h, _ = layer(x)
+                outputs.append(h)
+                error.add(valid_rows(h, lengths), valid_rows(h_o, lengths))
+            layer_error = error.value()
+        seconds = time.perf_counter() - self.started
+        for row in rows:
+            row.layer_error = layer_error if layer_error is not None else row.error
+            row.seconds = seconds / len(rows)
+            self.done(row)
+        return Solution(layer, outputs)
+
+    def free(self) -> None:
+        self.moments, self.inputs, self.references = {}, [], []
+
+
 @torch.no_grad()
 def prune_model(model: Transducer, config: PruneConfig, batches: list[dict[str, torch.Tensor]] | None = None, *,
-                on_matrix: MatrixHook | None = None) -> tuple[Transducer, list[MatrixReport]]:
-    """A pruned copy of ``model`` and one report per matrix of the chosen components, in forward order.
+                on_matrix: MatrixHook | None = None, targets: list[WeightTarget] | None = None
+                ) -> tuple[Transducer, list[MatrixReport]]:
+    """A pruned copy of ``model`` and one report per matrix of the chosen targets (default: every matrix of
+    ``config.components``), in forward order.
 
-    Calibrated methods (sparsegpt, wanda) walk the LSTM layers first to last over ``batches`` (dicts with
-    features (B, T, F), feature_lengths, labels, label_lengths): a layer's input-side statistics are its inputs
-    from the already-pruned layers before it, its recurrent-side statistics the hidden states it produces on
-    them (before it is pruned). Matrices the walk does not reach (the joint's Linears) are pruned by magnitude.
+    Calibrated methods (sparsegpt, wanda) walk the blocks first to last over ``batches`` (dicts with features
+    (B, T, F), feature_lengths, labels, label_lengths), each matrix with its inputs from the already-pruned
+    matrices before it. Matrices the walk does not reach (the joint's Linears) are pruned by magnitude.
     ``on_matrix`` is called as each matrix is done.
     """
-    from asrshrink.calibrate import shift, valid_rows, walk_layers
-
     config.check()
-    targets = prune_targets(model, list(config.components))
+    if targets is None:
+        targets = prune_targets(model, list(config.components))
     goals = allocate(model, targets, config.sparsity, config.global_threshold)
     pruned = copy.deepcopy(model).eval()
     reports: dict[tuple[str, str], MatrixReport] = {}
@@ -279,77 +315,57 @@ def prune_model(model: Transducer, config: PruneConfig, batches: list[dict[str, 
         if on_matrix:
             on_matrix(report)
 
-    by_layer: dict[str, list[Target]] = {}
-    for t in targets:
-        if t.prunable:
-            by_layer.setdefault(t.layer, []).append(t)
-
-    def visit(o_layer, name, c_layer, orig_acts, comp_acts, index, orig_outputs):
-        sides = {t.side: t for t in by_layer.get(name, [])}
-        if not sides:
-            return None
-        started = time.perf_counter()
-        moments = {side: SecondMoment(t.cols) for side, t in sides.items()}
-        for x, lengths in comp_acts:
-            if "ih" in moments:
-                moments["ih"].add(valid_rows(x, lengths))
-            if "hh" in moments:
-                moments["hh"].add(valid_rows(shift(c_layer(x)[0]), lengths))
-        current = lstm_side_weights(c_layer)
-        new, rows = {}, []
-        for side, t in sides.items():
-            weight, moment = current[side][0], moments[side].value()
-            goal = goals[(t.layer, side)]
-            new[side] = prune_matrix(weight, goal, config.method, moment, block_size=config.block_size,
-                                     damping=config.damping)
-            rows.append(MatrixReport(t.layer, side, (t.rows, t.cols), f"pruned ({config.method})", goal,
-                                     int(new[side].count_nonzero()), relative_error(weight, new[side], moment),
-                                     relative_error(weight, magnitude_prune(weight, goal), moment)))
-        layer = with_weights(c_layer, new)
-        outputs, error, energy = [], 0.0, 0.0
-        for (x, lengths), (h_o, _) in zip(comp_acts, orig_outputs):
-            h, _ = layer(x)
-            outputs.append(h)
-            error += float(valid_rows(h - h_o, lengths).double().square().sum())
-            energy += float(valid_rows(h_o, lengths).double().square().sum())
-        seconds = time.perf_counter() - started
-        for row in rows:
-            row.layer_error, row.seconds = error / max(energy, 1e-30), seconds / len(rows)
-            done(row)
-        return layer, outputs
-
+    prunable = [t for t in targets if t.prunable]
     if config.calibrated:
         if not batches:
             raise AsrshrinkError(f"--method {config.method} needs calibration speech (--calib)")
-        walk_layers(model, pruned, batches, walked_components(model, targets), visit)
-    for name, layer_targets in by_layer.items():
-        rest = [t for t in layer_targets if (t.layer, t.side) not in reports]
-        if not rest:
-            continue
+        walk(model, pruned, batches, walked(model, prunable),
+             lambda layer, group, o_module, c_module, position: PruneSolver(
+                 c_module, [t for t in group if t.prunable], goals, config, done))
+    by_layer: dict[str, list[WeightTarget]] = {}
+    for t in prunable:
+        if t.key not in reports:
+            by_layer.setdefault(t.layer, []).append(t)
+    for name, rest in by_layer.items():
         started = time.perf_counter()
         layer = pruned.get_submodule(name)
-        new = {t.side: magnitude_prune(matrix(pruned, t), goals[(t.layer, t.side)]) for t in rest}
+        new = {t.side: magnitude_prune(matrix(pruned, t), goals[t.key], config.nm) for t in rest}
         pruned.set_submodule(name, with_weights(layer, new))
         status = "pruned (magnitude)" if not config.calibrated else "pruned by magnitude (no calibration walk)"
         for t in rest:
-            done(MatrixReport(t.layer, t.side, (t.rows, t.cols), status, goals[(t.layer, t.side)],
+            done(MatrixReport(t.layer, t.side, (t.rows, t.cols), status, goals[t.key],
                               int(new[t.side].count_nonzero()), seconds=(time.perf_counter() - started) / len(rest)))
     for t in targets:
         if not t.prunable:
             done(MatrixReport(t.layer, t.side, (t.rows, t.cols), "low-rank factors: not pruned", None,
                               int(matrix(pruned, t).count_nonzero())))
-    return pruned.eval(), [reports[(t.layer, t.side)] for t in targets]
+    return pruned.eval(), [reports[t.key] for t in targets]
 
 
-def walked_components(model: Transducer, targets: list[Target]) -> tuple[str, ...]:
-    """The components a calibrated method walks: those that run as blocks with a layer to prune among them."""
-    layers = {t.layer for t in targets if t.prunable}
-    walked = []
-    for component in model.components():
-        try:
-            blocks = model.blocks(component)
-        except AsrshrinkError:
-            continue
-        if any(b.name in layers for b in blocks):
-            walked.append(component)
-    return tuple(walked)
+# --- the registered method ------------------------------------------------------------------------------------
+
+def _prune_core(config: PruneConfig, ctx: Context) -> Outcome:
+    original = ctx.original
+    targets = select_targets(prune_targets(original, list(config.components)), config.targets, config.ignore)
+    if not any(t.prunable for t in targets):
+        raise AsrshrinkError(f"nothing to prune in {', '.join(config.components)} (only low-rank factors); "
+                             f"choose other --components")
+    if config.calibrated and not walked(original, [t for t in targets if t.prunable]):
+        raise AsrshrinkError(f"--method {config.method} prunes on calibration speech the encoder or prediction "
+                             f"network: --components must include encoder or prediction")
+
+    def on_matrix(r: MatrixReport) -> None:
+        errors = "" if r.error is None else (
+            f", relative output error {r.error:.4f} (magnitude {r.error_magnitude:.4f}), layer {r.layer_error:.4f}")
+        ctx.log(f"{r.layer} {r.side} {r.shape[0]}x{r.shape[1]}: " + (
+            f"sparsity {r.sparsity:.3f}{errors} ({r.seconds:.1f} s)" if r.target_sparsity is not None else r.status))
+
+    ctx.log(f"{config.method} pruning to " + (f"the {config.pattern} pattern" if config.pattern else
+                                               f"sparsity {config.sparsity:g}")
+            + (" (one magnitude threshold across all matrices)" if config.global_threshold else " per matrix"))
+    pruned, rows = prune_model(original, config, ctx.batches, on_matrix=on_matrix, targets=targets)
+    return Outcome(pruned, [r.to_json() for r in rows])
+
+
+register(Method("prune", PruneConfig, _prune_core, calibrated=lambda config: config.calibrated,
+                unused_calib="--calib is read only by --method sparsegpt or wanda; drop --calib or choose one"))

@@ -1,5 +1,5 @@
-"""PSVD: layer-sequential least-squares post-training of an SVD-compressed LSTM stack, on calibration data,
-without back-propagation.
+"""PSVD: layer-sequential least-squares post-training of an SVD-compressed model, on calibration data,
+without back-propagation: LSTM layers (the paper) and, carried to Conformers, every factorised Linear.
 
 For every factorised LSTM layer, first to last, the layer's pre-activations are fitted to the uncompressed
 model's: the input side U_x (V_x x~) + b_x to W_x x + b_x, and the recurrent side U_h (V_h h~) + b_h to
@@ -8,7 +8,9 @@ model's (its inputs come from the already-compressed layers before it). The pape
 applied to the compressed pre-activation; M [U b] spans exactly the affine maps of V x~ (when [U b] has full
 column rank), so this module solves for the left factor and bias directly: k + 1 unknowns per output instead
 of N, the same optimum. ``variant="joint"`` fits both sides at once to the summed pre-activation (what the
-gates see). Repeated for several iterations. Statistics are float64 and only the current layer's are alive.
+gates see). A factorised Linear (attention, feed-forward, pointwise convolution) is refitted the same way:
+U (V x~) + b to W x + b, its inputs from the compressed model with the matrices before it already refitted.
+Repeated for several iterations. Statistics are float64 and only the current matrix's are alive.
 
 Dimension letters: T frames, B batch, N rows (valid frames), I inputs, H hidden, O = 4H outputs, k rank.
 """
@@ -22,11 +24,16 @@ from typing import Callable
 import torch
 from torch import nn
 
-from asrshrink.calibrate import Activations, shift, valid_rows, walk_layers
+from asrshrink.calibrate import Activations
+from asrshrink.config import PSVD_VARIANTS, PsvdConfig, PsvdRunConfig, to_json
+from asrshrink.methods.registry import Context, Method, Outcome, register
+from asrshrink.calibrate.stats import Moments, OutputError
+from asrshrink.calibrate.walk import Capture, Solution, shift, valid_rows, walk, walked
 from asrshrink.models.base import Transducer
-from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, lstm_side_weights
+from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, lstm_side_weights, matrices
+from asrshrink.models.targets import WeightTarget, select_targets
 
-VARIANTS = ("paper", "joint")
+VARIANTS = PSVD_VARIANTS
 
 
 # --- pure math ------------------------------------------------------------------------------------------------
@@ -49,10 +56,11 @@ class RegressionStats:
                    torch.zeros(regressors + 1, outputs, dtype=torch.float64))
 
     def add(self, z: torch.Tensor, target: torch.Tensor) -> None:
-        """z (N, k), target (N, O): one batch of rows (products in float32, sums in float64)."""
-        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1).double()
-        self.gram += z1.T @ z1
-        self.cross += z1.T @ target.double()
+        """z (N, k), target (N, O): one batch of rows (sums in float64)."""
+        batch = Moments(z.shape[1], affine=True, paired=(target.shape[1],))
+        batch.add(z, [target])
+        self.gram += batch.gram
+        self.cross += batch.cross[0]
         self.energy += float(target.double().square().sum())
         self.rows += z.shape[0]
 
@@ -106,20 +114,6 @@ class LayerReport:
                 "seconds": self.seconds}
 
 
-@dataclass(frozen=True)
-class PsvdConfig:
-    """PSVD post-training: ``iterations`` passes over the layers, first to last; ``variant`` "paper" fits each
-    side on its own, "joint" fits both sides to the summed pre-activation."""
-
-    iterations: int = 3
-    variant: str = "paper"
-    ridge: float = 1e-7
-    components: tuple[str, ...] = ("encoder",)
-    #: Fits per layer and iteration. The recurrent fit's regressors are the hidden states of the layer's
-    #: previous version; refitting with the refitted layer's own states approaches a fixed point (1: the paper).
-    refits: int = 1
-
-
 def _regressors(side: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, side.down)
 
@@ -136,23 +130,18 @@ class ProjectedStats:
 
     def __init__(self, regressors: int, maps: list[tuple[torch.Tensor, torch.Tensor]]):
         self.maps = [(w.double(), b.double()) for w, b in maps]
-        self.gram = torch.zeros(regressors + 1, regressors + 1, dtype=torch.float64)
-        self.moments = [torch.zeros(regressors + 1, w.shape[1], dtype=torch.float64) for w, _ in self.maps]
-        self.rows = 0
+        self.moments = Moments(regressors, affine=True, paired=tuple(w.shape[1] for w, _ in self.maps))
 
     def add(self, z: torch.Tensor, inputs: list[torch.Tensor]) -> None:
         """z (N, k), inputs[s] (N, I_s) for each map s."""
-        z1 = torch.cat([z, z.new_ones(z.shape[0], 1)], 1).double()
-        self.gram += z1.T @ z1
-        for moment, x in zip(self.moments, inputs):
-            moment += z1.T @ x.double()
-        self.rows += z.shape[0]
+        self.moments.add(z, inputs)
 
-    def regression(self) -> RegressionStats:
-        """The equivalent RegressionStats (energy unknown, set to 0: errors from it are offsets, not ratios)."""
-        cross = sum(m @ w.T for m, (w, _) in zip(self.moments, self.maps))
-        cross = cross + self.gram[:, -1:] @ sum(b for _, b in self.maps).unsqueeze(0)
-        return RegressionStats(self.gram, cross, 0.0, self.rows)
+    def regression(self, energy: float = 0.0) -> RegressionStats:
+        """The equivalent RegressionStats (with ``energy`` 0, errors from it are offsets, not ratios)."""
+        m = self.moments.reduce()
+        cross = sum(c @ w.T for c, (w, _) in zip(m.cross, self.maps))
+        cross = cross + m.gram[:, -1:] @ sum(b for _, b in self.maps).unsqueeze(0)
+        return RegressionStats(m.gram, cross, energy, int(m.rows))
 
 
 #: Step sizes tried, in order, between the current factors (0) and the least-squares fit (1).
@@ -174,13 +163,12 @@ class LayerFit:
 
 def _output_error(layer: nn.Module, comp_inputs: Activations, orig_outputs: list[torch.Tensor]
                   ) -> tuple[float, list[torch.Tensor]]:
-    outputs, error, energy = [], 0.0, 0.0
+    outputs, error = [], OutputError()
     for (x, lengths), h_o in zip(comp_inputs, orig_outputs):
         h, _ = layer(x)
         outputs.append(h)
-        error += float(valid_rows(h - h_o, lengths).double().square().sum())
-        energy += float(valid_rows(h_o, lengths).double().square().sum())
-    return error / max(energy, 1e-30), outputs
+        error.add(valid_rows(h, lengths), valid_rows(h_o, lengths))
+    return error.value(), outputs
 
 
 def _blend(old: LowRankLinear, up: torch.Tensor, bias: torch.Tensor, step: float) -> LowRankLinear:
@@ -218,11 +206,10 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
         return w[g * out:(g + 1) * out], b[g * out:(g + 1) * out]
 
     stats = [ProjectedStats(sum(parts[s].rank for s in unit), [gate_map(s, g) for s in unit]) for unit, g in units]
-    rows, error, energy = 0, 0.0, 0.0
+    rows, error = 0, OutputError()
     for (x_o, lengths), (x_c, _), h_o in zip(orig_inputs, comp_inputs, orig_outputs):
         h_c, _ = compressed(x_c)
-        error += float(valid_rows(h_c - h_o, lengths).double().square().sum())
-        energy += float(valid_rows(h_o, lengths).double().square().sum())
+        error.add(valid_rows(h_c, lengths), valid_rows(h_o, lengths))
         inputs_o = {"ih": valid_rows(x_o, lengths), "hh": valid_rows(shift(h_o), lengths)}
         inputs_c = {"ih": valid_rows(x_c, lengths), "hh": valid_rows(shift(h_c), lengths)}
         rows += inputs_o["ih"].shape[0]
@@ -231,7 +218,7 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
             z = torch.cat([z_all[s][:, g * parts[s].rank:(g + 1) * parts[s].rank] for s in unit], 1)
             st.add(z, [inputs_o[s] for s in unit])
         del h_c, inputs_o, inputs_c, z_all
-    before = error / max(energy, 1e-30)
+    before = error.value()
     ups = {s: parts[s].up.detach().clone() for s in sides}
     biases = {s: parts[s].bias.detach().clone() for s in sides}
     for (unit, g), st in zip(units, stats):
@@ -255,53 +242,195 @@ def fit_layer(original: nn.Module, compressed: FactorizedLSTMLayer, orig_inputs:
     return LayerFit(compressed, rows, before, before, 0.0, [])
 
 
-def _block_up(up: torch.Tensor) -> torch.Tensor:
-    """(G, O/G, r) per-group factors -> the (O, G*r) block-diagonal matrix."""
-    return torch.block_diag(*up) if up.shape[0] > 1 else up[0]
+class LstmRefit:
+    """Walk solver: PSVD of one factorised LSTM layer (``fit_layer``, ``refits`` times). It keeps the batches'
+    inputs and the original layer's outputs (the walk's current activations) until it is solved."""
+
+    needs_original = True
+
+    def __init__(self, original: nn.Module, compressed: FactorizedLSTMLayer, config: "PsvdConfig"):
+        self.original, self.compressed, self.config = original, compressed, config
+        self.orig_inputs: Activations = []
+        self.comp_inputs: Activations = []
+        self.targets: list[torch.Tensor] = []
+        self.result: LayerFit | None = None
+
+    def add_batch(self, capture: Capture) -> None:
+        self.orig_inputs.append((capture.original_input, capture.lengths))
+        self.comp_inputs.append((capture.compressed_input, capture.lengths))
+        self.targets.append(capture.original_output)
+
+    def solve(self) -> Solution:
+        c = self.config
+        fit = fit_layer(self.original, self.compressed, self.orig_inputs, self.comp_inputs, variant=c.variant,
+                        ridge=c.ridge, orig_outputs=self.targets)
+        first_error = fit.error_before
+        for _ in range(c.refits - 1):
+            if fit.step == 0:
+                break
+            again = fit_layer(self.original, fit.layer, self.orig_inputs, self.comp_inputs, variant=c.variant,
+                              ridge=c.ridge, orig_outputs=self.targets)
+            if again.step == 0:
+                break
+            fit = again
+        fit.error_before = first_error
+        self.result = fit
+        ranks = {s: getattr(fit.layer, s).rank for s in _sides(fit.layer)}
+        return Solution(fit.layer, fit.outputs or None), ranks
+
+    def free(self) -> None:
+        self.orig_inputs, self.comp_inputs, self.targets = [], [], []
 
 
-LayerHook = Callable[[LayerReport, Transducer, int, int], None]
+class LinearRefit:
+    """Walk solver: PSVD of one factorised Linear, U (V x~) + b fitted to W x + b by least squares, x the
+    original model's inputs and x~ the compressed model's. A linear map's output error is a quadratic of its
+    parameters, so the least-squares fit is the best step and both errors come from the statistics."""
+
+    needs_original = True
+
+    def __init__(self, original: nn.Module, compressed: LowRankLinear, config: "PsvdConfig"):
+        target = matrices(original)["linear"]
+        self.weight, self.bias = target.weight.double(), target.bias.double()
+        self.compressed, self.ridge = compressed, config.ridge
+        self.stats = ProjectedStats(compressed.rank, [(target.weight, target.bias)])
+        self.before = OutputError()
+
+    def add_batch(self, capture: Capture) -> None:
+        x_c, x_o = capture.rows(capture.compressed_input), capture.rows(capture.original_input)
+        self.stats.add(torch.nn.functional.linear(x_c, self.compressed.down), [x_o])
+        self.before.add(capture.rows(capture.compressed_output),
+                        torch.nn.functional.linear(x_o.double(), self.weight, self.bias))
+
+    def solve(self) -> tuple[Solution, dict]:
+        before = self.before.value()
+        reg = self.stats.regression(energy=float(self.before.sums[1]))
+        up, bias = solve_regression(reg, self.ridge)
+        after = regression_error(reg, up, bias)
+        old = self.compressed
+        self.result = LayerFit(old, reg.rows, before, before, 0.0)
+        if after < before:
+            new = LowRankLinear(old.in_features, old.out_features, old.rank, bias=True)
+            with torch.no_grad():
+                new.down.copy_(old.down)
+                new.up.copy_(up.unsqueeze(0).to(old.up.dtype))
+                new.bias.copy_(bias.to(new.bias.dtype))
+            self.result = LayerFit(new, reg.rows, before, after, 1.0)
+        return Solution(self.result.layer if self.result.step else None), {"linear": old.rank}
+
+    def free(self) -> None:
+        self.stats = None
+
+
+def refit_targets(compressed: Transducer, components: tuple[str, ...], include: tuple[str, ...] = (),
+                  ignore: tuple[str, ...] = ()) -> list[WeightTarget]:
+    """The factorised matrices PSVD refits: low-rank targets of ``components`` reached by the walk."""
+    targets = select_targets(compressed.weight_targets(list(components)), include, ignore) if (include or ignore) \
+        else compressed.weight_targets(list(components))
+    return [t for t in walked(compressed, targets) if t.kind == "lowrank"]
+
+
+LayerHook = Callable[[list[LayerReport], Transducer, int, tuple[int, int]], None]
 
 
 def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
-         config: PsvdConfig, *, on_layer: LayerHook | None = None, start: tuple[int, int] = (0, 0)
-         ) -> list[LayerReport]:
-    """Refit every factorised LSTM layer of ``compressed`` (in place) to ``original`` on calibration batches.
+         config: PsvdConfig, *, on_layer: LayerHook | None = None, start: tuple[int, int, int] | None = None,
+         targets: list[WeightTarget] | None = None) -> list[LayerReport]:
+    """Refit every factorised matrix of ``compressed`` (in place) to ``original`` on calibration batches.
 
-    batches: dicts with features (B, T, F), feature_lengths, labels, label_lengths. ``on_layer(report, model,
-    iteration, block)`` is called after each layer (for logging and resumable checkpoints); ``start`` =
-    (iteration, block) skips the fits before it (their results are already in ``compressed``).
+    batches: dicts with features (B, T, F), feature_lengths, labels, label_lengths. ``targets``: the matrices
+    to refit (default: every low-rank matrix of ``config.components`` the walk reaches). ``on_layer(reports,
+    model, iteration, position)`` is called after each group of matrices the walk solves (for logging and
+    resumable checkpoints); ``start`` = the (iteration, block, group) last done skips the fits up to it (their
+    results are already in ``compressed``).
     """
     if config.variant not in VARIANTS:
         raise ValueError(f"unknown PSVD variant {config.variant!r}; choose one of {', '.join(VARIANTS)}")
+    if targets is None:
+        targets = refit_targets(compressed, config.components)
     reports: list[LayerReport] = []
-    for iteration in range(start[0], config.iterations):
-        def visit(o_layer, name, c_layer, orig_acts, comp_acts, block, orig_outputs):
-            if not isinstance(c_layer, FactorizedLSTMLayer) or not _sides(c_layer):
-                return None
-            started = time.perf_counter()
-            targets = [x for x, _ in orig_outputs]
-            fit = fit_layer(o_layer, c_layer, orig_acts, comp_acts, variant=config.variant, ridge=config.ridge,
-                            orig_outputs=targets)
-            first_error = fit.error_before
-            for _ in range(config.refits - 1):
-                if fit.step == 0:
-                    break
-                again = fit_layer(o_layer, fit.layer, orig_acts, comp_acts, variant=config.variant,
-                                  ridge=config.ridge, orig_outputs=targets)
-                if again.step == 0:
-                    break
-                fit = again
-            fit.error_before = first_error
-            report = LayerReport(iteration + 1, name, {s: getattr(fit.layer, s).rank for s in _sides(fit.layer)},
-                                 fit.rows, fit.error_before, fit.error_after, fit.step,
-                                 time.perf_counter() - started)
-            reports.append(report)
-            compressed.set_submodule(name, fit.layer)
-            if on_layer:
-                on_layer(report, compressed, iteration, block)
-            return (fit.layer, fit.outputs) if fit.outputs else fit.layer
+    first = 0 if start is None else start[0]
+    for iteration in range(first, config.iterations):
+        pending: list[LayerReport] = []
 
-        walk_layers(original, compressed, batches, config.components, visit,
-                    skip=lambda j, it=iteration: (it, j) < start)
+        def make_solver(layer, group, o_module, c_module, position, iteration=iteration):
+            if isinstance(c_module, FactorizedLSTMLayer) and _sides(c_module):
+                solver = LstmRefit(o_module, c_module, config)
+            elif isinstance(c_module, LowRankLinear):
+                solver = LinearRefit(o_module, c_module, config)
+            else:
+                return None
+            return _Reporting(solver, iteration + 1, layer, pending)
+
+        def on_group(position, iteration=iteration):
+            reports.extend(pending)
+            if on_layer:
+                on_layer(list(pending), compressed, iteration, position)
+            pending.clear()
+
+        walk(original, compressed, batches, targets, make_solver, on_group=on_group,
+             skip=lambda position, it=iteration: start is not None and (it, *position) <= tuple(start))
     return reports
+
+
+class _Reporting:
+    """A refit solver that also times itself and adds its LayerReport to ``pending``."""
+
+    needs_original = True
+
+    def __init__(self, solver, iteration: int, layer: str, pending: list[LayerReport]):
+        self.solver, self.iteration, self.layer, self.pending = solver, iteration, layer, pending
+        self.started = time.perf_counter()
+
+    def add_batch(self, capture: Capture) -> None:
+        self.solver.add_batch(capture)
+
+    def solve(self) -> Solution:
+        solution, ranks = self.solver.solve()
+        fit = self.solver.result
+        self.pending.append(LayerReport(self.iteration, self.layer, ranks, fit.rows, fit.error_before,
+                                        fit.error_after, fit.step, time.perf_counter() - self.started))
+        return solution
+
+    def free(self) -> None:
+        self.solver.free()
+
+
+# --- the registered method ------------------------------------------------------------------------------------
+
+def _psvd_core(config: PsvdRunConfig, ctx: Context) -> Outcome:
+    """SVD (plain or data-aware), then PSVD, checkpointing after every group of refitted matrices."""
+    from asrshrink.methods.svd import apply_svd, plan_svd
+
+    choices, targets = plan_svd(config.svd, ctx)
+    saved = ctx.progress
+    rows: list[dict] = list(saved["layers"]) if saved else []
+    if saved is not None:
+        compressed = ctx.resumed_model
+        start = (saved["iteration"], *saved["position"])
+        ctx.log(f"resuming in iteration {saved['iteration'] + 1} after block {saved['position'][0]}, "
+                f"group {saved['position'][1]}")
+    else:
+        compressed, start = apply_svd(config.svd, choices, targets, ctx), None
+    chosen = {c.layer for c in choices}
+    refit = [t for t in refit_targets(compressed, config.psvd.components) if t.layer in chosen]
+
+    def on_layer(reports: list[LayerReport], model, iteration: int, position: tuple[int, int]) -> None:
+        for report in reports:
+            rows.append(report.to_json())
+            ctx.log(f"iteration {report.iteration} {report.layer} ranks {report.ranks} rows {report.rows}: "
+                    f"relative output error {report.error_before:.4f} -> {report.error_after:.4f} "
+                    f"(step {report.step:g}, {report.seconds:.1f} s)")
+        if ctx.checkpoint:
+            ctx.checkpoint(model, {"iteration": iteration, "position": list(position), "layers": rows})
+
+    psvd(ctx.original, compressed, ctx.batches, config.psvd, on_layer=on_layer, start=start, targets=refit)
+    return Outcome(compressed, [c.to_json() for c in choices], rows)
+
+
+def _psvd_options(config: PsvdRunConfig) -> dict:
+    return {**to_json(config.svd), "psvd": to_json(config.psvd)}
+
+
+register(Method("psvd", PsvdRunConfig, _psvd_core, calibrated=lambda config: True, options=_psvd_options,
+                resumable=True))

@@ -1,4 +1,5 @@
-"""Truncated SVD of LSTM weight matrices: the pure factorisation, rank rules, and the model-level method.
+"""Truncated SVD of weight matrices (LSTM sides, Linears): the pure factorisation, rank rules, and the
+model-level method (plain, or data-aware through the calibration walk).
 
 Dimension letters: O outputs (4H for an LSTM side), I inputs, G row groups (1 stacked, 4 per gate), r rank.
 """
@@ -12,11 +13,16 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from asrshrink.calibrate.stats import Moments, cholesky_scale
+from asrshrink.calibrate.walk import Capture, Solution, shift, walk, walked
+from asrshrink.config import SVD_MODES, SvdConfig
+from asrshrink.methods.registry import Context, Method, Outcome, register
 from asrshrink.errors import AsrshrinkError
 from asrshrink.models.base import Transducer
-from asrshrink.models.layers import (FactorizedLSTMLayer, LowRankLinear, lstm_side_weights, named_lstm_layers)
+from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, lstm_side_weights, matrices
+from asrshrink.models.targets import WeightTarget, select_targets
 
-MODES = {"stacked": 1, "rollout": 4}
+MODES = SVD_MODES
 
 
 def rank_for_threshold(rows: int, cols: int, threshold: float) -> int:
@@ -99,52 +105,35 @@ class SideChoice:
 
 def choose_ranks(model: Transducer, components: list[str], *, threshold: float | None = None,
                  rank: int | None = None, mode: str = "stacked",
-                 ranks: dict[tuple[str, str], int | None] | None = None) -> list[SideChoice]:
-    """For each LSTM side and Linear of the chosen components: the rank to keep (by ``ranks``, else ``rank``,
-    else ``threshold``), or None where factorising would not save parameters."""
+                 ranks: dict[tuple[str, str], int | None] | None = None,
+                 targets: list[WeightTarget] | None = None) -> list[SideChoice]:
+    """For each weight target of the chosen components (``targets``, default all of them; low-rank factors
+    excepted): the rank to keep (by ``ranks``, else ``rank``, else ``threshold``), or None where factorising
+    would not save parameters."""
     if mode not in MODES:
         raise AsrshrinkError(f"unknown --mode {mode!r}; choose one of {', '.join(MODES)}")
-    known = model.components()
-    unknown = [c for c in components if c not in known]
-    if unknown:
-        raise AsrshrinkError(f"unknown component(s) {unknown}; this model has {', '.join(known)}")
-    paths = {id(m): n for n, m in model.named_modules()}
+    if targets is None:
+        targets = model.weight_targets(components)
     choices = []
-    for component in components:
-        prefix = paths[id(known[component])]
-        lstm_names = {name for name, _ in named_lstm_layers(known[component])}
-        for name, layer in _factorisable(known[component]):
-            full = f"{prefix}.{name}" if name else prefix
-            if name in lstm_names:
-                sides = {side: w.shape for side, (w, _) in lstm_side_weights(layer).items()}
-                groups = MODES[mode]
-            else:
-                sides, groups = {"linear": layer.weight.shape}, 1
-            for side, (out_rows, cols) in sides.items():
-                rows = out_rows // groups
-                if ranks is not None:
-                    r = ranks.get((full, side))
-                elif rank is not None:
-                    r = min(rank, rows, cols)
-                else:
-                    r = rank_for_threshold(rows, cols, threshold)
-                if r is None:
-                    reason = "kept dense by the budget" if ranks is not None else "not factorised"
-                elif not factorisation_saves(rows, cols, r):
-                    reason, r = f"rank {r} >= {rows}x{cols}/({rows}+{cols}): no saving, kept dense", None
-                else:
-                    reason = "factorised"
-                choices.append(SideChoice(full, side, out_rows, cols, groups, r, reason))
+    for t in targets:
+        if t.kind == "lowrank":
+            continue
+        groups = MODES[mode] if t.lstm else 1
+        rows = t.rows // groups
+        if ranks is not None:
+            r = ranks.get(t.key)
+        elif rank is not None:
+            r = min(rank, rows, t.cols)
+        else:
+            r = rank_for_threshold(rows, t.cols, threshold)
+        if r is None:
+            reason = "kept dense by the budget" if ranks is not None else "not factorised"
+        elif not factorisation_saves(rows, t.cols, r):
+            reason, r = f"rank {r} >= {rows}x{t.cols}/({rows}+{t.cols}): no saving, kept dense", None
+        else:
+            reason = "factorised" + (" (its pruned zeros are not kept)" if t.kind == "sparse" else "")
+        choices.append(SideChoice(t.layer, t.side, t.rows, t.cols, groups, r, reason))
     return choices
-
-
-def _factorisable(component: nn.Module) -> list[tuple[str, nn.Module]]:
-    """LSTM layers and plain Linear layers of a component (not the Linears inside factorised LSTM layers)."""
-    lstms = named_lstm_layers(component)
-    inside = tuple(name + "." for name, _ in lstms)
-    linears = [(n, m) for n, m in component.named_modules()
-               if type(m) is nn.Linear and not n.startswith(inside)]
-    return sorted(lstms + linears, key=lambda item: [n for n, _ in component.named_modules()].index(item[0]))
 
 
 def factorize_layer(layer: nn.Module, sides: dict[str, SideChoice],
@@ -154,7 +143,8 @@ def factorize_layer(layer: nn.Module, sides: dict[str, SideChoice],
     if all(c.rank is None for c in sides.values()):
         return None
     if "linear" in sides:
-        return lowrank_from_svd(layer.weight.detach(), _bias(layer), sides["linear"].rank,
+        m = matrices(layer)["linear"]
+        return lowrank_from_svd(m.weight, m.bias, sides["linear"].rank,
                                 scale=None if scales is None else scales.get("linear"))
     weights = lstm_side_weights(layer)
     parts = {}
@@ -167,10 +157,6 @@ def factorize_layer(layer: nn.Module, sides: dict[str, SideChoice],
             scale = None if scales is None else scales.get(side)
             parts[side] = lowrank_from_svd(weight, bias, choice.rank, groups=choice.groups, scale=scale)
     return FactorizedLSTMLayer(parts["ih"], parts["hh"], layer.hidden_size)
-
-
-def _bias(layer: nn.Linear) -> torch.Tensor:
-    return layer.bias.detach() if layer.bias is not None else torch.zeros(layer.out_features)
 
 
 def _by_layer(choices: list[SideChoice]) -> dict[str, dict[str, SideChoice]]:
@@ -190,66 +176,75 @@ def svd_compress(model: Transducer, choices: list[SideChoice]) -> Transducer:
     return new.eval()
 
 
-def cholesky_scale(gram: torch.Tensor, damping: float = 1e-6) -> torch.Tensor:
-    """Lower Cholesky factor of a second-moment matrix, damped by ``damping`` x its mean diagonal."""
-    gram = gram.to(torch.float64)
-    eye = torch.eye(gram.shape[0], dtype=torch.float64)
-    jitter = damping * float(gram.diagonal().mean().clamp(min=1e-30))
-    for _ in range(6):
-        factor, info = torch.linalg.cholesky_ex(gram + jitter * eye)
-        if int(info) == 0:
-            return factor
-        jitter *= 100
-    raise AsrshrinkError("the calibration inputs' second moment is not positive definite (too few or constant "
-                         "calibration frames); use more calibration utterances or drop --data-aware")
+class ScaleSolver:
+    """Data-aware SVD of one module (walk solver): the second moment of each chosen matrix's inputs on the
+    compressed model, then the truncation of W S (S its Cholesky factor); with ``choices`` None, only the
+    scales are kept (in ``found``) and the module is left as it is. An LSTM layer's recurrent inputs are the
+    hidden states of the original layer on the compressed inputs."""
+
+    needs_original = False
+
+    def __init__(self, original: nn.Module, sides: dict[str, SideChoice] | None, targets: list[WeightTarget],
+                 found: dict[tuple[str, str], torch.Tensor] | None = None):
+        self.original, self.sides, self.found = original, sides, found
+        self.layer = targets[0].layer
+        self.moments = {t.side: Moments(t.cols) for t in targets}
+
+    def add_batch(self, capture: Capture) -> None:
+        for side, moment in self.moments.items():
+            if side == "hh":
+                hidden = capture.compressed_output if self.sides is None else self.original(capture.compressed_input)[0]
+                moment.add(capture.rows(shift(hidden)))
+            else:
+                moment.add(capture.rows(capture.compressed_input))
+
+    def solve(self) -> Solution:
+        scales = {side: cholesky_scale(m.mean()) for side, m in self.moments.items()}
+        if self.sides is None:
+            self.found.update({(self.layer, side): scale for side, scale in scales.items()})
+            return Solution(None)
+        return Solution(factorize_layer(self.original, self.sides, scales))
+
+    def free(self) -> None:
+        self.moments = {}
 
 
-@torch.no_grad()
-def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batches: list[dict[str, torch.Tensor]]
-                            ) -> Transducer:
-    """SVD truncation that minimises each layer's output error on calibration inputs (SVD of W S).
+def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batches: list[dict[str, torch.Tensor]],
+                            targets: list[WeightTarget] | None = None) -> Transducer:
+    """SVD truncation that minimises each matrix's output error on calibration inputs (SVD of W S).
 
-    Layers are factorised first to last; a layer's input statistics come from the already-compressed layers
-    before it, its recurrent statistics from the original layer's hidden states on those inputs.
+    The walk factorises matrices in forward order; a matrix's input statistics come from the already-compressed
+    matrices before it (an LSTM layer's recurrent statistics from the original layer's hidden states on
+    those inputs). Matrices no walk reaches (the joint) get plain truncation.
     """
-    from asrshrink.calibrate import shift, valid_rows, walk_layers
-
     by_layer = _by_layer(choices)
-    lstm_layers = {c.layer for c in choices if c.side != "linear"}
-    components = tuple(name for name, module in model.components().items()
-                       if any(n in lstm_layers for n, _ in _walkable(model, name)))
+    chosen = {(c.layer, c.side) for c in choices if c.rank is not None}
+    if targets is None:
+        targets = model.weight_targets(list(dict.fromkeys(_component(model, c.layer) for c in choices)))
+    reached = [t for t in walked(model, targets) if t.key in chosen]
     compressed = copy.deepcopy(model).eval()
 
-    def visit(o_layer, name, c_layer, orig_acts, comp_acts, index, orig_outputs):
-        sides = {k: v for k, v in by_layer.get(name, {}).items() if k != "linear"}
-        if not sides or all(c.rank is None for c in sides.values()):
-            return None
-        grams = {"ih": 0.0, "hh": 0.0}
-        rows = 0
-        for x, lengths in comp_acts:
-            h, _ = o_layer(x)
-            xs, hs = valid_rows(x, lengths), valid_rows(shift(h), lengths)
-            grams["ih"] = grams["ih"] + (xs.T @ xs).double()
-            grams["hh"] = grams["hh"] + (hs.T @ hs).double()
-            rows += xs.shape[0]
-        scales = {side: cholesky_scale(grams[side] / max(rows, 1)) for side in grams}
-        return factorize_layer(o_layer, sides, scales)
+    def make_solver(layer, group, o_module, c_module, position):
+        sides = {t.side: by_layer[layer][t.side] for t in group if t.key in chosen}
+        return ScaleSolver(o_module, sides, [t for t in group if t.key in chosen]) if sides else None
 
-    walk_layers(model, compressed, batches, components, visit)
-    # Linear layers (the joint) have no calibration walk: they get plain truncation.
+    walk(model, compressed, batches, reached, make_solver)
+    done = {t.layer for t in reached}
     for layer_name, sides in by_layer.items():
-        if "linear" in sides:
+        if layer_name not in done:
             replacement = factorize_layer(compressed.get_submodule(layer_name), sides)
             if replacement is not None:
                 compressed.set_submodule(layer_name, replacement)
     return compressed.eval()
 
 
-def _walkable(model: Transducer, component: str) -> list[tuple[str, nn.Module]]:
-    try:
-        return [(b.name, b.layer) for b in model.blocks(component)]
-    except AsrshrinkError:
-        return []
+def _component(model: Transducer, layer: str) -> str:
+    paths = {id(m): n for n, m in model.named_modules()}
+    for name, module in model.components().items():
+        prefix = paths[id(module)]
+        if layer == prefix or layer.startswith(prefix + "."):
+            return name
+    raise AsrshrinkError(f"{layer} is in no component of this model")
 
 
 # --- per-layer ranks under a global budget -------------------------------------------------------------------
@@ -316,44 +311,26 @@ def allocate_ranks(curves: dict[tuple[str, str], torch.Tensor], shapes: dict[tup
     return {key: option[0] for key, option in chosen.items()}
 
 
-@torch.no_grad()
-def input_scales(model: Transducer, batches: list[dict[str, torch.Tensor]], components: tuple[str, ...]
-                 ) -> dict[tuple[str, str], torch.Tensor]:
-    """Cholesky factors of every LSTM side's input second moment on calibration data, in the original model."""
-    from asrshrink.calibrate import shift, valid_rows, walk_layers
-
+def input_scales(model: Transducer, batches: list[dict[str, torch.Tensor]], components: tuple[str, ...],
+                 targets: list[WeightTarget] | None = None) -> dict[tuple[str, str], torch.Tensor]:
+    """Cholesky factors of every walked matrix's input second moment on calibration data, in the original
+    model."""
     scales: dict[tuple[str, str], torch.Tensor] = {}
-
-    def visit(o_layer, name, c_layer, orig_acts, comp_acts, index, orig_outputs):
-        grams = {"ih": 0.0, "hh": 0.0}
-        rows = 0
-        for (x, lengths), (h, _) in zip(orig_acts, orig_outputs):
-            xs, hs = valid_rows(x, lengths), valid_rows(shift(h), lengths)
-            grams["ih"] = grams["ih"] + (xs.T @ xs).double()
-            grams["hh"] = grams["hh"] + (hs.T @ hs).double()
-            rows += xs.shape[0]
-        for side, gram in grams.items():
-            scales[(name, side)] = cholesky_scale(gram / max(rows, 1))
-        return None
-
-    walkable = tuple(c for c in components if _walkable(model, c))
-    walk_layers(model, model, batches, walkable, visit)
+    reached = walked(model, targets if targets is not None else model.weight_targets(list(components)))
+    walk(model, model, batches, reached,
+         lambda layer, group, o_module, c_module, position: ScaleSolver(o_module, None, group, scales))
     return scales
 
 
 def budget_ranks(model: Transducer, components: list[str], *, mode: str, compression_ratio: float | None = None,
-                 target_params: int | None = None, scales: dict[tuple[str, str], torch.Tensor] | None = None
-                 ) -> dict[tuple[str, str], int | None]:
+                 target_params: int | None = None, scales: dict[tuple[str, str], torch.Tensor] | None = None,
+                 targets: list[WeightTarget] | None = None) -> dict[tuple[str, str], int | None]:
     """Per-side ranks meeting a global size: ``compression_ratio`` of the chosen components' parameters, or
     ``target_params`` parameters for the whole model. Errors are measured per side (data-aware with
     ``scales``) and the budget goes where it removes the most error per parameter."""
-    full = choose_ranks(model, components, rank=1, mode=mode)  # every side, with its shape and groups
+    full = choose_ranks(model, components, rank=1, mode=mode, targets=targets)  # every side, shape and groups
     shapes = {(c.layer, c.side): (c.rows, c.cols, c.groups) for c in full}
-    weights = {}
-    for c in full:
-        layer = model.get_submodule(c.layer)
-        weights[(c.layer, c.side)] = (layer.weight.detach() if c.side == "linear"
-                                      else lstm_side_weights(layer)[c.side][0])
+    weights = {(c.layer, c.side): matrices(model.get_submodule(c.layer))[c.side].weight for c in full}
     dense_weights = sum(rows * cols for rows, cols, _ in shapes.values())
     known = model.components()
     component_params = sum(p.numel() for name in components for p in known[name].parameters())
@@ -369,3 +346,40 @@ def budget_ranks(model: Transducer, components: list[str], *, mode: str, compres
     curves = {key: error_curve(w, shapes[key][2], None if scales is None else scales.get(key))
               for key, w in weights.items()}
     return allocate_ranks(curves, shapes, budget)
+
+
+# --- the registered method ------------------------------------------------------------------------------------
+
+def plan_svd(config: SvdConfig, ctx: Context) -> tuple[list[SideChoice], list[WeightTarget]]:
+    """The rank of every chosen matrix (by the threshold, the rank, or the budget), logging what stays dense."""
+    original = ctx.original
+    targets = select_targets(original.weight_targets(list(config.components)), config.targets, config.ignore)
+    ranks = None
+    if config.budgeted:
+        ctx.log("measuring per-layer truncation errors for the budget")
+        scales = input_scales(original, ctx.batches, config.components, targets) if config.data_aware else None
+        ranks = budget_ranks(original, list(config.components), mode=config.mode, scales=scales,
+                             compression_ratio=config.compression_ratio, target_params=config.target_params,
+                             targets=targets)
+    choices = choose_ranks(original, list(config.components), threshold=config.threshold, rank=config.rank,
+                           mode=config.mode, ranks=ranks, targets=targets)
+    for choice in choices:
+        if choice.rank is None:
+            ctx.log(f"{choice.layer} {choice.side} {choice.rows}x{choice.cols}: {choice.reason}")
+    return choices, targets
+
+
+def apply_svd(config: SvdConfig, choices: list[SideChoice], targets: list[WeightTarget], ctx: Context) -> Transducer:
+    ctx.log(("data-aware " if config.data_aware else "")
+            + f"truncated SVD of {sum(c.rank is not None for c in choices)} matrices")
+    if config.data_aware:
+        return data_aware_svd_compress(ctx.original, choices, ctx.batches, targets)
+    return svd_compress(ctx.original, choices)
+
+
+def _svd_core(config: SvdConfig, ctx: Context) -> Outcome:
+    choices, targets = plan_svd(config, ctx)
+    return Outcome(apply_svd(config, choices, targets, ctx), [c.to_json() for c in choices])
+
+
+register(Method("svd", SvdConfig, _svd_core, calibrated=lambda config: config.data_aware))

@@ -8,13 +8,16 @@ P prediction output size, J joint hidden size, V joint outputs (labels + blank).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 from torch import nn
 
 from asrshrink.audio.features import FeatureConfig
 from asrshrink.audio.text import SentencePieceVocabulary, Vocabulary
+
+if TYPE_CHECKING:
+    from asrshrink.models.targets import WeightTarget
 
 State = tuple[torch.Tensor, ...]  # prediction-network state; every tensor has the batch on dim 1
 
@@ -128,6 +131,25 @@ class Transducer(nn.Module):
         """The first block's input (T, B, D) and lengths for a batch with features, feature_lengths, labels,
         label_lengths (labels are needed only by the prediction network)."""
         raise NotImplementedError
+
+    def weight_targets(self, components: list[str] | tuple[str, ...]) -> "list[WeightTarget]":
+        """The compressible matrices of ``components`` in forward order (see ``models.targets``). Default:
+        registration order; a Linear's inputs batch first (B, T, ...), an LSTM layer's time first."""
+        from asrshrink.models.targets import enumerate_targets
+
+        return enumerate_targets(self, components)
+
+    def input_groups(self, targets: "list[WeightTarget]") -> "list[list[WeightTarget]]":
+        """``targets`` of one block in groups that one calibration pass can serve: the members of a group read
+        inputs that do not depend on each other's outputs (true sequential between groups, in order). Default:
+        one group per module (an LSTM layer's two matrices together)."""
+        groups: list[list] = []
+        for t in targets:
+            if groups and groups[-1][0].layer == t.layer:
+                groups[-1].append(t)
+            else:
+                groups.append([t])
+        return groups
 
     def components(self) -> dict[str, nn.Module]:
         """The model's parts by role: {"encoder": ..., "prediction": ..., "joint": ...} (the modules a family

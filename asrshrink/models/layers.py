@@ -5,6 +5,8 @@ Dimension letters: T time, B batch, I input features, H hidden size.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -276,21 +278,62 @@ def model_structure(model: nn.Module) -> dict[str, dict]:
     return found
 
 
+# --- one interface over every compressible matrix: dense, low-rank or pruned, inside an LSTM layer or a Linear --
+
+@dataclass(frozen=True)
+class Matrix:
+    """One compressible weight matrix as methods and exports see it, whatever module holds it.
+
+    ``weight`` (O, I) is the effective matrix (for low-rank factors, up @ down), ``bias`` (O,) its bias (zeros
+    if the module has none); ``kind`` is "dense", "lowrank" or "sparse"; ``factors`` the low-rank module, and
+    ``mask`` (O, I) bool the kept entries of a pruned matrix."""
+
+    weight: torch.Tensor
+    bias: torch.Tensor
+    kind: str
+    factors: "LowRankLinear | None" = None
+    mask: torch.Tensor | None = None
+
+
+def _linear_matrix(m: nn.Module) -> Matrix:
+    bias = m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
+    if isinstance(m, LowRankLinear):
+        return Matrix(m.weight().detach(), bias, "lowrank", factors=m)
+    weight = m.weight.detach()
+    if isinstance(m, SparseLinear):
+        return Matrix(weight, bias, "sparse", mask=weight != 0)
+    return Matrix(weight, bias, "dense")
+
+
+def matrices(module: nn.Module) -> dict[str, Matrix]:
+    """The compressible matrices ``module`` holds itself, by side: an LSTM layer's input ("ih") and recurrent
+    ("hh") matrices (4H, I) and (4H, H); a Linear's (dense, low-rank or pruned) weight ("linear"); nothing for
+    any other module."""
+    if isinstance(module, LSTMLayer):
+        lstm, kind = module.lstm, "sparse" if isinstance(module, SparseLSTMLayer) else "dense"
+        out = {}
+        for side, weight, bias in (("ih", lstm.weight_ih_l0, lstm.bias_ih_l0), ("hh", lstm.weight_hh_l0,
+                                                                                 lstm.bias_hh_l0)):
+            weight = weight.detach()
+            out[side] = Matrix(weight, bias.detach(), kind, mask=weight != 0 if kind == "sparse" else None)
+        return out
+    if isinstance(module, FactorizedLSTMLayer):
+        return {side: _linear_matrix(getattr(module, side)) for side in ("ih", "hh")}
+    if isinstance(module, (nn.Linear, LowRankLinear)):
+        return {"linear": _linear_matrix(module)}
+    return {}
+
+
+def is_lstm_layer(module: nn.Module) -> bool:
+    """Whether ``module`` is one LSTM layer (dense, pruned or factorised): (x (T, B, I)) -> (y (T, B, H), state)."""
+    return isinstance(module, (LSTMLayer, FactorizedLSTMLayer))
+
+
 def lstm_side_weights(layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """The effective (weight (4H, I or H), bias (4H,)) of an LSTM layer's input ("ih") and recurrent ("hh") side."""
-    if isinstance(layer, LSTMLayer):
-        lstm = layer.lstm
-        return {"ih": (lstm.weight_ih_l0.detach(), lstm.bias_ih_l0.detach()),
-                "hh": (lstm.weight_hh_l0.detach(), lstm.bias_hh_l0.detach())}
-    out = {}
-    for side in ("ih", "hh"):
-        m = getattr(layer, side)
-        weight = m.weight() if isinstance(m, LowRankLinear) else m.weight
-        bias = m.bias if m.bias is not None else torch.zeros(m.out_features)
-        out[side] = (weight.detach(), bias.detach())
-    return out
+    return {side: (m.weight, m.bias) for side, m in matrices(layer).items()}
 
 
 def named_lstm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """LSTM layers (dense or factorised) inside ``module``, in registration (forward) order."""
-    return [(name, m) for name, m in module.named_modules() if isinstance(m, (LSTMLayer, FactorizedLSTMLayer))]
+    return [(name, m) for name, m in module.named_modules() if is_lstm_layer(m)]

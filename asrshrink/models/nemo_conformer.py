@@ -385,6 +385,30 @@ class NemoConformerTransducer(Transducer):
                     for i, m in enumerate(self.prediction.rnn.layers)]
         raise CheckpointError(f"component {component!r} has no blocks; choose encoder or prediction")
 
+    def weight_targets(self, components: list[str] | tuple[str, ...]) -> list:
+        """Registration order except that each attention's ``linear_pos`` comes before its ``linear_out`` (the
+        order of the forward pass); position encodings are rows of their own (layout "all")."""
+        from dataclasses import replace
+
+        targets = super().weight_targets(components)
+        out = [replace(t, layout="all") if t.layer.endswith(".self_attn.linear_pos") else t for t in targets]
+        for i, t in enumerate(out):
+            if t.layer.endswith(".self_attn.linear_pos") and i and out[i - 1].layer == t.layer[:-3] + "out":
+                out[i - 1], out[i] = out[i], out[i - 1]
+        return out
+
+    def input_groups(self, targets: list) -> list[list]:
+        """One group per matrix, except an attention's q, k and v, which read the same normalised input."""
+        groups: list[list] = []
+        for t in targets:
+            shared = t.layer.endswith((".linear_k", ".linear_v")) and groups and \
+                groups[-1][-1].layer.rsplit(".", 1)[0] == t.layer.rsplit(".", 1)[0]
+            if shared:
+                groups[-1].append(t)
+            else:
+                groups.append([t])
+        return groups
+
     def block_inputs(self, component: str, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         if component == "encoder":
             return batch["features"].transpose(0, 1), batch["feature_lengths"]

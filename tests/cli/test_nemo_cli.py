@@ -1,4 +1,4 @@
-"""Commands on a NeMo ``.nemo`` archive: info (per-layer figures), dump, and the calibrated methods' refusal."""
+"""Commands on a NeMo ``.nemo`` archive: info (per-layer figures), dump, and the calibrated methods."""
 
 import json
 
@@ -8,6 +8,7 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from asrshrink.cli.main import app
+from asrshrink.models.checkpoint import load_model
 from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
@@ -45,14 +46,23 @@ def test_dump_writes_nemo_features_encoder_and_tokens(nemo_model, nemo_fixture_d
     assert np.abs(out["u1.features"] - ref["single1_features"][0, :, :91].T).max() <= 1e-4
 
 
-@pytest.mark.parametrize("command", [
-    ["psvd", "--rank-threshold", "0.3"],
-    ["svd", "--rank-threshold", "0.3", "--data-aware"],
-    ["prune", "--sparsity", "0.5", "--method", "sparsegpt"],
+@pytest.mark.parametrize("command, status", [
+    (["psvd", "--rank-threshold", "0.3", "--iterations", "1"], "factorised"),
+    (["svd", "--rank-threshold", "0.3", "--data-aware"], "factorised"),
+    (["prune", "--sparsity", "0.5", "--method", "sparsegpt"], "pruned (sparsegpt)"),
 ])
-def test_calibrated_methods_refuse_conformer_layers_instead_of_skipping_them(nemo_model, tiny_data, tmp_path,
-                                                                              command):
+def test_calibrated_methods_compress_the_conformer_layers(nemo_model, tiny_data, tmp_path, command, status):
     out = tmp_path / "out"
-    result = runner.invoke(app, [command[0], nemo_model, *command[1:], "--calib", str(tiny_data), "-o", str(out)])
-    assert_one_line_error(result, "calibrates LSTM layers", "encoder.layers.0")
-    assert not out.exists()
+    result = runner.invoke(app, [command[0], nemo_model, *command[1:], "--calib", str(tiny_data), "-o", str(out),
+                                 "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    rows = {(r["layer"], r["side"]): r for r in report["layers"]}
+    for name in ("linear_q", "linear_k", "linear_v", "linear_out"):
+        assert rows[(f"encoder.layers.0.self_attn.{name}", "linear")]["status"] == status
+    assert rows[("encoder.layers.0.conv.pointwise_conv1", "linear")]["status"] == status
+    if command[0] == "psvd":
+        refits = [r for r in report["post_training"] if r["layer"].startswith("encoder.layers.")]
+        assert refits and all(r["error_after"] <= r["error_before"] for r in refits)
+    model, _ = load_model(out / "model.safetensors")
+    assert model.family == "nemo-conformer-transducer"

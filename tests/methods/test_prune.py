@@ -87,7 +87,7 @@ def test_second_moment_streams_in_float64():
     stats = SecondMoment(48)
     for chunk in x.split(250):
         stats.add(chunk)
-    assert stats.sum.dtype == torch.float64 and stats.rows == 900
+    assert stats.gram.dtype == torch.float64 and stats.rows == 900
     assert torch.allclose(stats.value(), x.double().T @ x.double() / 900)
 
 

@@ -212,7 +212,9 @@ def test_ctrl_c_before_the_first_layer_leaves_nothing(assets, tmp_path, monkeypa
     def stop(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(compress, "psvd", stop)
+    import asrshrink.methods.psvd as psvd_method
+
+    monkeypatch.setattr(psvd_method, "psvd", stop)
     before = snapshot(tmp_path)
     result = runner.invoke(app, ["psvd", str(assets.native), "--calib", str(assets.data), "-o",
                                  str(tmp_path / "out")])

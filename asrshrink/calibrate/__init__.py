@@ -1,0 +1,58 @@
+"""Calibration: featurized calibration batches (``calibration_batches``), streaming statistics
+(``calibrate.stats``) and the block-by-block walk that runs an original and a compressed model side by side
+so a method can solve one matrix at a time (``calibrate.walk``).
+
+Dimension letters: T frames, B batch, D features, N valid rows.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from asrshrink.audio.datasets import Dataset
+from asrshrink.errors import DataError
+from asrshrink.models.base import Transducer
+from asrshrink.calibrate.walk import Capture, Solution, Solver, shift, valid_rows, walk, walked  # noqa: F401
+
+Activations = list[tuple[torch.Tensor, torch.Tensor]]  # per calibration batch: (x (T, B, D), lengths (B,))
+
+
+def calibration_batches(model: Transducer, dataset: Dataset, *, batch_size: int = 32,
+                        progress: Callable[[int, int], None] | None = None,
+                        shard: tuple[int, int] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Featurize ``dataset`` into length-sorted batches: features (B, T, F), feature_lengths, labels (B, U),
+    label_lengths. Features are computed once and reused by every iteration of a method. Durations come from
+    the manifest or the audio files' headers (no audio is decoded twice). ``shard`` = (rank, world): this
+    process's share of the batches (every world-th, from rank) under torch.distributed."""
+    from asrshrink.api import batches_by_duration, featurize
+    from asrshrink.audio.datasets import _entry_duration
+
+    durations = [e.duration if e.duration is not None else _entry_duration(e) for e in dataset.entries]
+    batches = []
+    done = 0
+    groups = batches_by_duration(durations, max_seconds=float("inf"), max_batch=batch_size)
+    if shard is not None:
+        groups = groups[shard[0]::shard[1]]
+    total = sum(len(g) for g in groups)
+    for group in groups:
+        utterances = []
+        for i in group:
+            utterances.append(dataset[i])
+        try:
+            features, lengths = featurize(model, [u.audio for u in utterances])
+        except DataError as exc:
+            shortest = min(range(len(group)), key=lambda k: len(utterances[k].audio))
+            raise DataError(f"{dataset.entries[group[shortest]].audio_path}: {exc}") from None
+        labels = [model.vocabulary.encode(u.text) for u in utterances]
+        label_lengths = torch.tensor([len(x) for x in labels])
+        padded = torch.zeros(len(labels), max(1, int(label_lengths.max())), dtype=torch.long)
+        for row, ids in enumerate(labels):
+            padded[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
+        batches.append({"features": features, "feature_lengths": lengths, "labels": padded,
+                        "label_lengths": label_lengths})
+        done += len(group)
+        if progress:
+            progress(done, total)
+    return batches
