@@ -38,7 +38,7 @@ import math
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 import soundfile as sf
@@ -110,13 +110,36 @@ class Dataset:
         for i in range(len(self.entries)):
             yield self[i]
 
+    def durations(self) -> list[float]:
+        """Seconds of audio per entry, in order: from the manifest where it gave them, else from the file headers
+        (no audio is decoded)."""
+        return [_entry_duration(e) for e in self.entries]
+
     def total_duration(self) -> float:
         """Seconds of audio over all entries; durations not yet known are read from the file headers."""
-        return float(sum(_entry_duration(e) for e in self.entries))
+        return float(sum(self.durations()))
 
     def __repr__(self) -> str:
         return (f"Dataset(kind={self.kind!r}, source={str(self.source)!r}, entries={len(self.entries)}, "
                 f"sample_rate={self.sample_rate}, dropped={self.dropped})")
+
+
+def batches_by_duration(durations: Sequence[float], *, max_seconds: float = 240.0, max_batch: int = 32
+                        ) -> list[list[int]]:
+    """Indices grouped into batches of similar length (sorted, longest first), each at most ``max_seconds``
+    of padded audio and ``max_batch`` utterances."""
+    order = sorted(range(len(durations)), key=lambda i: (-durations[i], i))
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = durations[current[0]] if current else durations[i]
+        if current and (len(current) + 1 > max_batch or longest * (len(current) + 1) > max_seconds):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
 
 
 # --------------------------------------------------------------------------------------------------- audio

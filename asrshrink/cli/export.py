@@ -38,14 +38,13 @@ def export_command(
 
     Example: asrshrink export svd-out/ -o svd-onnx/ --int8
     """
-    from asrshrink import api
     from asrshrink.export.onnx import check_export_options, export_model, speech_sample
-
+    from asrshrink.models.checkpoint import load_model
     from asrshrink.output import OutputLock
 
     check_export_options(out, opset)
     with OutputLock(out):  # one run per export folder; export_model stages and publishes it atomically
-        net, info = api.load_model(model)
+        net, info = load_model(model)
         speech = speech_sample(net, data)
         report = export_model(net, out, info=info, opset=opset, int8=int8, speech=speech,
                               log=lambda line: err.print(line, markup=False, highlight=False))

@@ -126,7 +126,8 @@ def eval_command(
 
     Example: asrshrink eval rnnt.pt --data LibriSpeech/dev-clean --max-duration 15 --json
     """
-    from asrshrink import api
+    from asrshrink.audio.datasets import open_dataset
+    from asrshrink.evaluate.corpus import evaluate
     from asrshrink.io import write_text_atomic
 
     if hypotheses is not None and hypotheses.is_dir():
@@ -157,17 +158,17 @@ def eval_command(
 
         raise AsrshrinkError(f"--max-duration must be a positive number of seconds, got {max_duration}")
     from asrshrink.export.runtime import is_export, load_export
+    from asrshrink.models.checkpoint import bundled_speech, load_model
 
-    net, info = load_export(model) if is_export(model) else api.load_model(model)
-    from asrshrink.models.checkpoint import bundled_speech
+    net, info = load_export(model) if is_export(model) else load_model(model)
 
-    dataset = api.open_dataset(data or bundled_speech("test", "--data"), vocabulary=net.vocabulary,
-                               sample_rate=net.feature_config.sample_rate, max_duration=max_duration,
-                               limit=limit, seed=seed)
+    dataset = open_dataset(data or bundled_speech("test", "--data"), vocabulary=net.vocabulary,
+                           sample_rate=net.feature_config.sample_rate, max_duration=max_duration,
+                           limit=limit, seed=seed)
     with progress_bar("decoding") as bar:
         task = bar.add_task("decoding", total=len(dataset))
-        result = api.evaluate(net, dataset, max_batch=batch_size,
-                              progress=lambda done, total: bar.update(task, completed=done))
+        result = evaluate(net, dataset, max_batch=batch_size,
+                          progress=lambda done, total: bar.update(task, completed=done))
     if hypotheses is not None:
         write_text_atomic(hypotheses, "".join(json.dumps(h) + "\n" for h in result.hypotheses))
     table = Table(title=f"{info.path.name} on {dataset.source}")
@@ -196,10 +197,11 @@ def info_command(
 
     Example: asrshrink info model.nemo --json
     """
-    from asrshrink import api
+    from asrshrink.models.checkpoint import load_model
+    from asrshrink.models.describe import describe
 
-    net, info = api.load_model(model)
-    summary = api.describe(net, info)
+    net, info = load_model(model)
+    summary = describe(net, info)
     if json_out:
         print(json.dumps(summary))
         return
@@ -265,11 +267,12 @@ def dump_command(
     """
     import numpy as np
 
-    from asrshrink import api
+    from asrshrink.evaluate.transcribe import dump
     from asrshrink.io import atomic_write
+    from asrshrink.models.checkpoint import load_model
 
-    net, _ = api.load_model(model)
-    arrays = api.dump(net, audio)
+    net, _ = load_model(model)
+    arrays = dump(net, audio)
 
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as f:

@@ -10,8 +10,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from asrshrink import api
 from asrshrink.evaluate.decoding import greedy_decode
+from asrshrink.evaluate.transcribe import featurize
 from asrshrink.export.runtime import OnnxTransducer
 from asrshrink.models.base import Transducer
 
@@ -71,7 +71,7 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
     joiner("random", torch.randn(5, enc_part.shape[-1], generator=g), torch.randn(5, pred_size, generator=g))
     tokens_equal = None
     if speech:
-        features, lengths = api.featurize(model, speech)
+        features, lengths = featurize(model, speech)
         enc, enc_lengths, enc_part = encoder("speech", features, lengths)
         with torch.no_grad():
             tokens = greedy_decode(model, enc, enc_lengths)

@@ -56,12 +56,14 @@ from onnx import TensorProto, helper
 from torch import nn
 
 import asrshrink
+from asrshrink.audio.datasets import open_dataset
 from asrshrink.audio.text import Vocabulary
 from asrshrink.errors import AsrshrinkError
 from asrshrink.export import DEFAULT_OPSET
 from asrshrink.io import write_json_atomic
 from asrshrink.models.base import Transducer
-from asrshrink.models.checkpoint import ModelInfo
+from asrshrink.models.checkpoint import ModelInfo, bundled_speech
+from asrshrink.models.describe import describe
 from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, model_structure
 
 OPSETS = range(14, 21)          # what the TorchScript-based exporter and the Scan body here support
@@ -356,8 +358,6 @@ def metadata(model: Transducer, source: dict | None = None) -> dict[str, str]:
     """metadata_props of every exported part: what a runtime needs to featurize, decode and describe the model.
 
     ``source``: where the model came from (path, sha256, source_sha256, method), as far as known."""
-    from asrshrink.api import describe
-
     summary = describe(model)
     state = model.initial_state(1)
     layout = {}
@@ -413,9 +413,6 @@ def check_export_options(out: Path, opset: int) -> None:
 def speech_sample(model: Transducer, data: str | Path | None = None, count: int = 3) -> list[np.ndarray]:
     """``count`` waveforms (a seeded random subset) of ``data`` (any dataset layout; None: the bundled test
     sample) for the parity check."""
-    from asrshrink.api import open_dataset
-    from asrshrink.models.checkpoint import bundled_speech
-
     dataset = open_dataset(data or bundled_speech("test", "--data"), vocabulary=model.vocabulary,
                            sample_rate=model.feature_config.sample_rate, max_duration=15.0, limit=count, seed=0)
     waveforms = [u.audio for u in dataset]

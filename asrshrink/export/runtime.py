@@ -1,5 +1,5 @@
 """onnxruntime decoding of an asrshrink ONNX export, behind the model methods that featurizing, greedy decoding
-and evaluation call, so ``api.evaluate`` and ``greedy_decode`` run it unchanged.
+and evaluation call, so ``evaluate`` (``asrshrink.evaluate.corpus``) and ``greedy_decode`` run it unchanged.
 
 Dimension letters: B batch, T feature frames, T' encoder frames, U labels, L prediction layers, P prediction
 size, J joint hidden size, V outputs.
