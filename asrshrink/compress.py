@@ -21,13 +21,15 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Callable
 
-from asrshrink import api
+from asrshrink.audio.datasets import open_dataset
 from asrshrink.calibrate import calibration_batches
 from asrshrink.config import CalibConfig, PruneConfig, PsvdConfig, PsvdRunConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
+from asrshrink.evaluate.corpus import evaluate
 from asrshrink.io import write_json_atomic
 from asrshrink.methods.registry import Context, get_method
 from asrshrink.models.checkpoint import MODEL_FILENAME, bundled_speech, load_model, save_model
+from asrshrink.models.describe import describe
 from asrshrink.output import OutputFolder
 from asrshrink.report import build_report, write_report
 
@@ -159,7 +161,7 @@ def _publish(folder: OutputFolder, command: str, compressed, info, original, *, 
                         extra={"method": {"command": command, "options": options}})
     report = build_report(
         command, source={"path": str(info.path), "sha256": info.sha256, "family": original.family},
-        output=staged, options=options, before=api.describe(original), after=api.describe(compressed),
+        output=staged, options=options, before=describe(original), after=describe(compressed),
         layers=layers, post_training=post_training, seconds=seconds, evaluation=evaluated)
     report["output"]["path"] = str(folder.out / MODEL_FILENAME)
     write_report(folder.staging, report)
@@ -186,7 +188,7 @@ def _open_eval(model, evaluation: EvalConfig | None):
         return None
     if evaluation.limit is not None and evaluation.limit < 1:
         raise AsrshrinkError(f"--eval-limit must be at least 1, got {evaluation.limit}")
-    dataset = api.open_dataset(evaluation.path, vocabulary=model.vocabulary,
+    dataset = open_dataset(evaluation.path, vocabulary=model.vocabulary,
                                sample_rate=model.feature_config.sample_rate, limit=evaluation.limit,
                                seed=evaluation.seed, max_duration=evaluation.max_duration)
     check_audio(model, dataset, "--eval")
@@ -210,7 +212,7 @@ def _calibration(model, calib: CalibConfig, log: Log, progress: Progress | None)
     from asrshrink.errors import DataError
 
     try:
-        dataset = api.open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=model.vocabulary,
+        dataset = open_dataset(calib.path or bundled_speech("calib", "--calib"), vocabulary=model.vocabulary,
                                    sample_rate=model.feature_config.sample_rate,
                                    max_duration=calib.max_duration, limit=calib.num_utterances, seed=calib.seed)
     except DataError as exc:
@@ -248,7 +250,7 @@ def _read_state(progress_dir: Path) -> dict | None:
 def _evaluate_both(original, compressed, dataset, log: Log, progress: Progress | None) -> dict:
     results = {}
     for name, model in (("before", original), ("after", compressed)):
-        result = api.evaluate(model, dataset, progress=(lambda d, t, n=name: progress(f"evaluating ({n})", d, t))
+        result = evaluate(model, dataset, progress=(lambda d, t, n=name: progress(f"evaluating ({n})", d, t))
                               if progress else None)
         results[name] = {"wer": result.wer, "cer": result.cer}
         log(f"WER {name}: {result.wer:.2f} % (CER {result.cer:.2f} %)")

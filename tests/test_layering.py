@@ -10,16 +10,9 @@ import asrshrink
 
 PACKAGE = Path(asrshrink.__file__).parent
 
-#: Modules (paths relative to ``asrshrink/``, fnmatch patterns) that still import the facade because they are
-#: being rewritten elsewhere (issue 12). Temporary: the lead empties this set as each one moves to the modules
-#: ``api`` re-exports; nothing new may be added to it.
-TEMPORARILY_ALLOWED = {
-    "compress.py",
-    "calibrate.py",
-    "calibrate/*",
-    "methods/*",
-    "cli/compress.py",
-}
+#: Modules (paths relative to ``asrshrink/``, fnmatch patterns) allowed to import the facade besides api.py:
+#: none; nothing may be added.
+TEMPORARILY_ALLOWED: set[str] = set()
 
 
 def api_imports(source: str, package: str) -> list[int]:

@@ -11,8 +11,9 @@ from typing import Callable
 
 import torch
 
-from asrshrink.audio.datasets import Dataset
+from asrshrink.audio.datasets import Dataset, batches_by_duration
 from asrshrink.errors import DataError
+from asrshrink.evaluate.transcribe import featurize
 from asrshrink.models.base import Transducer
 from asrshrink.calibrate.walk import Capture, Solution, Solver, shift, valid_rows, walk, walked  # noqa: F401
 
@@ -26,10 +27,7 @@ def calibration_batches(model: Transducer, dataset: Dataset, *, batch_size: int 
     label_lengths. Features are computed once and reused by every iteration of a method. Durations come from
     the manifest or the audio files' headers (no audio is decoded twice). ``shard`` = (rank, world): this
     process's share of the batches (every world-th, from rank) under torch.distributed."""
-    from asrshrink.api import batches_by_duration, featurize
-    from asrshrink.audio.datasets import _entry_duration
-
-    durations = [e.duration if e.duration is not None else _entry_duration(e) for e in dataset.entries]
+    durations = dataset.durations()
     batches = []
     done = 0
     groups = batches_by_duration(durations, max_seconds=float("inf"), max_batch=batch_size)
