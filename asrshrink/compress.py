@@ -14,6 +14,7 @@ finished layer; ``resume`` refuses a checkpoint whose options or source model do
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 import typing
@@ -21,8 +22,11 @@ from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from asrshrink.audio.datasets import open_dataset
 from asrshrink.calibrate import calibration_batches
+from asrshrink.calibrate.stats import all_reduce, distributed
 from asrshrink.config import CalibConfig, PruneConfig, PsvdConfig, PsvdRunConfig, SvdConfig, from_json, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.evaluate.corpus import evaluate
@@ -64,12 +68,26 @@ def _refuse_interrupted(out: Path, command: str) -> None:
     shutil.rmtree(out / PROGRESS, ignore_errors=True)
 
 
+def process_shard() -> tuple[int, int] | None:
+    """(rank, world size) when this process is one of several under torch.distributed (started by torchrun:
+    the gloo process group is initialised here if the launcher has not), else None."""
+    if not distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        torch.distributed.init_process_group("gloo")
+    if distributed() and torch.distributed.get_world_size() > 1:
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return None
+
+
 def run_method(name: str, config, *, model: str | None, out: Path, calib: CalibConfig | None = None,
                evaluation: EvalConfig | None = None, resume: bool = False, log: Log = lambda line: None,
-               progress: Progress | None = None) -> dict:
+               progress: Progress | None = None) -> dict | None:
     """Compress ``model`` with the registered method ``name`` and its ``config`` into ``out``; returns the
     report. A calibrated config reads ``calib`` (the bundled calibration sample when None or its path is None);
-    ``resume`` continues a resumable method's interrupted run in ``out``."""
+    ``resume`` continues a resumable method's interrupted run in ``out``.
+
+    Under torchrun, every process featurizes and walks its shard of the calibration batches, the statistics
+    are summed over the processes before each solve (so all compute the one-process result), and process 0
+    alone logs, evaluates and writes ``out``; the others return None."""
     method = get_method(name)
     out = Path(out)
     if not isinstance(config, method.config_class):
@@ -80,12 +98,17 @@ def run_method(name: str, config, *, model: str | None, out: Path, calib: CalibC
         raise AsrshrinkError(f"{name} runs cannot be resumed; start it again without --resume")
     if method.unused_calib and not method.calibrated(config) and calib is not None and calib.path is not None:
         raise AsrshrinkError(method.unused_calib)
+    shard = process_shard()
+    if shard is not None and shard[0] != 0:  # a helper process: computes its share, writes nothing
+        _run_method(method, config, None, model=model, calib=calib, evaluation=None, resume=resume, out=out,
+                    log=lambda line: None, progress=None)
+        return None
     with OutputFolder(out, owned=OWNED) as folder:
         if not resume:
             _refuse_interrupted(out, name)
         try:
             return _run_method(method, config, folder, model=model, calib=calib, evaluation=evaluation,
-                               resume=resume, log=log, progress=progress)
+                               resume=resume, out=out, log=log, progress=progress)
         except KeyboardInterrupt:  # the progress checkpoint stays (resume with --resume OUT) if it has a layer
             if not (out / PROGRESS / MODEL_FILENAME).is_file():
                 shutil.rmtree(out / PROGRESS, ignore_errors=True)
@@ -106,10 +129,11 @@ def run_options(name: str, info, config, calib: CalibConfig | None, evaluation: 
             "evaluation": to_json(_absolute(evaluation)) if evaluation else None}
 
 
-def _run_method(method, config, folder: OutputFolder, *, model: str | None, calib: CalibConfig | None,
-                evaluation: EvalConfig | None, resume: bool, log: Log, progress: Progress | None) -> dict:
+def _run_method(method, config, folder: OutputFolder | None, *, model: str | None, calib: CalibConfig | None,
+                evaluation: EvalConfig | None, resume: bool, out: Path, log: Log, progress: Progress | None
+                ) -> dict | None:
+    """The run itself; with ``folder`` None (a helper process under torchrun) nothing is written."""
     started = time.perf_counter()
-    out = folder.out
     original, info = load_model(model)
     eval_set = _open_eval(original, evaluation)
     progress_dir = out / PROGRESS
@@ -132,7 +156,7 @@ def _run_method(method, config, folder: OutputFolder, *, model: str | None, cali
     if calibrated:
         batches, calib_used = _calibration(original, calib, log, progress)
     earlier_seconds = state["seconds"] if state else 0.0
-    if method.resumable and state is None:
+    if method.resumable and state is None and folder is not None:
         write_json_atomic(progress_dir / "options.json", record)
 
     def checkpoint(model, saved: dict) -> None:
@@ -142,8 +166,10 @@ def _run_method(method, config, folder: OutputFolder, *, model: str | None, cali
 
     ctx = Context(original, batches, log, progress=state,
                   resumed_model=load_model(progress_dir / MODEL_FILENAME)[0] if state is not None else None,
-                  checkpoint=checkpoint if method.resumable else None)
+                  checkpoint=checkpoint if method.resumable and folder is not None else None)
     outcome = method.core(config, ctx)
+    if folder is None:
+        return None
     options = {"model": str(info.path.resolve()), **method.options(config)}
     if calib_used is not None:
         options.update(calib=to_json(_absolute(calib)), calib_used=calib_used)
@@ -222,11 +248,18 @@ def _calibration(model, calib: CalibConfig, log: Log, progress: Progress | None)
                         f"longest a calibration utterance may be; pass --calib data with shorter "
                         f"utterances") from None
     check_audio(model, dataset, "--calib")
-    batches = calibration_batches(model, dataset, batch_size=calib.batch_size,
+    shard = process_shard()
+    batches = calibration_batches(model, dataset, batch_size=calib.batch_size, shard=shard,
                                   progress=(lambda d, t: progress("featurizing calibration audio", d, t))
                                   if progress else None)
-    frames = sum(int(b["feature_lengths"].sum()) for b in batches)
-    log(f"calibration: {len(dataset)} utterances from {dataset.source}, {frames} feature frames")
+    if shard is not None and not batches:
+        raise DataError(f"{dataset.source}: {len(dataset)} calibration utterances for {shard[1]} processes; "
+                        f"use more --num-utterances or fewer processes")
+    frames = torch.tensor(float(sum(int(b["feature_lengths"].sum()) for b in batches)), dtype=torch.float64)
+    all_reduce(frames)
+    frames = int(frames)
+    log(f"calibration: {len(dataset)} utterances from {dataset.source}, {frames} feature frames"
+        + (f", shared by {shard[1]} processes" if shard else ""))
     return batches, {"data": str(dataset.source), "utterances": len(dataset), "feature_frames": frames}
 
 

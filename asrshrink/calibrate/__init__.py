@@ -26,13 +26,15 @@ def calibration_batches(model: Transducer, dataset: Dataset, *, batch_size: int 
     """Featurize ``dataset`` into length-sorted batches: features (B, T, F), feature_lengths, labels (B, U),
     label_lengths. Features are computed once and reused by every iteration of a method. Durations come from
     the manifest or the audio files' headers (no audio is decoded twice). ``shard`` = (rank, world): this
-    process's share of the batches (every world-th, from rank) under torch.distributed."""
+    process's share of the utterances (every world-th by length, from rank) under torch.distributed."""
     durations = dataset.durations()
     batches = []
     done = 0
-    groups = batches_by_duration(durations, max_seconds=float("inf"), max_batch=batch_size)
-    if shard is not None:
-        groups = groups[shard[0]::shard[1]]
+    mine = list(range(len(durations)))
+    if shard is not None:  # every world-th utterance by length, from rank: shards of alike lengths and sizes
+        mine = sorted(mine, key=lambda i: (-durations[i], i))[shard[0]::shard[1]]
+    groups = [[mine[k] for k in group] for group in
+              batches_by_duration([durations[i] for i in mine], max_seconds=float("inf"), max_batch=batch_size)]
     total = sum(len(g) for g in groups)
     for group in groups:
         utterances = []

@@ -86,7 +86,12 @@ def _row_selector(layout: str, frames: dict[int, torch.Tensor]) -> Callable[[tor
     """Valid rows of a tensor in ``layout``; ``frames`` maps a frame count to its lengths (B,) (the block's
     input and output rates). A tensor whose time axis matches neither counts all its rows."""
     def rows(t: torch.Tensor) -> torch.Tensor:
-        if layout != "all" and t.dim() >= 3:
+        if layout == "relative" and t.dim() == 3 and t.shape[1] % 2:
+            steps = (t.shape[1] + 1) // 2                                 # (1, 2T - 1, D): positions T-1..-(T-1)
+            lengths = frames.get(steps)
+            if lengths is not None:  # each utterance's own 2L - 1 positions, whatever the batch's padding
+                return torch.cat([t[0, steps - n:steps + n - 1] for n in lengths.tolist()])
+        if layout not in ("all", "relative") and t.dim() >= 3:
             steps = t.shape[0] if layout == "time_first" else t.shape[1]
             lengths = frames.get(steps)
             if lengths is not None:

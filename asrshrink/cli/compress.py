@@ -106,6 +106,8 @@ def _run(name: str, json_out: bool, config=None, *, resume_run: bool = False, **
             else:
                 log("interrupted before the first layer was finished; nothing to resume")
             raise typer.Exit(130) from None
+    if report is None:  # a helper process under torchrun: process 0 writes and reports
+        return
     SUMMARIES.get(name, _summary)(report)
     if json_out:
         print(json.dumps(report))

@@ -167,13 +167,17 @@ def _by_layer(choices: list[SideChoice]) -> dict[str, dict[str, SideChoice]]:
 
 
 def svd_compress(model: Transducer, choices: list[SideChoice]) -> Transducer:
-    """A copy of ``model`` whose chosen LSTM sides are truncated-SVD factorised."""
+    """A copy of ``model`` whose chosen matrices are truncated-SVD factorised."""
     new = copy.deepcopy(model)
-    for layer_name, sides in _by_layer(choices).items():
-        replacement = factorize_layer(new.get_submodule(layer_name), sides)
-        if replacement is not None:
-            new.set_submodule(layer_name, replacement)
+    _factorise_in_place(new, choices)
     return new.eval()
+
+
+def _factorise_in_place(model: Transducer, choices: list[SideChoice]) -> None:
+    for layer_name, sides in _by_layer(choices).items():
+        replacement = factorize_layer(model.get_submodule(layer_name), sides)
+        if replacement is not None:
+            model.set_submodule(layer_name, replacement)
 
 
 class ScaleSolver:
@@ -230,11 +234,7 @@ def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batche
 
     walk(model, compressed, batches, reached, make_solver)
     done = {t.layer for t in reached}
-    for layer_name, sides in by_layer.items():
-        if layer_name not in done:
-            replacement = factorize_layer(compressed.get_submodule(layer_name), sides)
-            if replacement is not None:
-                compressed.set_submodule(layer_name, replacement)
+    _factorise_in_place(compressed, [c for c in choices if c.layer not in done])
     return compressed.eval()
 
 

@@ -387,11 +387,11 @@ class NemoConformerTransducer(Transducer):
 
     def weight_targets(self, components: list[str] | tuple[str, ...]) -> list:
         """Registration order except that each attention's ``linear_pos`` comes before its ``linear_out`` (the
-        order of the forward pass); position encodings are rows of their own (layout "all")."""
+        order of the forward pass); its inputs are the relative position encodings (layout "relative")."""
         from dataclasses import replace
 
         targets = super().weight_targets(components)
-        out = [replace(t, layout="all") if t.layer.endswith(".self_attn.linear_pos") else t for t in targets]
+        out = [replace(t, layout="relative") if t.layer.endswith(".self_attn.linear_pos") else t for t in targets]
         for i, t in enumerate(out):
             if t.layer.endswith(".self_attn.linear_pos") and i and out[i - 1].layer == t.layer[:-3] + "out":
                 out[i - 1], out[i] = out[i], out[i - 1]

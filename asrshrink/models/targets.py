@@ -17,9 +17,10 @@ from torch import nn
 from asrshrink.errors import AsrshrinkError
 from asrshrink.models.layers import is_lstm_layer, matrices
 
-#: How the rows of a module's input are laid out: (T, B, ...) time first, (B, T, ...) batch first, or rows that
-#: are not frames (every row counts, e.g. relative position encodings).
-LAYOUTS = ("time_first", "batch_first", "all")
+#: How the rows of a module's input are laid out: (T, B, ...) time first, (B, T, ...) batch first, relative
+#: position encodings (1, 2T - 1, ...) of which each utterance of L frames counts its 2L - 1 positions, or rows
+#: that are none of these (every row counts).
+LAYOUTS = ("time_first", "batch_first", "relative", "all")
 
 
 @dataclass(frozen=True)

@@ -56,7 +56,7 @@ def test_targets_are_in_forward_order_with_shared_input_groups():
                      "conv.pointwise_conv2", "feed_forward2.linear1", "feed_forward2.linear2"]
     groups = [[t.layer.rsplit(".", 1)[-1] for t in g] for g in model.input_groups(targets)]
     assert groups[2] == ["linear_q", "linear_k", "linear_v"] and len(groups) == 9
-    assert {t.layout for t in targets if t.layer.endswith("linear_pos")} == {"all"}
+    assert {t.layout for t in targets if t.layer.endswith("linear_pos")} == {"relative"}
 
 
 def test_target_patterns_select_and_refuse_what_matches_nothing():

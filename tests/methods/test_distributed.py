@@ -1,0 +1,60 @@
+"""Calibration across processes (torchrun, gloo on CPU): each process walks its shard of the calibration set
+and the statistics are summed before each solve, so two processes give the one-process model."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from asrshrink.cli.main import app
+from asrshrink.models.checkpoint import load_model, save_model
+from asrshrink.models.layers import matrices
+from tests.methods.test_conformer_methods import tiny as tiny_conformer
+from tests.methods.test_psvd import tiny as tiny_rnnt
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize("family, command", [
+    ("rnnt", ["psvd", "--rank-threshold", "0.3", "--iterations", "2"]),
+    ("conformer", ["psvd", "--rank-threshold", "0.3", "--iterations", "1", "--data-aware"]),
+    ("conformer", ["prune", "--sparsity", "0.5", "--method", "sparsegpt"]),
+])
+def test_two_processes_give_the_one_process_model(family, command, tmp_path):
+    rng = np.random.default_rng(0)
+    calib = tmp_path / "calib"
+    calib.mkdir()
+    for i, text in enumerate(["a b c", "ab ba", "cab", "a a b", "bac ca", "c"]):  # spelt by both vocabularies
+        sf.write(calib / f"u{i}.wav", (0.1 * rng.standard_normal(3000 + 700 * i)).astype(np.float32), 16000)
+        (calib / f"u{i}.txt").write_text(text)
+    source = save_model(tiny_rnnt() if family == "rnnt" else tiny_conformer(), tmp_path / "source")
+    args = [command[0], str(source), *command[1:], "--calib", str(calib)]
+    single = runner.invoke(app, [*args, "-o", str(tmp_path / "one")])
+    assert single.exit_code == 0, single.output
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                          "-m", "asrshrink", *args, "-o", str(tmp_path / "two")],
+                         capture_output=True, text=True, timeout=300, env={"OMP_NUM_THREADS": "1",
+                                                                           "PATH": "/usr/bin:/bin"})
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "shared by 2 processes" in run.stdout + run.stderr
+    reference = effective(load_model(source)[0])
+    one, _ = load_model(tmp_path / "one" / "model.safetensors")
+    two, _ = load_model(tmp_path / "two" / "model.safetensors")
+    changed = 0
+    for (name, a), (_, b) in zip(effective(one).items(), effective(two).items()):
+        # float32 sums over other batch compositions differ in their last bits; the least-squares fits carry
+        # that to ~1e-5 (without the all-reduce the shards' fits differ by ~1e-1)
+        assert float((a - b).abs().max()) <= 2e-4 * max(1.0, float(a.abs().max())), name
+        changed += not torch.equal(a, reference[name]) if name in reference else 1
+    assert changed > 0  # the method did compress something
+
+
+def effective(model):
+    """Every matrix as its effective weight (low-rank factors are defined up to signs) and every other tensor."""
+    out = {f"{name}.{side}": m.weight for name, module in model.named_modules()
+           for side, m in matrices(module).items()}
+    return {**out, **{k: v for k, v in model.state_dict().items() if not k.endswith((".up", ".down", "weight"))}}
