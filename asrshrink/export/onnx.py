@@ -64,7 +64,7 @@ from asrshrink.io import write_json_atomic
 from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import ModelInfo, bundled_speech
 from asrshrink.models.describe import describe
-from asrshrink.models.layers import FactorizedLSTMLayer, LowRankLinear, model_structure
+from asrshrink.models.layers import FactorizedLSTMLayer, is_lstm_layer, matrices, model_structure
 
 OPSETS = range(14, 21)          # what the TorchScript-based exporter and the Scan body here support
 REPORT = "export.json"
@@ -100,9 +100,10 @@ class _Recurrence(torch.autograd.Function):
 def _factors(m: nn.Module) -> tuple[int, tuple[torch.Tensor, ...]]:
     """Groups and the weights of an LSTM side (nn.Linear or LowRankLinear) transposed for x @ W: dense
     (I, O); low rank down (I, G*r) and up (r, O), or (G, r, O/G) per gate."""
-    if not isinstance(m, LowRankLinear):
+    lowrank = matrices(m)["linear"].factors
+    if lowrank is None:
         return 1, (m.weight.t(),)
-    return m.groups, (m.down.t(), m.up[0].t() if m.groups == 1 else m.up.transpose(1, 2))
+    return lowrank.groups, (lowrank.down.t(), lowrank.up[0].t() if lowrank.groups == 1 else lowrank.up.transpose(1, 2))
 
 
 def _matmuls(x: torch.Tensor, groups: int, weights: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -141,10 +142,11 @@ class _ScanLSTM(nn.Module):
 
 
 def exportable(model: Transducer) -> Transducer:
-    """A copy of ``model`` in eval mode with every factorised LSTM layer in its export form."""
+    """A copy of ``model`` in eval mode with every factorised LSTM layer (an LSTM layer whose sides are
+    separate modules) in its export form."""
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
-        if isinstance(module, FactorizedLSTMLayer):
+        if is_lstm_layer(module) and hasattr(module, "ih"):
             model.set_submodule(name, _ScanLSTM(module))
     return model
 

@@ -25,8 +25,7 @@ from asrshrink.calibrate.walk import Capture, Solution, shift, valid_rows, walk,
 from asrshrink.config import PruneConfig
 from asrshrink.errors import AsrshrinkError
 from asrshrink.models.base import Transducer
-from asrshrink.models.layers import (FactorizedLSTMLayer, LSTMLayer, SparseLinear, SparseLSTMLayer, is_lstm_layer,
-                                     lstm_side_weights, matrices, sparse_storage_bytes)
+from asrshrink.models.layers import is_lstm_layer, matrices, sparse_storage_bytes, with_pruned_weights
 from asrshrink.methods.registry import Context, Method, Outcome, register
 from asrshrink.models.targets import WeightTarget, select_targets
 
@@ -222,17 +221,7 @@ def allocate(model: Transducer, targets: list[Target], sparsity: float, global_t
     return shares
 
 
-def with_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
-    """A copy of ``layer`` holding the pruned ``weights`` by side ("ih", "hh" or "linear") as a sparse module."""
-    if isinstance(layer, LSTMLayer):
-        current = lstm_side_weights(layer)
-        return SparseLSTMLayer.from_weights(layer, weights.get("ih", current["ih"][0]),
-                                            weights.get("hh", current["hh"][0]))
-    if isinstance(layer, FactorizedLSTMLayer):
-        sides = {s: SparseLinear.from_weight(getattr(layer, s), weights[s]) if s in weights else getattr(layer, s)
-                 for s in ("ih", "hh")}
-        return FactorizedLSTMLayer(sides["ih"], sides["hh"], layer.hidden_size)
-    return SparseLinear.from_weight(layer, weights["linear"])
+
 
 
 MatrixHook = Callable[[MatrixReport], None]
@@ -271,7 +260,7 @@ class PruneSolver:
             rows.append(MatrixReport(t.layer, t.side, (t.rows, t.cols), f"pruned ({c.method})", goal,
                                      int(new[t.side].count_nonzero()), relative_error(weight, new[t.side], moment),
                                      relative_error(weight, magnitude_prune(weight, goal, c.nm), moment)))
-        layer = with_weights(self.module, new)
+        layer = with_pruned_weights(self.module, new)
         outputs, layer_error = None, None
         if self.needs_original:
             outputs, error = [], OutputError()
@@ -330,7 +319,7 @@ def prune_model(model: Transducer, config: PruneConfig, batches: list[dict[str, 
         started = time.perf_counter()
         layer = pruned.get_submodule(name)
         new = {t.side: magnitude_prune(matrix(pruned, t), goals[t.key], config.nm) for t in rest}
-        pruned.set_submodule(name, with_weights(layer, new))
+        pruned.set_submodule(name, with_pruned_weights(layer, new))
         status = "pruned (magnitude)" if not config.calibrated else "pruned by magnitude (no calibration walk)"
         for t in rest:
             done(MatrixReport(t.layer, t.side, (t.rows, t.cols), status, goals[t.key],

@@ -118,8 +118,9 @@ def _regressors(side: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, side.down)
 
 
-def _sides(layer: FactorizedLSTMLayer) -> list[str]:
-    return [s for s in ("ih", "hh") if isinstance(getattr(layer, s), LowRankLinear)]
+def _sides(layer: nn.Module) -> list[str]:
+    """The low-rank sides of a layer (an LSTM layer's "ih" / "hh"), by the matrix interface."""
+    return [s for s, m in matrices(layer).items() if m.kind == "lowrank" and s != "linear"]
 
 
 class ProjectedStats:
@@ -354,10 +355,11 @@ def psvd(original: Transducer, compressed: Transducer, batches: list[dict[str, t
         pending: list[LayerReport] = []
 
         def make_solver(layer, group, o_module, c_module, position, iteration=iteration):
-            if isinstance(c_module, FactorizedLSTMLayer) and _sides(c_module):
+            kinds = {side: m.kind for side, m in matrices(c_module).items()}
+            if kinds.get("linear") == "lowrank":
+                solver = LinearRefit(o_module, matrices(c_module)["linear"].factors, config)
+            elif _sides(c_module):
                 solver = LstmRefit(o_module, c_module, config)
-            elif isinstance(c_module, LowRankLinear):
-                solver = LinearRefit(o_module, c_module, config)
             else:
                 return None
             return _Reporting(solver, iteration + 1, layer, pending)

@@ -337,3 +337,16 @@ def lstm_side_weights(layer: nn.Module) -> dict[str, tuple[torch.Tensor, torch.T
 def named_lstm_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """LSTM layers (dense or factorised) inside ``module``, in registration (forward) order."""
     return [(name, m) for name, m in module.named_modules() if is_lstm_layer(m)]
+
+
+def with_pruned_weights(layer: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
+    """A copy of ``layer`` holding the pruned ``weights`` by side ("ih", "hh" or "linear") as a sparse module."""
+    if isinstance(layer, LSTMLayer):
+        current = lstm_side_weights(layer)
+        return SparseLSTMLayer.from_weights(layer, weights.get("ih", current["ih"][0]),
+                                            weights.get("hh", current["hh"][0]))
+    if isinstance(layer, FactorizedLSTMLayer):
+        sides = {s: SparseLinear.from_weight(getattr(layer, s), weights[s]) if s in weights else getattr(layer, s)
+                 for s in ("ih", "hh")}
+        return FactorizedLSTMLayer(sides["ih"], sides["hh"], layer.hidden_size)
+    return SparseLinear.from_weight(layer, weights["linear"])
