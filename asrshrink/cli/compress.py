@@ -66,6 +66,18 @@ def _components(value: str) -> tuple[str, ...]:
     return COMPONENTS[value]
 
 
+def _calib(path: Path | None, num_utterances: int, seed: int):
+    from asrshrink.config import CalibConfig
+
+    return CalibConfig(path=str(path) if path else None, num_utterances=num_utterances, seed=seed)
+
+
+def _evaluation(path: Path | None, limit: int | None, seed: int):
+    from asrshrink.compress import EvalConfig
+
+    return EvalConfig(path=str(path) if path else None, limit=limit, seed=seed)
+
+
 class _Bars:
     """A rich progress bar per long step, created on first use."""
 
@@ -164,15 +176,14 @@ def svd_command(
     Example: asrshrink svd model.nemo --compression-ratio 2 --data-aware --targets 'encoder.layers.*.feed_forward*'
     --targets 'encoder.layers.*.self_attn.*' --ignore '*.linear_pos' -o out/
     """
-    from asrshrink.compress import EvalConfig
-    from asrshrink.config import CalibConfig, SvdConfig
+    from asrshrink.config import SvdConfig
 
     _run("svd", json_out, model=model, out=out,
          config=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=_components(components),
                           data_aware=data_aware, compression_ratio=compression_ratio, target_params=target_params,
                           targets=tuple(targets or ()), ignore=tuple(ignore or ())),
-         calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
-         evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
+         calib=_calib(calib, num_utterances, seed),
+         evaluation=_evaluation(eval_data, eval_limit, seed))
 
 
 @app.command("psvd")
@@ -201,8 +212,7 @@ def psvd_command(
 
     Example: asrshrink psvd rnnt.pt --calib LibriSpeech/dev-clean --rank-threshold 0.2 -o out/
     """
-    from asrshrink.compress import EvalConfig
-    from asrshrink.config import CalibConfig, PsvdConfig, PsvdRunConfig, SvdConfig
+    from asrshrink.config import PsvdConfig, PsvdRunConfig, SvdConfig
 
     if resume is not None:
         given = _given_options(ctx, {
@@ -235,8 +245,8 @@ def psvd_command(
     post = PsvdConfig(iterations=iterations, variant=variant, refits=refits,
                       components=tuple(c for c in comps if c != "joint"))
     _run("psvd", json_out, model=model, out=out, config=PsvdRunConfig(svd, post),
-         calib=CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed),
-         evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
+         calib=_calib(calib, num_utterances, seed),
+         evaluation=_evaluation(eval_data, eval_limit, seed))
 
 
 @app.command("prune")
@@ -273,8 +283,7 @@ def prune_command(
 
     Example: asrshrink prune model.nemo --pattern 2:4 --method sparsegpt -o out/
     """
-    from asrshrink.compress import EvalConfig
-    from asrshrink.config import CalibConfig, PruneConfig
+    from asrshrink.config import PruneConfig
 
     if sparsity is None and pattern is None:
         from asrshrink.errors import AsrshrinkError
@@ -288,6 +297,5 @@ def prune_command(
                          global_threshold=global_threshold, pattern=pattern, targets=tuple(targets or ()),
                          ignore=tuple(ignore or ()))
     _run("prune", json_out, model=model, out=out, config=config,
-         calib=(CalibConfig(path=str(calib) if calib else None, num_utterances=num_utterances, seed=seed)
-                if config.calibrated or calib else None),
-         evaluation=EvalConfig(path=str(eval_data) if eval_data else None, limit=eval_limit, seed=seed))
+         calib=_calib(calib, num_utterances, seed) if config.calibrated or calib else None,
+         evaluation=_evaluation(eval_data, eval_limit, seed))
