@@ -58,12 +58,24 @@ def check_output(out: Path) -> None:
                              f"report.md); choose a folder name")
 
 
+def interrupted_run(out: Path) -> str | None:
+    """The method of the interrupted, resumable run in ``out`` (its progress folder holds the run's options
+    and a checkpoint), or None."""
+    try:
+        name = json.loads((Path(out) / PROGRESS / "options.json").read_text()).get("command")
+        method = get_method(name)
+    except (OSError, ValueError, AttributeError, AsrshrinkError):
+        return None
+    return name if (Path(out) / PROGRESS / method.checkpoint_file).is_file() else None
+
+
 def _refuse_interrupted(out: Path, command: str) -> None:
     """A fresh run must not silently discard (or mix with) another run's resumable progress in ``out``; a
-    progress folder without a finished layer (a run stopped before its first layer) is dropped."""
-    if (out / PROGRESS / MODEL_FILENAME).exists():
-        raise AsrshrinkError(f"{out}: holds an interrupted psvd run ({out / PROGRESS}); continue it with "
-                             f"asrshrink psvd --resume {out}, or remove {out / PROGRESS} (or choose another -o) "
+    progress folder without a checkpoint (a run stopped before its first one) is dropped."""
+    name = interrupted_run(out) or ("psvd" if (out / PROGRESS / MODEL_FILENAME).exists() else None)
+    if name:
+        raise AsrshrinkError(f"{out}: holds an interrupted {name} run ({out / PROGRESS}); continue it with "
+                             f"asrshrink {name} --resume {out}, or remove {out / PROGRESS} (or choose another -o) "
                              f"to start this {command} run")
     shutil.rmtree(out / PROGRESS, ignore_errors=True)
 
@@ -109,8 +121,8 @@ def run_method(name: str, config, *, model: str | None, out: Path, calib: CalibC
         try:
             return _run_method(method, config, folder, model=model, calib=calib, evaluation=evaluation,
                                resume=resume, out=out, log=log, progress=progress)
-        except KeyboardInterrupt:  # the progress checkpoint stays (resume with --resume OUT) if it has a layer
-            if not (out / PROGRESS / MODEL_FILENAME).is_file():
+        except KeyboardInterrupt:  # the progress checkpoint stays (resume with --resume OUT) if there is one
+            if not (out / PROGRESS / method.checkpoint_file).is_file():
                 shutil.rmtree(out / PROGRESS, ignore_errors=True)
             raise
         except BaseException:
@@ -142,7 +154,7 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
         calib = calib or CalibConfig()
         calib.check()
     record = run_options(method.name, info, config, calib if calibrated else None, evaluation)
-    state = _read_state(progress_dir) if resume else None
+    state = (method.read_progress or _read_state)(progress_dir) if resume else None
     if resume and state is None:
         raise AsrshrinkError(f"{out}: no finished layer to resume from; start the run again without --resume")
     if state is not None and state.get("source_sha256") != info.sha256:
@@ -164,9 +176,11 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
             "psvd_progress": {"source_sha256": info.sha256, "options": record, **saved,
                               "seconds": earlier_seconds + time.perf_counter() - started}})
 
+    resumed = state is not None and method.read_progress is None
     ctx = Context(original, batches, log, progress=state,
-                  resumed_model=load_model(progress_dir / MODEL_FILENAME)[0] if state is not None else None,
-                  checkpoint=checkpoint if method.resumable and folder is not None else None)
+                  resumed_model=load_model(progress_dir / MODEL_FILENAME)[0] if resumed else None,
+                  checkpoint=checkpoint if method.resumable and folder is not None else None,
+                  progress_dir=progress_dir, resume=state is not None, bar=progress)
     outcome = method.core(config, ctx)
     if folder is None:
         return None
@@ -344,9 +358,12 @@ def resume(out: Path, *, given: dict[str, tuple[str, str, object]] | None = None
                                      f"({saved.get('model')}); drop MODEL to resume it, or start a new run with "
                                      f"another -o")
         method = get_method(saved["command"])
-        parts = typing.get_type_hints(method.config_class)  # a resumable config's sections (psvd: svd, psvd)
-        config = method.config_class(**{f.name: from_json(parts[f.name], saved[f.name])
-                                        for f in fields(method.config_class)})
+        if saved["command"] in saved:  # a config saved as one section
+            config = from_json(method.config_class, saved[saved["command"]])
+        else:  # a config of configs, one section each (psvd: svd, psvd)
+            parts = typing.get_type_hints(method.config_class)
+            config = method.config_class(**{f.name: from_json(parts[f.name], saved[f.name])
+                                            for f in fields(method.config_class)})
         return run_method(saved["command"], config, model=saved["model"], out=out,
                           calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
                           evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,

@@ -154,6 +154,57 @@ class CalibConfig:
             raise AsrshrinkError(f"--num-utterances must be at least 1, got {self.num_utterances}")
 
 
+@dataclass(frozen=True)
+class DistillConfig:
+    """``asrshrink distill``: fine-tune the student (MODEL, or with ``student_config`` a fresh model of MODEL's
+    family with those config fields changed) on ``data`` against the ground truth and the teacher's lattice
+    distributions, optionally pruning it gradually; ``teacher`` None is MODEL itself (with a fresh student)."""
+
+    data: str = ""
+    teacher: str | None = None
+    student_config: str | None = None          # JSON object of config fields, e.g. '{"encoder_hidden": 128}'
+    steps: int = 300
+    lr: float = 5e-4
+    warmup: int = 30
+    max_frames: int = 3000
+    max_batch: int = 32
+    max_duration: float = 15.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    rnnt_weight: float = 1.0
+    kd_weight: float = 1.0
+    temperature: float = 1.0
+    collapsed: bool = False
+    prune_to: float | None = None
+    prune_from: int = 0
+    prune_until: int | None = None
+    prune_every: int = 20
+    components: tuple[str, ...] = ("encoder",)
+
+    def check(self) -> None:
+        if not self.data:
+            raise AsrshrinkError("--data is required: the speech (any --data layout) to distill on")
+        for name in ("steps", "max_frames", "max_batch", "checkpoint_every", "prune_every"):
+            if getattr(self, name) < 1:
+                raise AsrshrinkError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise AsrshrinkError(f"--lr must be positive, got {self.lr}")
+        if self.student_config is None and self.teacher is None:
+            raise AsrshrinkError("--teacher is required when MODEL is the student (or give --student-config to "
+                                 "distill MODEL into a fresh, smaller model)")
+        if self.rnnt_weight < 0 or self.kd_weight < 0 or self.rnnt_weight + self.kd_weight == 0:
+            raise AsrshrinkError("--rnnt-weight and --kd-weight must be >= 0 and not both 0")
+        if not self.temperature > 0:
+            raise AsrshrinkError(f"--temperature must be positive, got {self.temperature}")
+        if self.prune_to is not None:
+            until = self.prune_until if self.prune_until is not None else self.steps
+            if not 0 < self.prune_to < 1:
+                raise AsrshrinkError(f"--prune-to must be in (0, 1), got {self.prune_to}")
+            if not 0 <= self.prune_from < until <= self.steps:
+                raise AsrshrinkError(f"need 0 <= --prune-from < --prune-until <= --steps, got {self.prune_from}, "
+                                     f"{until}, {self.steps}")
+
+
 def to_json(config: Any) -> dict[str, Any]:
     data = asdict(config)
     return {k: list(v) if isinstance(v, tuple) else v for k, v in data.items()}

@@ -109,11 +109,10 @@ def _run(name: str, json_out: bool, config=None, *, resume_run: bool = False, **
                 report = compress.run_method(name, config, log=log, progress=_Bars(bar), **kwargs)
         except KeyboardInterrupt:
             from asrshrink.compress import PROGRESS
-            from asrshrink.models.checkpoint import MODEL_FILENAME
 
             if not method.resumable:
                 log("interrupted; nothing was written")
-            elif (Path(kwargs["out"]) / PROGRESS / MODEL_FILENAME).is_file():
+            elif (Path(kwargs["out"]) / PROGRESS / method.checkpoint_file).is_file():
                 log(f"interrupted; continue with: asrshrink {name} --resume {kwargs['out']}")
             else:
                 log("interrupted before the first layer was finished; nothing to resume")
@@ -299,3 +298,58 @@ def prune_command(
     _run("prune", json_out, model=model, out=out, config=config,
          calib=_calib(calib, num_utterances, seed) if config.calibrated or calib else None,
          evaluation=_evaluation(eval_data, eval_limit, seed))
+
+
+@app.command("distill")
+@handle_errors
+def distill_command(
+    model: ModelArg = None, out: Out = Path("distill-out"),
+    data: Annotated[Optional[Path], typer.Option(help="Training speech (any --data layout). Required.",
+                                                 show_default=False)] = None,
+    teacher: Annotated[Optional[Path], typer.Option(help="The teacher model; default MODEL itself (with "
+                                                         "--student-config).", show_default=False)] = None,
+    student_config: Annotated[Optional[str], typer.Option(
+        help="Distill into a fresh model of MODEL's family with these config fields changed (a JSON object, "
+             "e.g. '{\"encoder_hidden\": 128}') instead of fine-tuning MODEL.", show_default=False)] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 5e-4,
+    max_frames: Annotated[int, typer.Option(help="Padded feature frames per batch.")] = 3000,
+    kd_weight: Annotated[float, typer.Option(help="Weight of the lattice distillation term (0: ground truth "
+                                                  "only).")] = 1.0,
+    rnnt_weight: Annotated[float, typer.Option(help="Weight of the transducer loss on the ground truth.")] = 1.0,
+    temperature: Annotated[float, typer.Option(help="Softmax temperature of both distributions.")] = 1.0,
+    collapsed: Annotated[bool, typer.Option(help="Compare the collapsed {next label, blank, rest} distributions "
+                                                 "instead of the full ones (large vocabularies).")] = False,
+    prune_to: Annotated[Optional[float], typer.Option(help="Gradual magnitude pruning of the --components' "
+                                                           "matrices to this sparsity (cubic schedule).",
+                                                      show_default=False)] = None,
+    prune_from: Annotated[int, typer.Option(help="Step at which pruning starts.")] = 0,
+    prune_until: Annotated[Optional[int], typer.Option(help="Step at which --prune-to is reached (default: "
+                                                            "--steps).", show_default=False)] = None,
+    prune_every: Annotated[int, typer.Option(help="Steps between mask updates.")] = 20,
+    components: Components = "encoder", seed: Seed = 0, eval_data: Eval = None, eval_limit: EvalLimit = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between training checkpoints.")] = 50,
+    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in -o with its saved options.")] = False,
+    json_out: Json = False,
+) -> None:
+    """Transducer distillation: fine-tune a student on speech against the ground truth and the teacher's
+    distributions over the label lattice (KL at every (t, u) node), optionally pruning it gradually; resumable
+    exactly (Ctrl-C checkpoints; --resume continues).
+
+    The student is MODEL (any asrshrink output: svd, psvd, prune) with --teacher, or a fresh, smaller model of
+    MODEL's family (--student-config) with MODEL as the teacher.
+
+    Example: asrshrink distill psvd-out/ --teacher rnnt.pt --data train/ --steps 500 -o distilled/ --eval dev/
+    """
+    from asrshrink.config import DistillConfig
+
+    if resume:
+        _run("distill", json_out, out=out, resume_run=True, given={}, model=model)
+        return
+    config = DistillConfig(data=str(data) if data else "", teacher=str(teacher) if teacher else None,
+                           student_config=student_config, steps=steps, lr=lr, max_frames=max_frames,
+                           kd_weight=kd_weight, rnnt_weight=rnnt_weight, temperature=temperature,
+                           collapsed=collapsed, prune_to=prune_to, prune_from=prune_from, prune_until=prune_until,
+                           prune_every=prune_every, components=_components(components), seed=seed,
+                           checkpoint_every=checkpoint_every)
+    _run("distill", json_out, model=model, out=out, config=config, evaluation=_evaluation(eval_data, eval_limit, seed))

@@ -8,6 +8,7 @@ evaluate, save, report, resume); the CLI maps its options to a config and calls 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from asrshrink.errors import AsrshrinkError
@@ -28,6 +29,11 @@ class Context:
     progress: dict | None = None
     resumed_model: Any = None
     checkpoint: Callable[[Any, dict], None] | None = None
+    #: The run's progress folder (resumable methods keep their checkpoints there) and whether this run resumes.
+    progress_dir: Path | None = None
+    resume: bool = False
+    #: Progress of long steps: bar(description, done, total).
+    bar: Callable[[str, int, int], None] | None = None
 
 
 @dataclass
@@ -52,6 +58,11 @@ class Method:
     resumable: bool = False
     #: Refusal when --calib is given to a config that does not read it (None: --calib is ignored).
     unused_calib: str | None = None
+    #: The file in the progress folder whose presence means an interrupted run can be resumed.
+    checkpoint_file: str = "model.safetensors"
+    #: Reads an interrupted run's progress record ({"source_sha256", "options", "seconds", ...}) from the
+    #: progress folder; None: the record is in the checkpoint model's metadata (``checkpoint``).
+    read_progress: Callable[[Path], dict | None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -68,6 +79,7 @@ def get_method(name: str) -> Method:
     import asrshrink.methods.prune  # noqa: F401  (each method module registers itself)
     import asrshrink.methods.psvd  # noqa: F401
     import asrshrink.methods.svd  # noqa: F401
+    import asrshrink.training.distill  # noqa: F401
 
     if name not in METHODS:
         raise AsrshrinkError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")

@@ -324,6 +324,15 @@ def matrices(module: nn.Module) -> dict[str, Matrix]:
     return {}
 
 
+def dense_parameter(module: nn.Module, side: str) -> nn.Parameter | None:
+    """The parameter that stores matrix ``side`` of ``module`` element by element (dense or pruned), which
+    training may mask in place; None for low-rank factors."""
+    if isinstance(module, LSTMLayer):
+        return {"ih": module.lstm.weight_ih_l0, "hh": module.lstm.weight_hh_l0}[side]
+    holder = getattr(module, side) if isinstance(module, FactorizedLSTMLayer) else module
+    return None if isinstance(holder, LowRankLinear) else holder.weight
+
+
 def is_lstm_layer(module: nn.Module) -> bool:
     """Whether ``module`` is one LSTM layer (dense, pruned or factorised): (x (T, B, I)) -> (y (T, B, H), state)."""
     return isinstance(module, (LSTMLayer, FactorizedLSTMLayer))

@@ -77,8 +77,11 @@ class StopRequested:
 def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainConfig, out_dir: str | Path, *,
           extra_modules: dict[str, nn.Module] | None = None, resume: bool = False,
           on_log: Hook | None = None, on_checkpoint: Hook | None = None,
-          stop_after: int | None = None) -> dict[str, float]:
+          stop_after: int | None = None, after_step: Callable[[int], None] | None = None) -> dict[str, float]:
     """Train ``model`` (and ``extra_modules``, e.g. an auxiliary head) by minimising ``loss_fn(batch)``.
+
+    ``after_step(step)`` runs after each optimizer step (e.g. to apply pruning masks); state it keeps belongs
+    in an extra module's buffers, so that it is checkpointed and restored with the rest.
 
     Writes ``out_dir/train_state.pt`` and appends one JSON line per log step to ``out_dir/train_log.jsonl``.
     ``stop_after`` stops (with a checkpoint) after that many steps in this call, as an interruption would.
@@ -139,6 +142,9 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
             if torch.isfinite(grad_norm):
                 optimizer.step()
             step += 1
+            if after_step:
+                with torch.no_grad():
+                    after_step(step)
             position += 1
             steps_this_call += 1
             frames_seen += int(batch["feature_lengths"].sum())

@@ -1,0 +1,140 @@
+"""Distillation: the lattice objective, the collapsed form, gradual pruning, exact resume, and the command."""
+
+import json
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from typer.testing import CliRunner
+
+from asrshrink import compress
+from asrshrink.cli.main import app
+from asrshrink.config import DistillConfig
+from asrshrink.models.checkpoint import load_model, save_model
+from asrshrink.models.layers import matrices
+from asrshrink.training.distill import PruneSchedule, collapse, lattice_kl
+from tests.methods.test_psvd import tiny
+
+runner = CliRunner()
+
+
+def logits(seed, b=2, t=5, u=4, v=6):
+    return torch.randn(b, t, u, v, generator=torch.Generator().manual_seed(seed))
+
+
+def test_lattice_kl_is_zero_for_the_teacher_itself_and_positive_otherwise():
+    x = logits(0)
+    args = dict(enc_lengths=torch.tensor([5, 3]), labels=torch.tensor([[1, 2, 3], [2, 0, 0]]),
+                label_lengths=torch.tensor([3, 1]), blank=5)
+    assert float(lattice_kl(x, x, **args)) == pytest.approx(0.0, abs=1e-6)
+    assert float(lattice_kl(logits(1), x, **args)) > 0.01
+
+
+def test_lattice_kl_ignores_nodes_outside_each_lattice():
+    x, y = logits(0), logits(1)
+    args = dict(enc_lengths=torch.tensor([5, 3]), labels=torch.tensor([[1, 2, 3], [2, 0, 0]]),
+                label_lengths=torch.tensor([3, 1]), blank=5)
+    changed = y.clone()
+    changed[1, 3:] += 5.0        # frames past the second utterance's length
+    changed[1, :, 2:] -= 3.0     # label steps past its one label
+    assert torch.allclose(lattice_kl(x, y, **args), lattice_kl(x, changed, **args))
+
+
+def test_collapsed_kl_equals_the_full_kl_when_there_is_nothing_else_to_collapse():
+    # V = 3 with labels {0, 1} and blank 2: at u < U the "rest" is the one other label, so the collapsed and full
+    # distributions are the same up to order; at u = U collapse merges the two labels, so compare u < U only.
+    x, y = logits(2, v=3), logits(3, v=3)
+    labels = torch.tensor([[0, 1, 1], [1, 0, 1]])
+    kw = dict(enc_lengths=torch.tensor([5, 5]), labels=labels, label_lengths=torch.tensor([3, 3]), blank=2)
+    full = lattice_kl(x[:, :, :3], y[:, :, :3], **{**kw, "label_lengths": torch.tensor([2, 2])})
+    folded = collapse(torch.log_softmax(x[:, :, :3], -1), labels, 2)
+    assert torch.allclose(folded.exp().sum(-1)[:, :, :2], torch.ones(2, 5, 2), atol=1e-5)
+    short = lattice_kl(x[:, :, :3], y[:, :, :3], **{**kw, "label_lengths": torch.tensor([2, 2])}, collapsed=True)
+    # the last node (u = U = 2) differs; nodes u < 2 agree, so the collapsed KL is at most the full one
+    assert float(short) <= float(full) + 1e-6 and float(short) > 0
+
+
+def test_cubic_schedule():
+    s = PruneSchedule(0.8, start=10, until=50, every=10)
+    assert [round(s.sparsity(t), 4) for t in (0, 10, 15, 20, 30, 49, 50, 90)] == [
+        0.0, 0.0, 0.0, round(0.8 * (1 - 0.75 ** 3), 4), round(0.8 * (1 - 0.5 ** 3), 4),
+        round(0.8 * (1 - 0.25 ** 3), 4), 0.8, 0.8]
+
+
+@pytest.fixture()
+def speech(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "speech"
+    folder.mkdir()
+    for i, text in enumerate(["hello world", "a b c", "shrink me", "tiny model", "more words", "last one"]):
+        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 800 * i)).astype(np.float32), 16000)
+        (folder / f"u{i}.txt").write_text(text)
+    return folder
+
+
+def config(speech, **changes):
+    base = dict(data=str(speech), student_config=json.dumps({"encoder_hidden": 16}), steps=8, lr=3e-3, warmup=2,
+                max_frames=2000, checkpoint_every=2)
+    return DistillConfig(**{**base, **changes})
+
+
+def test_a_fresh_student_of_the_asked_size_is_published_without_progress(speech, tmp_path):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    compress.run_method("distill", config(speech, rnnt_weight=0.0, steps=30), model=str(teacher),
+                        out=tmp_path / "d")
+    log = [json.loads(line) for line in (tmp_path / "d" / ".progress" / "train_log.jsonl").read_text().splitlines()] \
+        if (tmp_path / "d" / ".progress").exists() else None
+    assert log is None  # the progress folder is dropped when the output is published
+    student, _ = load_model(tmp_path / "d")
+    assert student.config.encoder_hidden == 16
+
+
+def test_kd_loss_falls_during_distillation(speech, tmp_path):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    lines = []
+    compress.run_method("distill", config(speech, rnnt_weight=0.0, steps=40, checkpoint_every=40), model=str(teacher),
+                        out=tmp_path / "d", log=lines.append)
+    kd = [float(line.split(" kd ")[1].split()[0]) for line in lines if " kd " in line]
+    assert len(kd) == 4 and kd[-1] < 0.7 * kd[0]
+
+
+def test_gradual_pruning_reaches_its_sparsity_and_keeps_zeros(speech, tmp_path):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    report = compress.run_method("distill", config(speech, prune_to=0.6, prune_from=2, prune_until=6, prune_every=2),
+                                 model=str(teacher), out=tmp_path / "d")
+    student, _ = load_model(tmp_path / "d")
+    pruned = [r for r in report["layers"] if r["status"] == "pruned during distillation"]
+    assert pruned and all(abs(r["sparsity"] - 0.6) < 0.01 for r in pruned)
+    for r in pruned:
+        m = matrices(student.get_submodule(r["layer"]))[r["side"]]
+        assert m.kind == "sparse" and abs(1 - m.mask.float().mean() - 0.6) < 0.01
+
+
+def test_interrupted_distillation_resumes_to_identical_parameters(speech, tmp_path, monkeypatch):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    cfg = config(speech, prune_to=0.5, prune_from=2, prune_until=6, prune_every=2)
+    compress.run_method("distill", cfg, model=str(teacher), out=tmp_path / "straight")
+    import asrshrink.training.distill as distill_module
+
+    real_train = distill_module.train
+
+    def stop_after_five(*args, **kwargs):
+        return real_train(*args, **{**kwargs, "stop_after": 5})
+
+    monkeypatch.setattr(distill_module, "train", stop_after_five)
+    with pytest.raises(KeyboardInterrupt):
+        compress.run_method("distill", cfg, model=str(teacher), out=tmp_path / "resumed")
+    monkeypatch.setattr(distill_module, "train", real_train)
+    result = runner.invoke(app, ["distill", "--resume", "-o", str(tmp_path / "resumed")])
+    assert result.exit_code == 0, result.output
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(tmp_path / "resumed")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_distill_command_needs_a_teacher_for_a_given_student(speech, tmp_path):
+    student = save_model(tiny(), tmp_path / "student")
+    result = runner.invoke(app, ["distill", str(student), "--data", str(speech), "-o", str(tmp_path / "o")])
+    assert result.exit_code == 2 and "--teacher is required" in result.output
