@@ -358,12 +358,12 @@ def resume(out: Path, *, given: dict[str, tuple[str, str, object]] | None = None
                                      f"({saved.get('model')}); drop MODEL to resume it, or start a new run with "
                                      f"another -o")
         method = get_method(saved["command"])
-        if saved["command"] in saved:  # a config saved as one section
-            config = from_json(method.config_class, saved[saved["command"]])
-        else:  # a config of configs, one section each (psvd: svd, psvd)
-            parts = typing.get_type_hints(method.config_class)
+        parts = typing.get_type_hints(method.config_class)
+        if all(is_dataclass(parts[f.name]) for f in fields(method.config_class)):  # one section per part (psvd)
             config = method.config_class(**{f.name: from_json(parts[f.name], saved[f.name])
                                             for f in fields(method.config_class)})
+        else:  # the config as one section, named by the method
+            config = from_json(method.config_class, saved[saved["command"]])
         return run_method(saved["command"], config, model=saved["model"], out=out,
                           calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
                           evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,

@@ -56,9 +56,13 @@ class Solution:
 
 
 class Solver(Protocol):
-    """Per-module statistics, accumulated batch by batch, then solved once and freed."""
+    """Per-module statistics, accumulated batch by batch, then solved once and freed. ``needs_original``: the
+    captures carry the original module's input and output; ``needs_compressed_output``: they carry the
+    compressed module's output (when no solver of a group needs it and the module is the block's layer
+    itself, the walk hands over the block input without running the compressed block)."""
 
     needs_original: bool
+    needs_compressed_output: bool
 
     def add_batch(self, capture: Capture) -> None: ...
 
@@ -175,10 +179,14 @@ def walk(original: Transducer, compressed: Transducer, batches: list[dict[str, t
                     continue
                 layouts = {t.layer: t.layout for t in group}
                 need_original = any(s.needs_original for s in solvers.values())
+                direct = list(solvers) == [name] and not any(s.needs_compressed_output for s in solvers.values())
                 o_block, c_block = original.blocks(component)[j], compressed.blocks(component)[j]
                 for i in range(len(batches)):
                     x, lengths = comp_acts[i]
-                    c_caught, y, out_lengths = _run_caught(c_block, compressed, list(solvers), x, lengths)
+                    if direct:  # the block is the module: its input is the module's, its output not needed
+                        c_caught, y, out_lengths = {name: (x, None)}, x, lengths
+                    else:
+                        c_caught, y, out_lengths = _run_caught(c_block, compressed, list(solvers), x, lengths)
                     o_caught = {}
                     if need_original:
                         o_caught, o_y, o_lengths = _run_caught(o_block, original, list(solvers), *orig_acts[i])

@@ -237,6 +237,7 @@ class PruneSolver:
         self.module, self.targets, self.goals, self.config, self.done = module, targets, goals, config, done
         self.moments = {t.side: Moments(t.cols) for t in targets}
         self.needs_original = is_lstm_layer(module)
+        self.needs_compressed_output = True  # an LSTM layer's recurrent inputs are its own hidden states
         self.inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.references: list[torch.Tensor] = []
         self.started = time.perf_counter()

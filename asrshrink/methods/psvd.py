@@ -248,6 +248,7 @@ class LstmRefit:
     inputs and the original layer's outputs (the walk's current activations) until it is solved."""
 
     needs_original = True
+    needs_compressed_output = False  # fit_layer runs the compressed layer itself
 
     def __init__(self, original: nn.Module, compressed: FactorizedLSTMLayer, config: "PsvdConfig"):
         self.original, self.compressed, self.config = original, compressed, config
@@ -289,6 +290,7 @@ class LinearRefit:
     parameters, so the least-squares fit is the best step and both errors come from the statistics."""
 
     needs_original = True
+    needs_compressed_output = True
 
     def __init__(self, original: nn.Module, compressed: LowRankLinear, config: "PsvdConfig"):
         target = matrices(original)["linear"]
@@ -382,6 +384,7 @@ class _Reporting:
 
     def __init__(self, solver, iteration: int, layer: str, pending: list[LayerReport]):
         self.solver, self.iteration, self.layer, self.pending = solver, iteration, layer, pending
+        self.needs_compressed_output = solver.needs_compressed_output
         self.started = time.perf_counter()
 
     def add_batch(self, capture: Capture) -> None:

@@ -191,6 +191,7 @@ class ScaleSolver:
     def __init__(self, original: nn.Module, sides: dict[str, SideChoice] | None, targets: list[WeightTarget],
                  found: dict[tuple[str, str], torch.Tensor] | None = None):
         self.original, self.sides, self.found = original, sides, found
+        self.needs_compressed_output = sides is None and any(t.side == "hh" for t in targets)
         self.layer = targets[0].layer
         self.moments = {t.side: Moments(t.cols) for t in targets}
 
