@@ -12,10 +12,13 @@ from typing import Callable
 import torch
 
 from asrshrink.audio.datasets import Dataset, batches_by_duration
+from asrshrink.calibrate.walk import Capture, Solution, Solver, shift, valid_rows, walk, walked
 from asrshrink.errors import DataError
 from asrshrink.evaluate.transcribe import featurize
 from asrshrink.models.base import Transducer
-from asrshrink.calibrate.walk import Capture, Solution, Solver, shift, valid_rows, walk, walked  # noqa: F401
+
+__all__ = ["Activations", "Capture", "Solution", "Solver", "calibration_batches", "shift", "valid_rows", "walk",
+           "walked"]
 
 Activations = list[tuple[torch.Tensor, torch.Tensor]]  # per calibration batch: (x (T, B, D), lengths (B,))
 

@@ -79,7 +79,7 @@ def get_method(name: str) -> Method:
     import asrshrink.methods.prune  # noqa: F401  (each method module registers itself)
     import asrshrink.methods.psvd  # noqa: F401
     import asrshrink.methods.svd  # noqa: F401
-    import asrshrink.training.distill  # noqa: F401
+    import asrshrink.training.distill  # noqa: F401  (registers distill)
 
     if name not in METHODS:
         raise AsrshrinkError(f"unknown method {name!r}; choose one of {', '.join(sorted(METHODS))}")

@@ -9,7 +9,6 @@ from typer.testing import CliRunner
 
 from asrshrink.cli.main import app
 from asrshrink.models.checkpoint import load_model
-from tests.helpers import assert_one_line_error
 
 runner = CliRunner()
 

@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from asrshrink import compress
 from asrshrink.cli.main import app
 from asrshrink.models import checkpoint
 from asrshrink.output import OutputLock, lock_path
