@@ -70,6 +70,7 @@ class OutputError:
 
     def __init__(self) -> None:
         self.sums = torch.zeros(2, dtype=torch.float64)
+        self._reduced = False
 
     def add(self, y: torch.Tensor, reference: torch.Tensor) -> None:
         """y, reference (N, D): the valid rows of one batch."""
@@ -77,7 +78,10 @@ class OutputError:
         self.sums[1] += float(reference.double().square().sum())
 
     def value(self) -> float:
-        all_reduce(self.sums)
+        """The error over all processes' rows (summed across processes once, on the first call)."""
+        if not self._reduced:
+            all_reduce(self.sums)
+            self._reduced = True
         return float(self.sums[0] / self.sums[1].clamp(min=1e-30))
 
 
