@@ -65,3 +65,9 @@ def test_calibrated_methods_compress_the_conformer_layers(nemo_model, tiny_data,
         assert refits and all(r["error_after"] <= r["error_before"] for r in refits)
     model, _ = load_model(out / "model.safetensors")
     assert model.family == "nemo-conformer-transducer"
+    shown = runner.invoke(app, ["report", str(out), "--markdown"])
+    assert shown.exit_code == 0 and f"| {command[0]} |" in shown.output
+    assert "encoder.layers.0.self_attn.linear_q" in (out / "report.md").read_text()
+    params = report["after"]["params"]
+    assert runner.invoke(app, ["gate", str(out), "--max-params", str(params)]).exit_code == 0
+    assert runner.invoke(app, ["gate", str(out), "--max-params", str(params - 1)]).exit_code == 1
