@@ -1,0 +1,84 @@
+"""The compression paper's Table 3 comparison on the bundled model at one parameter budget: which of
+factorization (F), distillation (D) and sparsity (S), alone or combined, gives the lowest WER.
+
+    python benchmarks/distill_table.py --data PATH [--test PATH] [--steps 300] [--threshold 0.2] \\
+        [--out runs/distill-table]
+
+Rows, every one fine-tuned for the same ``--steps`` on the same ``--data`` (the teacher is the bundled model):
+  base       a fresh model with the encoder narrowed to about the F row's parameters, ground truth only
+  F          svd at ``--threshold`` (no fine-tuning)
+  F+GT       F fine-tuned on the ground truth alone (the objective "none" of the paper's Table 1)
+  F+D        F distilled: ground truth + lattice KD (TRUTH-KD)
+  S+D        the dense model pruned gradually to the F row's encoder size (sparse storage) while distilled
+  F+D+S      F distilled while its dense matrices are pruned gradually to 30 %
+Prints WER, parameters (non-zero), encoder storage and wall time per row. Every run goes through
+``asrshrink.compress.run_method`` (the code behind ``asrshrink svd`` and ``asrshrink distill``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from asrshrink import api, compress  # noqa: E402
+from asrshrink.config import DistillConfig, SvdConfig  # noqa: E402
+from asrshrink.models.checkpoint import ASSETS, DEFAULT_MODEL  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", required=True, help="training speech for the fine-tuning rows")
+    parser.add_argument("--test", default=str(ASSETS / "speech" / "test"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--threshold", type=float, default=0.2)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--out", type=Path, default=Path("runs/distill-table"))
+    args = parser.parse_args()
+    teacher = str(DEFAULT_MODEL)
+    original, _ = api.load_model(teacher)
+    test = api.open_dataset(args.test, vocabulary=original.vocabulary)
+    started = time.perf_counter()
+    rows: dict[str, dict] = {}
+
+    def record(name: str, report: dict) -> None:
+        model, _ = api.load_model(args.out / name)
+        result = api.evaluate(model, test)
+        after = report["after"]
+        rows[name] = {"wer": result.wer, "params": after["params"], "nonzero": after["nonzero_params"],
+                      "encoder_mb": after["sparse_bytes_by_component"]["encoder"] / 1e6,
+                      "seconds": report["seconds"]}
+        print(f"{name}: WER {result.wer:.2f} %, {after['nonzero_params']:,} non-zero parameters, "
+              f"{report['seconds']:.0f} s", flush=True)
+
+    def distill(name: str, model: str, **changes) -> None:
+        config = DistillConfig(data=args.data, steps=args.steps, lr=args.lr, **changes)
+        record(name, compress.run_method("distill", config, model=model, out=args.out / name))
+
+    base = api.evaluate(original, test)
+    print(f"original: WER {base.wer:.2f} % on {base.num_utterances} utterances", flush=True)
+    record("F", compress.run_method("svd", SvdConfig(threshold=args.threshold), model=teacher, out=args.out / "F"))
+    f_model = str(args.out / "F")
+    budget = rows["F"]["encoder_mb"] / (sum(p.numel() for p in original.encoder.parameters()) * 4 / 1e6)
+    width = max(16, int(original.config.encoder_hidden * budget ** 0.5))
+    distill("base", teacher, student_config=json.dumps({"encoder_hidden": width}), kd_weight=0.0)
+    distill("F+GT", f_model, teacher=teacher, kd_weight=0.0)
+    distill("F+D", f_model, teacher=teacher)
+    distill("S+D", teacher, teacher=teacher, prune_to=round(1 - budget, 3))
+    distill("F+D+S", f_model, teacher=teacher, prune_to=0.3)
+    print(f"\nOriginal WER {base.wer:.2f} % on {test.source}; {args.steps} steps per fine-tuned row; total "
+          f"{time.perf_counter() - started:.0f} s.\n")
+    print("| row | WER % | non-zero params | encoder MB (sparse storage) | s |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, row in rows.items():
+        print(f"| {name} | {row['wer']:.2f} | {row['nonzero']:,} | {row['encoder_mb']:.2f} | {row['seconds']:.0f} |")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.json").write_text(json.dumps({"original_wer": base.wer, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
