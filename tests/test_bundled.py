@@ -44,6 +44,19 @@ def test_batched_decoding_equals_batch_one_on_real_speech(model):
     assert sum(map(len, batched)) > 0.5 * sum(len(u.text) for u in data)  # a trained model, not silence
 
 
+def test_beam_one_is_greedy_on_real_speech(model):
+    data = api.open_dataset(ASSETS / "speech" / "test", vocabulary=model.vocabulary, limit=4, seed=2)
+    waves = [u.audio for u in data]
+    greedy = api.transcribe(model, waves)
+    nbest = api.transcribe(model, waves, beam=1)
+    assert [n[0].tokens for n in nbest] == [g.tokens for g in greedy]
+    assert all(len(g.tokens) > 10 for g in greedy)  # a trained model: non-empty transcripts
+    wide = api.transcribe(model, waves, beam=3)
+    for hyps, one in zip(wide, nbest):
+        assert len(hyps) == 3 and hyps[0].score >= hyps[1].score >= hyps[2].score
+        assert hyps[0].text == model.vocabulary.decode(hyps[0].tokens) and hyps[0].score >= one[0].score - 1e-6
+
+
 def test_default_eval_runs_with_no_arguments():
     result = CliRunner().invoke(app, ["eval", "--limit", "20", "--json"])
     assert result.exit_code == 0, result.output

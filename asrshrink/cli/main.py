@@ -117,14 +117,17 @@ def eval_command(
     max_duration: Annotated[Optional[float], typer.Option(
         help="Drop utterances longer than this many seconds (MLPerf uses 15).")] = None,
     batch_size: Annotated[int, typer.Option(help="Utterances decoded together.")] = 32,
+    beam: Annotated[Optional[int], typer.Option(
+        help="Beam search of width N (scored by the best hypothesis); default: greedy decoding.",
+        show_default=False)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     hypotheses: Annotated[Optional[Path], typer.Option(
-        help="Write per-utterance hypotheses as JSONL (id, reference, hypothesis).")] = None,
+        help="Write per-utterance hypotheses as JSONL (id, reference, hypothesis; score with --beam).")] = None,
 ) -> None:
-    """Greedy-decode a dataset and report corpus WER (jiwer, word-level, as MLPerf scores). MODEL may also be
-    an ONNX export directory (asrshrink export), decoded with onnxruntime.
+    """Decode a dataset (greedy, or --beam N) and report corpus WER (jiwer, word-level, as MLPerf scores).
+    MODEL may also be an ONNX export directory (asrshrink export), decoded with onnxruntime.
 
-    Example: asrshrink eval rnnt.pt --data LibriSpeech/dev-clean --max-duration 15 --json
+    Example: asrshrink eval rnnt.pt --data LibriSpeech/dev-clean --max-duration 15 --beam 4 --json
     """
     from asrshrink.audio.datasets import open_dataset
     from asrshrink.evaluate.corpus import evaluate
@@ -149,6 +152,11 @@ def eval_command(
         from asrshrink.errors import AsrshrinkError
 
         raise AsrshrinkError(f"--batch-size must be at least 1, got {batch_size}")
+    if beam is not None and beam < 1:
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"--beam must be at least 1 (the beam width), got {beam}; leave it out for greedy "
+                             f"decoding")
     if limit is not None and limit < 1:
         from asrshrink.errors import AsrshrinkError
 
@@ -167,7 +175,7 @@ def eval_command(
                            limit=limit, seed=seed)
     with progress_bar("decoding") as bar:
         task = bar.add_task("decoding", total=len(dataset))
-        result = evaluate(net, dataset, max_batch=batch_size,
+        result = evaluate(net, dataset, max_batch=batch_size, beam=beam,
                           progress=lambda done, total: bar.update(task, completed=done))
     if hypotheses is not None:
         write_text_atomic(hypotheses, "".join(json.dumps(h) + "\n" for h in result.hypotheses))
@@ -177,6 +185,7 @@ def eval_command(
     table.add_row(str(result.num_utterances), str(result.num_words), f"{result.wer:.2f}", f"{result.cer:.2f}",
                   f"{result.audio_seconds:.1f}", f"{result.seconds:.1f}", f"{result.speed:.1f}")
     err.print(table)
+    err.print("search: greedy" if beam is None else f"search: beam, width {beam}")
     if json_out:
         payload = result.to_json()
         payload.update(model=str(info.path), data=str(dataset.source), dropped=dataset.dropped)

@@ -1,4 +1,5 @@
-"""Corpus evaluation: greedy-decode every utterance of a dataset in length-sorted batches and score WER/CER.
+"""Corpus evaluation: decode every utterance of a dataset in length-sorted batches (greedy, or the best
+hypothesis of a beam search) and score WER/CER.
 
 No Typer or rich here: long work reports through an optional ``progress(done, total)`` callback.
 """
@@ -30,6 +31,12 @@ class EvalResult:
     seconds: float
     audio_seconds: float
     hypotheses: list[dict] = field(default_factory=list)
+    beam: int | None = None  # the beam width, None for greedy decoding
+
+    @property
+    def search(self) -> str:
+        """The decoding that produced the hypotheses: "greedy" or "beam"."""
+        return "greedy" if self.beam is None else "beam"
 
     @property
     def speed(self) -> float:
@@ -39,15 +46,17 @@ class EvalResult:
     def to_json(self, *, with_hypotheses: bool = False) -> dict:
         data = {"wer": self.wer, "cer": self.cer, "num_utterances": self.num_utterances,
                 "num_words": self.num_words, "word_errors": self.word_errors, "seconds": self.seconds,
-                "audio_seconds": self.audio_seconds, "speed": self.speed}
+                "audio_seconds": self.audio_seconds, "speed": self.speed,
+                "search": self.search, "beam": self.beam}
         if with_hypotheses:
             data["hypotheses"] = self.hypotheses
         return data
 
 
 def evaluate(model: Transducer, dataset: Dataset, *, max_batch: int = 32, max_seconds: float = 240.0,
-             progress: Progress | None = None) -> EvalResult:
-    """Greedy-decode every utterance of ``dataset`` and score corpus WER/CER against its transcripts."""
+             progress: Progress | None = None, beam: int | None = None) -> EvalResult:
+    """Decode every utterance of ``dataset`` and score corpus WER/CER against its transcripts: greedy, or with
+    ``beam`` N the best hypothesis of a width-N beam search (each row then also has its ``score``)."""
     if len(dataset) == 0:
         raise DataError(f"{dataset.source}: the dataset is empty")
     start = time.perf_counter()
@@ -57,12 +66,16 @@ def evaluate(model: Transducer, dataset: Dataset, *, max_batch: int = 32, max_se
     for batch in batches_by_duration(dataset.durations(), max_seconds=max_seconds, max_batch=max_batch):
         utterances = [dataset[i] for i in batch]
         try:
-            hyps = transcribe(model, [u.audio for u in utterances])
+            hyps = transcribe(model, [u.audio for u in utterances], beam=beam)
         except DataError as exc:
             bad = min(utterances, key=lambda u: len(u.audio))
             raise DataError(f"{dataset.entries[batch[utterances.index(bad)]].audio_path}: {exc}") from None
         for i, u, h in zip(batch, utterances, hyps):
+            if beam is not None:
+                h = h[0]
             results[i] = {"id": u.id, "reference": u.text, "hypothesis": h.text, "duration": u.duration}
+            if beam is not None:
+                results[i]["score"] = h.score
             audio_seconds += u.duration
         done += len(batch)
         if progress:
@@ -76,4 +89,4 @@ def evaluate(model: Transducer, dataset: Dataset, *, max_batch: int = 32, max_se
         wer=words.rate, cer=chars.rate, num_utterances=len(rows), num_words=words.reference_units,
         word_errors={"substitutions": words.substitutions, "deletions": words.deletions,
                      "insertions": words.insertions},
-        seconds=time.perf_counter() - start, audio_seconds=audio_seconds, hypotheses=rows)
+        seconds=time.perf_counter() - start, audio_seconds=audio_seconds, hypotheses=rows, beam=beam)

@@ -1,4 +1,5 @@
-"""Running a model on waveforms: features, encoder output, greedy transcripts, and per-file dumps of all three.
+"""Running a model on waveforms: features, encoder output, transcripts (greedy, or the N-best of a beam search),
+and per-file dumps of features, encoder output and greedy tokens.
 
 No Typer or rich here, and no dataset handling: callers pass waveforms (or audio paths, for ``dump``).
 """
@@ -14,14 +15,21 @@ import torch
 
 from asrshrink.audio.datasets import read_audio
 from asrshrink.errors import DataError
+from asrshrink.evaluate.beam import beam_search
 from asrshrink.evaluate.decoding import greedy_decode
 from asrshrink.models.base import Transducer
 
 
 @dataclass(frozen=True)
 class Hypothesis:
+    """A transcript: label ids and text; from a beam search also ``score`` (natural log-probability) and
+    ``normalised`` (softmax over the utterance's N-best), as ``asrshrink.evaluate.beam.beam_search`` defines
+    them; None from greedy decoding."""
+
     tokens: list[int]
     text: str
+    score: float | None = None
+    normalised: float | None = None
 
 
 def featurize(model: Transducer, waveforms: Sequence[np.ndarray | torch.Tensor]
@@ -41,13 +49,18 @@ def encode(model: Transducer, features: torch.Tensor, lengths: torch.Tensor) -> 
         return model.encode(features, lengths)
 
 
-def transcribe(model: Transducer, waveforms: Sequence[np.ndarray], *,
-               max_symbols_per_step: int | None = None) -> list[Hypothesis]:
-    """Greedy transcripts of a batch of waveforms."""
+def transcribe(model: Transducer, waveforms: Sequence[np.ndarray], *, max_symbols_per_step: int | None = None,
+               beam: int | None = None) -> list[Hypothesis] | list[list[Hypothesis]]:
+    """Transcripts of a batch of waveforms: with ``beam`` None, greedy, one ``Hypothesis`` per waveform; with
+    ``beam`` N, per waveform its N-best list (at most N hypotheses, best first, with scores)."""
     features, lengths = featurize(model, waveforms)
     enc, enc_lengths = encode(model, features, lengths)
-    tokens = greedy_decode(model, enc, enc_lengths, max_symbols_per_step)
-    return [Hypothesis(t, model.vocabulary.decode(t)) for t in tokens]
+    if beam is None:
+        tokens = greedy_decode(model, enc, enc_lengths, max_symbols_per_step)
+        return [Hypothesis(t, model.vocabulary.decode(t)) for t in tokens]
+    nbest = beam_search(model, enc, enc_lengths, beam, max_symbols_per_step)
+    return [[Hypothesis(h.tokens, model.vocabulary.decode(h.tokens), h.score, h.normalised) for h in hyps]
+            for hyps in nbest]
 
 
 def dump(model: Transducer, audio_paths: Iterable[str | Path]) -> dict[str, np.ndarray]:

@@ -44,6 +44,27 @@ def test_eval_json_and_hypotheses(model_path, tiny_data, tmp_path):
     assert [r["id"] for r in rows] == ["u0", "u1", "u2"] and rows[1]["reference"] == "a b c"
 
 
+def test_eval_beam_reports_its_search(model_path, tiny_data, tmp_path):
+    greedy = json.loads(runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--json"]).stdout)
+    assert greedy["search"] == "greedy" and greedy["beam"] is None
+    hyp = tmp_path / "hyp.jsonl"
+    for width in (1, 3):
+        result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--json", "--beam", str(width),
+                                     "--hypotheses", str(hyp)])
+        assert result.exit_code == 0, result.output
+        data = json.loads(result.stdout)
+        assert data["search"] == "beam" and data["beam"] == width and f"search: beam, width {width}" in result.stderr
+        rows = [json.loads(line) for line in hyp.read_text().splitlines()]
+        assert all(isinstance(r["score"], float) and r["score"] <= 0 for r in rows)
+        if width == 1:
+            assert data["word_errors"] == greedy["word_errors"]
+
+
+def test_eval_beam_must_be_positive(model_path, tiny_data):
+    assert_one_line_error(runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--beam", "0"]),
+                          "--beam must be at least 1")
+
+
 def test_eval_limit(model_path, tiny_data):
     result = runner.invoke(app, ["eval", model_path, "--data", str(tiny_data), "--json", "--limit", "2"])
     assert result.exit_code == 0 and json.loads(result.stdout)["num_utterances"] == 2

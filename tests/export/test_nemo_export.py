@@ -46,6 +46,14 @@ def test_onnxruntime_decoding_gives_nemo_tokens(exported):
     assert [h.tokens for h in hyps] == [ref["tokens_0"].tolist(), ref["tokens_1"].tolist()]
 
 
+def test_beam_search_on_the_export_equals_pytorch(exported):
+    _, model, _, speech, out, _ = exported
+    net, _ = load_export(out)
+    got, expected = api.transcribe(net, speech, beam=3), api.transcribe(model, speech, beam=3)
+    assert [[h.tokens for h in n] for n in got] == [[h.tokens for h in n] for n in expected]
+    assert [h.score for n in got for h in n] == pytest.approx([h.score for n in expected for h in n], abs=1e-3)
+
+
 def test_graph_interface_and_metadata_are_sherpa_onnx_nemo_transducer(exported):
     _, model, _, _, out, _ = exported
     enc, dec, joiner = (onnx.load(out / f"{part}.onnx") for part in ("encoder", "decoder", "joiner"))

@@ -130,6 +130,16 @@ def test_evaluate_decodes_the_export_with_the_same_hypotheses_and_wer(reference_
     assert got.wer == expected.wer and sum(len(h["hypothesis"]) for h in got.hypotheses) > 0
 
 
+def test_beam_search_decodes_the_export_as_pytorch(reference_export):
+    model, out = reference_export
+    data = api.open_dataset(bundled_speech("test", "--data"), vocabulary=model.vocabulary, limit=3, seed=0)
+    expected = api.evaluate(model, data, beam=3)
+    got = api.evaluate(OnnxTransducer(out, threads=1), data, beam=3)
+    assert [h["hypothesis"] for h in got.hypotheses] == [h["hypothesis"] for h in expected.hypotheses]
+    assert [h["score"] for h in got.hypotheses] == pytest.approx([h["score"] for h in expected.hypotheses], abs=1e-3)
+    assert got.search == "beam" and got.beam == 3
+
+
 def test_metadata_and_tokens(dense_export):
     model, out, _ = dense_export
     for part in ("encoder", "decoder", "joiner"):
