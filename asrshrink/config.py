@@ -154,6 +154,9 @@ class CalibConfig:
             raise AsrshrinkError(f"--num-utterances must be at least 1, got {self.num_utterances}")
 
 
+DISTILL_OBJECTIVES = ("truth", "top-beam", "beam")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     """``asrshrink distill``: fine-tune the student (MODEL, or with ``student_config`` a fresh model of MODEL's
@@ -175,6 +178,11 @@ class DistillConfig:
     kd_weight: float = 1.0
     temperature: float = 1.0
     collapsed: bool = False
+    #: The lattice of the KD term: "truth" (the ground-truth labels), "top-beam" (the teacher's best beam
+    #: hypothesis) or "beam" (every one of its ``beam`` hypotheses, weighted by their normalised probabilities).
+    objective: str = "truth"
+    beam: int = 4
+    pseudo_weight: float = 0.0                 # transducer loss on the teacher's top hypothesis (a pseudo-label)
     prune_to: float | None = None
     prune_from: int = 0
     prune_until: int | None = None
@@ -196,6 +204,11 @@ class DistillConfig:
             raise AsrshrinkError("--rnnt-weight and --kd-weight must be >= 0 and not both 0")
         if not self.temperature > 0:
             raise AsrshrinkError(f"--temperature must be positive, got {self.temperature}")
+        if self.objective not in DISTILL_OBJECTIVES:
+            raise AsrshrinkError(f"--objective must be one of {', '.join(DISTILL_OBJECTIVES)}, got {self.objective!r}")
+        if self.beam < 1 or self.pseudo_weight < 0:
+            raise AsrshrinkError(f"--beam must be at least 1 and --pseudo-weight >= 0, got {self.beam}, "
+                                 f"{self.pseudo_weight}")
         if self.prune_to is not None:
             until = self.prune_until if self.prune_until is not None else self.steps
             if not 0 < self.prune_to < 1:

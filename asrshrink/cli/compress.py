@@ -320,6 +320,13 @@ def distill_command(
     temperature: Annotated[float, typer.Option(help="Softmax temperature of both distributions.")] = 1.0,
     collapsed: Annotated[bool, typer.Option(help="Compare the collapsed {next label, blank, rest} distributions "
                                                  "instead of the full ones (large vocabularies).")] = False,
+    objective: Annotated[str, typer.Option(help="The lattice of the KD term: truth (the ground-truth labels), "
+                                                "top-beam (the teacher's best beam hypothesis) or beam (all "
+                                                "--beam hypotheses, weighted by their normalised "
+                                                "probabilities).")] = "truth",
+    beam: Annotated[int, typer.Option(help="Beam width of the teacher's hypotheses (computed once per run).")] = 4,
+    pseudo_weight: Annotated[float, typer.Option(help="Weight of the transducer loss on the teacher's top "
+                                                      "hypothesis (a pseudo-label).")] = 0.0,
     prune_to: Annotated[Optional[float], typer.Option(help="Gradual magnitude pruning of the --components' "
                                                            "matrices to this sparsity (cubic schedule).",
                                                       show_default=False)] = None,
@@ -349,7 +356,8 @@ def distill_command(
     config = DistillConfig(data=str(data) if data else "", teacher=str(teacher) if teacher else None,
                            student_config=student_config, steps=steps, lr=lr, max_frames=max_frames,
                            kd_weight=kd_weight, rnnt_weight=rnnt_weight, temperature=temperature,
-                           collapsed=collapsed, prune_to=prune_to, prune_from=prune_from, prune_until=prune_until,
+                           collapsed=collapsed, objective=objective, beam=beam, pseudo_weight=pseudo_weight,
+                           prune_to=prune_to, prune_from=prune_from, prune_until=prune_until,
                            prune_every=prune_every, components=_components(components), seed=seed,
                            checkpoint_every=checkpoint_every)
     _run("distill", json_out, model=model, out=out, config=config, evaluation=_evaluation(eval_data, eval_limit, seed))

@@ -34,7 +34,8 @@ class FeatureBank:
         return np.diff(self.offsets)
 
     def batch(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        """Padded batch: features (B, T, F) float32, feature_lengths (B,), labels (B, U), label_lengths (B,)."""
+        """Padded batch: features (B, T, F) float32, feature_lengths (B,), labels (B, U), label_lengths (B,),
+        index (B,) the utterances' positions in the bank."""
         lengths = [int(self.offsets[i + 1] - self.offsets[i]) for i in indices]
         dim = self.features.shape[1]
         feats = torch.zeros(len(indices), max(lengths), dim)
@@ -46,7 +47,7 @@ class FeatureBank:
         for row, i in enumerate(indices):
             labels[row, :label_lengths[row]] = torch.tensor(self.labels[i], dtype=torch.long)
         return {"features": feats, "feature_lengths": torch.tensor(lengths), "labels": labels,
-                "label_lengths": torch.tensor(label_lengths)}
+                "label_lengths": torch.tensor(label_lengths), "index": torch.tensor(indices, dtype=torch.long)}
 
     @classmethod
     def build(cls, dataset: Dataset, featurizer: Featurizer, vocabulary: Vocabulary, directory: str | Path,

@@ -27,6 +27,7 @@ from torch import nn
 from asrshrink.audio.datasets import open_dataset
 from asrshrink.config import DistillConfig, to_json
 from asrshrink.errors import AsrshrinkError
+from asrshrink.io import write_json_atomic
 from asrshrink.methods.registry import Context, Method, Outcome, register
 from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import load_model
@@ -63,9 +64,10 @@ def collapse(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch
 
 def lattice_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, enc_lengths: torch.Tensor,
                labels: torch.Tensor, label_lengths: torch.Tensor, *, blank: int, temperature: float = 1.0,
-               collapsed: bool = False) -> torch.Tensor:
+               collapsed: bool = False, per_utterance: bool = False) -> torch.Tensor:
     """Mean over valid lattice nodes of tau^2 KL(p_teacher || p_student) at temperature tau (full or
-    collapsed distributions). Logits (B, T', U+1, V); labels (B, U)."""
+    collapsed distributions); with ``per_utterance``, each utterance's mean over its own nodes (B,). Logits
+    (B, T', U+1, V); labels (B, U)."""
     s = F.log_softmax(student_logits.float() / temperature, -1)
     with torch.no_grad():
         t = F.log_softmax(teacher_logits.float() / temperature, -1)
@@ -74,41 +76,120 @@ def lattice_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, enc_l
     mask = lattice_mask(enc_lengths, label_lengths, s.shape[1], s.shape[2])
     p = t.exp()
     kl = (p * (t - s)).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)                # (B, T', U+1)
+    if per_utterance:
+        return temperature ** 2 * (kl * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
     return temperature ** 2 * kl[mask].sum() / mask.sum().clamp(min=1)
 
 
 @dataclass(frozen=True)
 class DistillObjective:
-    """Weights of the ground-truth transducer loss and of the lattice distillation term."""
+    """Weights of the ground-truth transducer loss, of the lattice distillation term and of the transducer loss
+    on the teacher's top hypothesis; ``lattice`` says over which label lattice(s) the KD term runs."""
 
     rnnt_weight: float = 1.0
     lattice_weight: float = 1.0
     temperature: float = 1.0
     collapsed: bool = False
+    lattice: str = "truth"                  # "truth", "top-beam" or "beam"
+    pseudo_weight: float = 0.0
+
+
+#: The teacher's beams per bank utterance: [(tokens, weight)], weights summing to 1 (one entry for "top-beam").
+Hypotheses = dict[int, list[tuple[list[int], float]]]
+
+
+def _lattice_logits(model: Transducer, enc: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Joint logits (B, T', U+1, V) of encoder output (B, T', D) against labels (B, U)."""
+    start = torch.full((labels.shape[0], 1), model.vocabulary.blank, dtype=labels.dtype, device=labels.device)
+    pred, _ = model.predict(torch.cat([start, labels], 1), model.initial_state(labels.shape[0]))
+    return model.joint(enc.unsqueeze(2), pred.unsqueeze(1))
+
+
+def _padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    lengths = torch.tensor([len(x) for x in sequences])
+    out = torch.zeros(len(sequences), max(1, int(lengths.max()) if sequences else 1), dtype=torch.long)
+    for i, x in enumerate(sequences):
+        out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
+    return out, lengths
 
 
 def distill_loss(student: Transducer, teacher: Transducer | None, batch: dict[str, torch.Tensor],
-                 objective: DistillObjective) -> tuple[torch.Tensor, dict[str, float]]:
-    """rnnt_weight x per-label transducer loss on the ground truth + lattice_weight x lattice KD."""
+                 objective: DistillObjective, hypotheses: Hypotheses | None = None
+                 ) -> tuple[torch.Tensor, dict[str, float]]:
+    """rnnt_weight x per-label transducer loss on the ground truth + lattice_weight x lattice KD (over the
+    ground-truth lattice, or the teacher's beam hypotheses' lattices weighted by their normalised probabilities)
+    + pseudo_weight x per-label transducer loss on the teacher's top hypothesis."""
     blank = student.vocabulary.blank
-    logits, enc_lengths = student(batch["features"], batch["feature_lengths"], batch["labels"])
     labels, label_lengths = batch["labels"], batch["label_lengths"]
+    enc, enc_lengths = student.encode(batch["features"], batch["feature_lengths"])
+    logits = _lattice_logits(student, enc, labels)
     tokens = label_lengths.sum().clamp(min=1).to(logits.dtype)
     loss_rnnt = rnnt_loss(logits, labels, enc_lengths, label_lengths, blank=blank, reduction="sum") / tokens
     metrics = {"rnnt": float(loss_rnnt.detach())}
     loss = objective.rnnt_weight * loss_rnnt
-    if teacher is not None and objective.lattice_weight > 0:
+    uses_beams = objective.lattice != "truth" or objective.pseudo_weight > 0
+    if teacher is not None and (objective.lattice_weight > 0 or uses_beams):
         with torch.no_grad():
-            teacher_logits, teacher_lengths = teacher(batch["features"], batch["feature_lengths"], labels)
-        if not torch.equal(teacher_lengths, enc_lengths):
+            t_enc, t_lengths = teacher.encode(batch["features"], batch["feature_lengths"])
+        if not torch.equal(t_lengths, enc_lengths):
             raise AsrshrinkError("teacher and student encoders reduce time differently; lattice distillation "
                                  "needs the same encoder frame rate")
-        kd = lattice_kl(logits, teacher_logits, enc_lengths, labels, label_lengths, blank=blank,
-                        temperature=objective.temperature, collapsed=objective.collapsed)
-        metrics["kd"] = float(kd.detach())
-        loss = loss + objective.lattice_weight * kd
+        kw = dict(blank=blank, temperature=objective.temperature, collapsed=objective.collapsed)
+        if objective.lattice_weight > 0 and objective.lattice == "truth":
+            with torch.no_grad():
+                t_logits = _lattice_logits(teacher, t_enc, labels)
+            kd = lattice_kl(logits, t_logits, enc_lengths, labels, label_lengths, **kw)
+            metrics["kd"] = float(kd.detach())
+            loss = loss + objective.lattice_weight * kd
+        if uses_beams:
+            if hypotheses is None:
+                raise ValueError("the beam objectives need the teacher's hypotheses")
+            index = batch["index"].tolist()
+            rows = [(b, toks, w) for b, i in enumerate(index) for toks, w in hypotheses[i]]
+            row_of = torch.tensor([b for b, _, _ in rows])
+            hyp_labels, hyp_lengths = _padded([toks for _, toks, _ in rows])
+            weights = torch.tensor([w for _, _, w in rows], dtype=torch.float32)
+            s_logits = _lattice_logits(student, enc[row_of], hyp_labels)
+            if objective.lattice_weight > 0 and objective.lattice != "truth":
+                with torch.no_grad():
+                    t_logits = _lattice_logits(teacher, t_enc[row_of], hyp_labels)
+                kd_rows = lattice_kl(s_logits, t_logits, enc_lengths[row_of], hyp_labels, hyp_lengths,
+                                     per_utterance=True, **kw)
+                kd = (weights * kd_rows).sum() / len(index)
+                metrics["kd"] = float(kd.detach())
+                loss = loss + objective.lattice_weight * kd
+            if objective.pseudo_weight > 0:
+                top = torch.tensor([k for k, (b, _, _) in enumerate(rows) if k == 0 or rows[k - 1][0] != b])
+                pseudo = rnnt_loss(s_logits[top], hyp_labels[top], enc_lengths[row_of[top]], hyp_lengths[top],
+                                   blank=blank, reduction="sum") / hyp_lengths[top].sum().clamp(min=1)
+                metrics["pseudo"] = float(pseudo.detach())
+                loss = loss + objective.pseudo_weight * pseudo
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+@torch.no_grad()
+def teacher_hypotheses(teacher: Transducer, bank, lattice: str, beam: int, *, batch_size: int = 16,
+                       progress=None) -> Hypotheses:
+    """The teacher's beam hypotheses on every bank utterance (unaugmented features): its best one (weight 1)
+    for "top-beam", all ``beam`` with their normalised probabilities for "beam"."""
+    from asrshrink.evaluate.beam import beam_search
+
+    teacher.eval()
+    order = sorted(range(len(bank)), key=lambda i: int(bank.lengths[i]))
+    out: Hypotheses = {}
+    for start in range(0, len(order), batch_size):
+        group = order[start:start + batch_size]
+        batch = bank.batch(group)
+        enc, enc_lengths = teacher.encode(batch["features"], batch["feature_lengths"])
+        for i, nbest in zip(group, beam_search(teacher, enc, enc_lengths, beam)):
+            if lattice == "beam":
+                out[i] = [(h.tokens, float(h.normalised)) for h in nbest]
+            else:
+                out[i] = [(nbest[0].tokens, 1.0)]
+        if progress:
+            progress(min(start + batch_size, len(order)), len(order))
+    return out
 
 
 # --- gradual pruning ------------------------------------------------------------------------------------------
@@ -232,23 +313,35 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
                                  config.prune_every)
     targets = [t for t in student.weight_targets(list(config.components)) if t.prunable]
     pruner = Pruner(student, targets, schedule)
-    objective = DistillObjective(config.rnnt_weight, config.kd_weight, config.temperature, config.collapsed)
+    objective = DistillObjective(config.rnnt_weight, config.kd_weight, config.temperature, config.collapsed,
+                                 config.objective, config.pseudo_weight)
+    hypotheses = None
+    if config.objective != "truth" or config.pseudo_weight > 0:
+        cache = progress_dir / "teacher_beams.json"  # computed once per run (kept for --resume)
+        if cache.is_file():
+            hypotheses = {int(k): [(list(t), float(w)) for t, w in v] for k, v in json.loads(cache.read_text()).items()}
+        else:
+            ctx.log(f"teacher beam search (width {config.beam}) on {len(bank)} utterances")
+            hypotheses = teacher_hypotheses(teacher, bank, "beam" if config.objective == "beam" else "top-beam",
+                                            config.beam, progress=(lambda d, t: ctx.bar("teacher beams", d, t))
+                                            if ctx.bar else None)
+            write_json_atomic(cache, {str(k): v for k, v in hypotheses.items()})
     train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup,
                                max_frames=config.max_frames, max_batch=config.max_batch, seed=config.seed,
                                checkpoint_every=config.checkpoint_every, log_every=10)
-    teacher_for_kd = teacher if config.kd_weight > 0 else None
+    teacher_for_kd = teacher if config.kd_weight > 0 or config.pseudo_weight > 0 else None
     teacher.eval()
 
     def on_log(step: int, m: dict) -> None:
         if ctx.bar:
             ctx.bar("distilling", step, config.steps)
         ctx.log(f"step {step} loss {m['loss']:.3f} rnnt {m['rnnt']:.3f}"
-                + (f" kd {m['kd']:.4f}" if "kd" in m else "")
+                + (f" kd {m['kd']:.4f}" if "kd" in m else "") + (f" pseudo {m['pseudo']:.3f}" if "pseudo" in m else "")
                 + (f" sparsity {schedule.sparsity(step):.3f}" if schedule else "") + f" lr {m['lr']:.2e}")
 
     def loss_fn(batch):
         teacher.eval()
-        return distill_loss(student, teacher_for_kd, batch, objective)
+        return distill_loss(student, teacher_for_kd, batch, objective, hypotheses)
 
     pruner.apply(student)
     result = train(student, loss_fn, bank, train_config, progress_dir, extra_modules={"pruner": pruner},

@@ -138,3 +138,25 @@ def test_distill_command_needs_a_teacher_for_a_given_student(speech, tmp_path):
     student = save_model(tiny(), tmp_path / "student")
     result = runner.invoke(app, ["distill", str(student), "--data", str(speech), "-o", str(tmp_path / "o")])
     assert result.exit_code == 2 and "--teacher is required" in result.output
+
+
+@pytest.mark.parametrize("objective", ["top-beam", "beam"])
+def test_beam_objectives_are_zero_for_a_copy_of_the_teacher_and_train(objective, speech, tmp_path):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    lines = []
+    # the student starts as the teacher: KL over the teacher's own beams is 0 and its gradient too
+    compress.run_method("distill", DistillConfig(data=str(speech), teacher=str(teacher), steps=10, warmup=2,
+                                                 rnnt_weight=0.0, objective=objective, beam=3, pseudo_weight=0.5,
+                                                 max_frames=2000, checkpoint_every=10),
+                        model=str(teacher), out=tmp_path / "same", log=lines.append)
+    kd = [float(line.split(" kd ")[1].split()[0]) for line in lines if " kd " in line]
+    pseudo = [float(line.split(" pseudo ")[1].split()[0]) for line in lines if " pseudo " in line]
+    assert kd and max(kd) < 1e-3 and pseudo and pseudo[0] > 0
+    assert any("teacher beam search (width 3)" in line for line in lines)
+    # a fresh student is far from the teacher on the same lattices
+    lines.clear()
+    compress.run_method("distill", DistillConfig(data=str(speech), student_config=json.dumps({"encoder_hidden": 16}),
+                                                 steps=10, warmup=2, objective=objective, beam=3, max_frames=2000,
+                                                 checkpoint_every=10),
+                        model=str(teacher), out=tmp_path / "fresh", log=lines.append)
+    assert float([line for line in lines if " kd " in line][0].split(" kd ")[1].split()[0]) > 0.01
