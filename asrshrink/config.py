@@ -174,6 +174,7 @@ class DistillConfig:
     max_duration: float = 15.0
     seed: int = 0
     checkpoint_every: int = 50
+    spec_augment: bool = True
     rnnt_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 1.0

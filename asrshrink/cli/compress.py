@@ -313,7 +313,9 @@ def distill_command(
              "e.g. '{\"encoder_hidden\": 128}') instead of fine-tuning MODEL.", show_default=False)] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
     lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 5e-4,
-    max_frames: Annotated[int, typer.Option(help="Padded feature frames per batch.")] = 3000,
+    max_frames: Annotated[int, typer.Option(help="Padded feature frames per batch (per process).")] = 3000,
+    max_batch: Annotated[int, typer.Option(help="Utterances per batch (per process).")] = 32,
+    spec_augment: Annotated[bool, typer.Option(help="SpecAugment the training features.")] = True,
     kd_weight: Annotated[float, typer.Option(help="Weight of the lattice distillation term (0: ground truth "
                                                   "only).")] = 1.0,
     rnnt_weight: Annotated[float, typer.Option(help="Weight of the transducer loss on the ground truth.")] = 1.0,
@@ -346,6 +348,9 @@ def distill_command(
     The student is MODEL (any asrshrink output: svd, psvd, prune) with --teacher, or a fresh, smaller model of
     MODEL's family (--student-config) with MODEL as the teacher.
 
+    On several processes: torchrun --standalone --nproc-per-node 2 -m asrshrink distill ... (each process
+    takes its share of every global batch of --max-batch x processes utterances; process 0 writes).
+
     Example: asrshrink distill psvd-out/ --teacher rnnt.pt --data train/ --steps 500 -o distilled/ --eval dev/
     """
     from asrshrink.config import DistillConfig
@@ -355,6 +360,7 @@ def distill_command(
         return
     config = DistillConfig(data=str(data) if data else "", teacher=str(teacher) if teacher else None,
                            student_config=student_config, steps=steps, lr=lr, max_frames=max_frames,
+                           max_batch=max_batch, spec_augment=spec_augment,
                            kd_weight=kd_weight, rnnt_weight=rnnt_weight, temperature=temperature,
                            collapsed=collapsed, objective=objective, beam=beam, pseudo_weight=pseudo_weight,
                            prune_to=prune_to, prune_from=prune_from, prune_until=prune_until,

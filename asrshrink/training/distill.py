@@ -34,7 +34,7 @@ from asrshrink.models.checkpoint import load_model
 from asrshrink.models.layers import dense_parameter, matrices, with_pruned_weights
 from asrshrink.models.targets import WeightTarget
 from asrshrink.training.data import FeatureBank
-from asrshrink.training.loop import CHECKPOINT, TrainConfig, train
+from asrshrink.training.loop import CHECKPOINT, TrainConfig, process_rank, train
 from asrshrink.training.rnnt_loss import rnnt_loss
 
 
@@ -298,14 +298,20 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
     _check_pair(teacher, student)
     progress_dir = ctx.progress_dir
     bank_dir = progress_dir / "bank"
-    if (bank_dir / "index.json").is_file():
-        bank = FeatureBank.load(bank_dir)
-    else:
+    rank, world = process_rank()
+
+    def build_bank() -> None:
         dataset = open_dataset(config.data, vocabulary=student.vocabulary,
                                sample_rate=student.feature_config.sample_rate, max_duration=config.max_duration)
         ctx.log(f"featurizing {len(dataset)} utterances of {dataset.source}")
-        bank = FeatureBank.build(dataset, student.featurizer, student.vocabulary, bank_dir,
-                                 (lambda d, t: ctx.bar("featurizing", d, t)) if ctx.bar else None)
+        FeatureBank.build(dataset, student.featurizer, student.vocabulary, bank_dir,
+                          (lambda d, t: ctx.bar("featurizing", d, t)) if ctx.bar else None)
+
+    if not (bank_dir / "index.json").is_file() and rank == 0:
+        build_bank()
+    if world > 1:
+        torch.distributed.barrier()  # the others read the bank process 0 wrote
+    bank = FeatureBank.load(bank_dir)
     schedule = None
     if config.prune_to is not None:
         schedule = PruneSchedule(config.prune_to, config.prune_from,
@@ -318,17 +324,19 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
     hypotheses = None
     if config.objective != "truth" or config.pseudo_weight > 0:
         cache = progress_dir / "teacher_beams.json"  # computed once per run (kept for --resume)
-        if cache.is_file():
-            hypotheses = {int(k): [(list(t), float(w)) for t, w in v] for k, v in json.loads(cache.read_text()).items()}
-        else:
+        if not cache.is_file() and rank == 0:
             ctx.log(f"teacher beam search (width {config.beam}) on {len(bank)} utterances")
-            hypotheses = teacher_hypotheses(teacher, bank, "beam" if config.objective == "beam" else "top-beam",
-                                            config.beam, progress=(lambda d, t: ctx.bar("teacher beams", d, t))
-                                            if ctx.bar else None)
-            write_json_atomic(cache, {str(k): v for k, v in hypotheses.items()})
+            found = teacher_hypotheses(teacher, bank, "beam" if config.objective == "beam" else "top-beam",
+                                       config.beam, progress=(lambda d, t: ctx.bar("teacher beams", d, t))
+                                       if ctx.bar else None)
+            write_json_atomic(cache, {str(k): v for k, v in found.items()})
+        if world > 1:
+            torch.distributed.barrier()
+        hypotheses = {int(k): [(list(t), float(w)) for t, w in v] for k, v in json.loads(cache.read_text()).items()}
     train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup,
                                max_frames=config.max_frames, max_batch=config.max_batch, seed=config.seed,
-                               checkpoint_every=config.checkpoint_every, log_every=10)
+                               checkpoint_every=config.checkpoint_every, log_every=10,
+                               spec_augment=config.spec_augment)
     teacher_for_kd = teacher if config.kd_weight > 0 or config.pseudo_weight > 0 else None
     teacher.eval()
 

@@ -1,4 +1,6 @@
-"""A resumable training loop shared by training-time methods (reference training, fine-tuning, distillation).
+"""A resumable training loop shared by training-time methods (reference training, fine-tuning, distillation),
+on one process or many (torchrun: every process takes its share of each global batch, gradients are summed
+across processes, process 0 writes the checkpoints).
 
 Checkpoints hold tensors and plain values only (loaded with ``weights_only=True``), are written atomically
 every ``checkpoint_every`` steps and on SIGINT/SIGTERM, and restore the model, the extra trainable modules,
@@ -93,8 +95,16 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
     modules = {"model": model, **extra_modules}
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    sampler = BucketSampler(bank.lengths, max_frames=config.max_frames, max_batch=config.max_batch,
+    rank, world = process_rank()
+    # Under torch.distributed, a step's global batch holds up to world x max_batch utterances and world x
+    # max_frames padded frames; each process takes every world-th utterance of it (alike lengths), and the
+    # gradients are summed across processes weighted by each share's labels: with a per-label loss this is the
+    # one-process gradient of the whole global batch.
+    sampler = BucketSampler(bank.lengths, max_frames=config.max_frames * world, max_batch=config.max_batch * world,
                             seed=config.seed)
+
+    def epoch_batches(e: int) -> list[list[int]]:
+        return [b for b in sampler.epoch(e) if len(b) >= world]  # every process gets at least one utterance
     torch.manual_seed(config.seed)
     augment_rng = torch.Generator().manual_seed(config.seed + 1)
     step, epoch, position = 0, 0, 0
@@ -122,15 +132,15 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
     frames_seen = 0
     steps_this_call = 0
     interrupted = False
-    batches = sampler.epoch(epoch)
+    batches = epoch_batches(epoch)
     for m in modules.values():
         m.train()
     with StopRequested() as stop:
         while step < config.steps:
             if position >= len(batches):
                 epoch, position = epoch + 1, 0
-                batches = sampler.epoch(epoch)
-            batch = bank.batch(batches[position])
+                batches = epoch_batches(epoch)
+            batch = bank.batch(batches[position][rank::world])
             if config.spec_augment:
                 batch["features"] = spec_augment(batch["features"], batch["feature_lengths"], augment_rng)
             for group in optimizer.param_groups:
@@ -138,6 +148,8 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
             loss, step_metrics = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if world > 1:
+                _reduce_gradients(params, float(batch["label_lengths"].sum()))
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -156,22 +168,43 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
                 metrics = {k: v / count for k, v in sums.items()}
                 metrics.update(step=step, epoch=epoch, lr=config.lr_at(step - 1), grad_norm=float(grad_norm),
                                frames_per_second=frames_seen / max(elapsed, 1e-9), elapsed=elapsed)
-                with open(out_dir / "train_log.jsonl", "a") as f:
-                    f.write(json.dumps(metrics) + "\n")
+                if rank == 0:
+                    with open(out_dir / "train_log.jsonl", "a") as f:
+                        f.write(json.dumps(metrics) + "\n")
                 if on_log:
                     on_log(step, metrics)
                 sums, count = {}, 0
             if step % config.checkpoint_every == 0 or step == config.steps:
-                checkpoint()
+                if rank == 0:
+                    checkpoint()
                 if on_checkpoint:
                     on_checkpoint(step, metrics)
             if stop.requested or (stop_after is not None and steps_this_call >= stop_after):
-                checkpoint()
+                if rank == 0:
+                    checkpoint()
                 interrupted = True
                 break
     for m in modules.values():
         m.eval()
     return {**metrics, "step": step, "interrupted": interrupted}
+
+
+def process_rank() -> tuple[int, int]:
+    """(rank, world size) under torch.distributed, else (0, 1)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _reduce_gradients(params: list[torch.Tensor], weight: float) -> None:
+    """Sum every gradient across processes, each process's weighted by its share of ``weight`` (labels)."""
+    total = torch.tensor([weight], dtype=torch.float64)
+    torch.distributed.all_reduce(total)
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        p.grad.mul_(weight / max(float(total), 1e-30))
+        torch.distributed.all_reduce(p.grad)
 
 
 def _load_state(path: Path) -> dict:
