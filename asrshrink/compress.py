@@ -112,8 +112,8 @@ def run_method(name: str, config, *, model: str | None, out: Path, calib: CalibC
         raise AsrshrinkError(method.unused_calib)
     shard = process_shard()
     if shard is not None and shard[0] != 0:  # a helper process: computes its share, writes nothing
-        _run_method(method, config, None, model=model, calib=calib, evaluation=None, resume=resume, out=out,
-                    log=lambda line: None, progress=None)
+        _run_method(method, config, None, model=model, calib=calib, evaluation=evaluation, resume=resume,
+                    out=out, log=lambda line: None, progress=None)
         return None
     with OutputFolder(out, owned=OWNED) as folder:
         if not resume:
@@ -134,8 +134,8 @@ def run_method(name: str, config, *, model: str | None, out: Path, calib: CalibC
 def run_options(name: str, info, config, calib: CalibConfig | None, evaluation: EvalConfig | None) -> dict:
     """The full record of a run's options, as saved for ``resume`` (paths absolute): one section per part of
     the method's config (svd, psvd; or the config itself under the method's name), calib and evaluation."""
-    parts = {f.name: to_json(getattr(config, f.name)) for f in fields(config)} \
-        if all(is_dataclass(getattr(config, f.name)) for f in fields(config)) else {name: to_json(config)}
+    parts = {f.name: to_json(_absolute(getattr(config, f.name))) for f in fields(config)} \
+        if all(is_dataclass(getattr(config, f.name)) for f in fields(config)) else {name: to_json(_absolute(config))}
     return {"command": name, "model": str(info.path.resolve()), "source_sha256": info.sha256, **parts,
             "calib": to_json(_absolute(calib)) if calib else None,
             "evaluation": to_json(_absolute(evaluation)) if evaluation else None}
@@ -147,7 +147,7 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
     """The run itself; with ``folder`` None (a helper process under torchrun) nothing is written."""
     started = time.perf_counter()
     original, info = load_model(model)
-    eval_set = _open_eval(original, evaluation)
+    eval_set = _open_eval(original, evaluation) if folder is not None else None  # process 0 evaluates
     progress_dir = out / PROGRESS
     calibrated = method.calibrated(config)
     if calibrated:
@@ -266,9 +266,12 @@ def _calibration(model, calib: CalibConfig, log: Log, progress: Progress | None)
     batches = calibration_batches(model, dataset, batch_size=calib.batch_size, shard=shard,
                                   progress=(lambda d, t: progress("featurizing calibration audio", d, t))
                                   if progress else None)
-    if shard is not None and not batches:
-        raise DataError(f"{dataset.source}: {len(dataset)} calibration utterances for {shard[1]} processes; "
-                        f"use more --num-utterances or fewer processes")
+    if shard is not None:  # every process learns that one of them has nothing, and all refuse alike
+        empty = torch.tensor([float(not batches)])
+        all_reduce(empty)
+        if float(empty):
+            raise DataError(f"{dataset.source}: {len(dataset)} calibration utterances for {shard[1]} processes; "
+                            f"use more --num-utterances or fewer processes")
     frames = torch.tensor(float(sum(int(b["feature_lengths"].sum()) for b in batches)), dtype=torch.float64)
     all_reduce(frames)
     frames = int(frames)
@@ -277,11 +280,16 @@ def _calibration(model, calib: CalibConfig, log: Log, progress: Progress | None)
     return batches, {"data": str(dataset.source), "utterances": len(dataset), "feature_frames": frames}
 
 
+#: Config fields that name files: made absolute in a run's record, so a resumed run finds them from any folder.
+PATH_FIELDS = ("path", "data", "teacher")
+
+
 def _absolute(config):
-    """The config with its data path made absolute, so a resumed run finds it from any folder."""
-    if config is None or config.path is None:
+    """The config with its file paths (``PATH_FIELDS``) made absolute."""
+    if config is None:
         return config
-    return type(config)(**{**config.__dict__, "path": str(Path(config.path).resolve())})
+    paths = {f: str(Path(getattr(config, f)).resolve()) for f in PATH_FIELDS if getattr(config, f, None)}
+    return type(config)(**{**config.__dict__, **paths}) if paths else config
 
 
 def _read_state(progress_dir: Path) -> dict | None:
@@ -327,7 +335,8 @@ def _normalise(value):
 
 def resume(out: Path, *, given: dict[str, tuple[str, str, object]] | None = None, model: str | None = None,
            log: Log = lambda line: None, progress: Progress | None = None) -> dict:
-    """Continue the interrupted PSVD run in ``out`` with the options it was started with.
+    """Continue the interrupted run of a resumable method (psvd, distill) in ``out`` with the options it was
+    started with.
 
     ``given`` maps each option the user passed explicitly (e.g. "--rank-threshold") to (section, field, value)
     of the saved record (sections: svd, calib, psvd, evaluation); one that contradicts the saved value is
@@ -364,13 +373,14 @@ def resume(out: Path, *, given: dict[str, tuple[str, str, object]] | None = None
                                             for f in fields(method.config_class)})
         else:  # the config as one section, named by the method
             config = from_json(method.config_class, saved[saved["command"]])
-        return run_method(saved["command"], config, model=saved["model"], out=out,
-                          calib=from_json(CalibConfig, saved["calib"]) if saved["calib"] else None,
-                          evaluation=from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None,
-                          resume=True, log=log, progress=progress)
+        calib = from_json(CalibConfig, saved["calib"]) if saved["calib"] else None
+        evaluation = from_json(EvalConfig, saved["evaluation"]) if saved["evaluation"] else None
+        source = saved["model"]
     except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise AsrshrinkError(f"{path}: unreadable ({type(exc).__name__}: {exc}); delete {out / PROGRESS} "
                              f"and start the run again") from None
+    return run_method(saved["command"], config, model=source, out=out, calib=calib, evaluation=evaluation,
+                      resume=True, log=log, progress=progress)
 
 
 def _show(value) -> str:

@@ -303,6 +303,7 @@ def prune_command(
 @app.command("distill")
 @handle_errors
 def distill_command(
+    ctx: typer.Context,
     model: ModelArg = None, out: Out = Path("distill-out"),
     data: Annotated[Optional[Path], typer.Option(help="Training speech (any --data layout). Required.",
                                                  show_default=False)] = None,
@@ -338,7 +339,8 @@ def distill_command(
     prune_every: Annotated[int, typer.Option(help="Steps between mask updates.")] = 20,
     components: Components = "encoder", seed: Seed = 0, eval_data: Eval = None, eval_limit: EvalLimit = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between training checkpoints.")] = 50,
-    resume: Annotated[bool, typer.Option(help="Continue the interrupted run in -o with its saved options.")] = False,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this output directory "
+                                                        "(its options are reused).", show_default=False)] = None,
     json_out: Json = False,
 ) -> None:
     """Transducer distillation: fine-tune a student on speech against the ground truth and the teacher's
@@ -355,8 +357,22 @@ def distill_command(
     """
     from asrshrink.config import DistillConfig
 
-    if resume:
-        _run("distill", json_out, out=out, resume_run=True, given={}, model=model)
+    if resume is not None:
+        given = _given_options(ctx, {
+            name: (f"--{name.replace('_', '-')}", "distill", name, value) for name, value in (
+                ("steps", steps), ("lr", lr), ("kd_weight", kd_weight), ("rnnt_weight", rnnt_weight),
+                ("objective", objective), ("prune_to", prune_to), ("max_frames", max_frames),
+                ("max_batch", max_batch))})
+        if data is not None:
+            given["--data"] = ("distill", "data", str(data.resolve()))
+        if teacher is not None:
+            given["--teacher"] = ("distill", "teacher", str(teacher.resolve()))
+        if _explicit(ctx, "out") and out.resolve() != resume.resolve():
+            from asrshrink.errors import AsrshrinkError
+
+            raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
+                                 f"resumes; drop -o")
+        _run("distill", json_out, out=resume, resume_run=True, given=given, model=model)
         return
     config = DistillConfig(data=str(data) if data else "", teacher=str(teacher) if teacher else None,
                            student_config=student_config, steps=steps, lr=lr, max_frames=max_frames,

@@ -221,9 +221,6 @@ def allocate(model: Transducer, targets: list[Target], sparsity: float, global_t
     return shares
 
 
-
-
-
 MatrixHook = Callable[[MatrixReport], None]
 
 

@@ -47,15 +47,14 @@ def lattice_mask(enc_lengths: torch.Tensor, label_lengths: torch.Tensor, frames:
     return t & u
 
 
-def collapse(log_probs: torch.Tensor, labels: torch.Tensor, blank: int) -> torch.Tensor:
+def collapse(log_probs: torch.Tensor, labels: torch.Tensor, label_lengths: torch.Tensor, blank: int) -> torch.Tensor:
     """(B, T', U+1, V) log-probabilities -> (B, T', U+1, 3) log-probabilities of {y_{u+1}, blank, the rest}
-    (at u = U, where there is no next label, the label's share is 0 and the rest holds it)."""
+    (at each utterance's u = U_b, where there is no next label, the label's share is 0 and the rest holds it)."""
     b, t, steps, _ = log_probs.shape
-    nxt = torch.cat([labels[:, :steps - 1], labels.new_zeros(b, 1)], 1)               # (B, U+1)
+    nxt = torch.cat([labels, labels.new_zeros(b, 1)], 1)[:, :steps]                   # (B, U+1)
     label = log_probs.gather(-1, nxt.view(b, 1, steps, 1).expand(b, t, steps, 1))[..., 0]
-    last = torch.zeros(steps, dtype=torch.bool, device=log_probs.device)
-    last[-1] = True
-    label = label.masked_fill(last, -torch.inf)                                       # no label after the last
+    after = torch.arange(steps, device=log_probs.device).unsqueeze(0) >= label_lengths.unsqueeze(1)  # (B, U+1)
+    label = label.masked_fill(after.unsqueeze(1), -torch.inf)                          # no label after the last
     blank_lp = log_probs[..., blank]
     both = torch.logaddexp(label, blank_lp)
     rest = torch.log1p(-both.exp().clamp(max=1 - 1e-7))
@@ -72,7 +71,7 @@ def lattice_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, enc_l
     with torch.no_grad():
         t = F.log_softmax(teacher_logits.float() / temperature, -1)
     if collapsed:
-        s, t = collapse(s, labels, blank), collapse(t, labels, blank)
+        s, t = collapse(s, labels, label_lengths, blank), collapse(t, labels, label_lengths, blank)
     mask = lattice_mask(enc_lengths, label_lengths, s.shape[1], s.shape[2])
     p = t.exp()
     kl = (p * (t - s)).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)                # (B, T', U+1)
@@ -205,7 +204,8 @@ class PruneSchedule:
     every: int = 50
 
     def sparsity(self, step: int) -> float:
-        """s_t at ``step`` (held at the last update between updates, ``final`` from ``until`` on)."""
+        """s_t at ``step`` (held at the last update between updates, ``final`` from ``until`` on; the masks
+        are also updated at ``until``)."""
         if step < self.start:
             return 0.0
         if step >= self.until:
@@ -256,7 +256,7 @@ class Pruner(nn.Module):
 
     def after_step(self, model: Transducer, step: int) -> None:
         s = self.schedule
-        if s is not None and s.start <= step <= s.until and (step - s.start) % s.every == 0:
+        if s is not None and s.start <= step <= s.until and ((step - s.start) % s.every == 0 or step == s.until):
             self.update(model, step)
         self.apply(model)
 

@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from asrshrink.errors import CheckpointError
+from asrshrink.errors import CheckpointError, DataError
 from asrshrink.io import atomic_write
 from asrshrink.training.data import BucketSampler, FeatureBank
 
@@ -104,23 +104,54 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
                             seed=config.seed)
 
     def epoch_batches(e: int) -> list[list[int]]:
-        return [b for b in sampler.epoch(e) if len(b) >= world]  # every process gets at least one utterance
-    torch.manual_seed(config.seed)
-    augment_rng = torch.Generator().manual_seed(config.seed + 1)
+        """The epoch's global batches; one too small to give every process an utterance joins the batch
+        before it (so no utterance is left out)."""
+        out: list[list[int]] = []
+        for b in sampler.epoch(e):
+            if len(b) < world and out:
+                out[-1] = out[-1] + b
+            else:
+                out.append(b)
+        if out and len(out[0]) < world:
+            if len(out) == 1:
+                raise DataError(f"{len(bank)} training utterances for {world} processes; use more data or fewer "
+                                f"processes")
+            out[1] = out[0] + out[1]
+            out = out[1:]
+        return out
+
+    # Each process draws its own dropout and SpecAugment masks (seeded by rank); the checkpoint keeps every
+    # process's generator states, and each restores its own.
+    torch.manual_seed(config.seed + 1000 * rank)
+    augment_rng = torch.Generator().manual_seed(config.seed + 1 + 1000 * rank)
     step, epoch, position = 0, 0, 0
     if resume and (out_dir / CHECKPOINT).exists():
         state = _load_state(out_dir / CHECKPOINT)
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        augment_rng.set_state(state["augment_rng"])
+        rngs = state.get("process_rngs")
+        if world > 1 and (rngs is None or len(rngs) != 2 * world):
+            raise CheckpointError(f"{out_dir / CHECKPOINT} was written by a run on another number of processes; "
+                                  f"resume it with {len(rngs) // 2 if rngs else 1}")
+        torch.set_rng_state(rngs[2 * rank] if world > 1 else state["torch_rng"])
+        augment_rng.set_state(rngs[2 * rank + 1] if world > 1 else state["augment_rng"])
         step, epoch, position = state["step"], state["epoch"], state["position"]
 
     def checkpoint() -> None:
+        """Every process takes part (the generator states are gathered); process 0 writes."""
+        rngs = [torch.get_rng_state(), augment_rng.get_state()]
+        if world > 1:
+            gathered: list = [None] * world
+            torch.distributed.all_gather_object(gathered, rngs)
+            rngs = [r for pair in gathered for r in pair]
+        if rank != 0:
+            return
         state = {"modules": {n: m.state_dict() for n, m in modules.items()}, "optimizer": optimizer.state_dict(),
                  "torch_rng": torch.get_rng_state(), "augment_rng": augment_rng.get_state(), "step": step,
                  "epoch": epoch, "position": position, "config": json.dumps(asdict(config))}
+        if world > 1:
+            state["process_rngs"] = rngs
         atomic_write(out_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     from asrshrink.audio.features import spec_augment
@@ -148,8 +179,8 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
             loss, step_metrics = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if world > 1:
-                _reduce_gradients(params, float(batch["label_lengths"].sum()))
+            if world > 1:  # also agree on a stop: one process's Ctrl-C / SIGTERM stops all after this step
+                stop.requested = _reduce_gradients(params, float(batch["label_lengths"].sum()), stop.requested)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.clip_norm)
             if torch.isfinite(grad_norm):
                 optimizer.step()
@@ -175,13 +206,11 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
                     on_log(step, metrics)
                 sums, count = {}, 0
             if step % config.checkpoint_every == 0 or step == config.steps:
-                if rank == 0:
-                    checkpoint()
+                checkpoint()
                 if on_checkpoint:
                     on_checkpoint(step, metrics)
             if stop.requested or (stop_after is not None and steps_this_call >= stop_after):
-                if rank == 0:
-                    checkpoint()
+                checkpoint()
                 interrupted = True
                 break
     for m in modules.values():
@@ -196,15 +225,19 @@ def process_rank() -> tuple[int, int]:
     return 0, 1
 
 
-def _reduce_gradients(params: list[torch.Tensor], weight: float) -> None:
-    """Sum every gradient across processes, each process's weighted by its share of ``weight`` (labels)."""
-    total = torch.tensor([weight], dtype=torch.float64)
+def _reduce_gradients(params: list[torch.Tensor], weight: float, stop: bool) -> bool:
+    """Sum every gradient across processes, each process's weighted by its share of ``weight`` (labels), in one
+    flattened all-reduce; returns whether any process asked to stop."""
+    total = torch.tensor([weight, float(stop)], dtype=torch.float64)
     torch.distributed.all_reduce(total)
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        p.grad.mul_(weight / max(float(total), 1e-30))
-        torch.distributed.all_reduce(p.grad)
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.flatten() for g in grads]) * (weight / max(float(total[0]), 1e-30))
+    torch.distributed.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset:offset + g.numel()].view_as(g).clone()
+        offset += g.numel()
+    return bool(total[1] > 0)
 
 
 def _load_state(path: Path) -> dict:

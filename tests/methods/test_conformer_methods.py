@@ -185,5 +185,6 @@ def test_conformer_psvd_resumes_to_the_same_model(tmp_path, tiny_data):
     compress.resume(tmp_path / "resumed")
     a, _ = load_model(tmp_path / "straight" / "model.safetensors")
     b, _ = load_model(tmp_path / "resumed" / "model.safetensors")
+    assert a.state_dict().keys() == b.state_dict().keys()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name

@@ -45,6 +45,7 @@ def test_two_processes_give_the_one_process_model(family, command, tmp_path):
     one, _ = load_model(tmp_path / "one" / "model.safetensors")
     two, _ = load_model(tmp_path / "two" / "model.safetensors")
     changed = 0
+    assert effective(one).keys() == effective(two).keys()
     for (name, a), (_, b) in zip(effective(one).items(), effective(two).items()):
         # float32 sums over other batch compositions differ in their last bits; the least-squares fits carry
         # that to ~1e-5 (without the all-reduce the shards' fits differ by ~1e-1)
@@ -81,6 +82,7 @@ def test_two_process_distillation_equals_one_process_with_the_same_global_batch(
     one, _ = load_model(tmp_path / "one" / "model.safetensors")
     two, _ = load_model(tmp_path / "two" / "model.safetensors")
     start, _ = load_model(teacher)
+    assert one.state_dict().keys() == two.state_dict().keys()
     for (name, a), (_, b) in zip(one.state_dict().items(), two.state_dict().items()):
         # the per-label transducer loss is exact across the shards; the lattice KD term (a mean over each
         # share's lattice nodes, weighted by labels) is close, not exact

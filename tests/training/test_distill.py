@@ -41,18 +41,29 @@ def test_lattice_kl_ignores_nodes_outside_each_lattice():
     assert torch.allclose(lattice_kl(x, y, **args), lattice_kl(x, changed, **args))
 
 
-def test_collapsed_kl_equals_the_full_kl_when_there_is_nothing_else_to_collapse():
-    # V = 3 with labels {0, 1} and blank 2: at u < U the "rest" is the one other label, so the collapsed and full
-    # distributions are the same up to order; at u = U collapse merges the two labels, so compare u < U only.
-    x, y = logits(2, v=3), logits(3, v=3)
-    labels = torch.tensor([[0, 1, 1], [1, 0, 1]])
-    kw = dict(enc_lengths=torch.tensor([5, 5]), labels=labels, label_lengths=torch.tensor([3, 3]), blank=2)
-    full = lattice_kl(x[:, :, :3], y[:, :, :3], **{**kw, "label_lengths": torch.tensor([2, 2])})
-    folded = collapse(torch.log_softmax(x[:, :, :3], -1), labels, 2)
-    assert torch.allclose(folded.exp().sum(-1)[:, :, :2], torch.ones(2, 5, 2), atol=1e-5)
-    short = lattice_kl(x[:, :, :3], y[:, :, :3], **{**kw, "label_lengths": torch.tensor([2, 2])}, collapsed=True)
-    # the last node (u = U = 2) differs; nodes u < 2 agree, so the collapsed KL is at most the full one
-    assert float(short) <= float(full) + 1e-6 and float(short) > 0
+def test_collapse_reads_each_utterances_next_label_and_ends_at_its_own_length():
+    log_probs = torch.log_softmax(logits(4, b=2, t=3, u=4, v=6), -1)
+    labels, lengths = torch.tensor([[1, 2, 3], [4, 0, 0]]), torch.tensor([3, 1])
+    folded = collapse(log_probs, labels, lengths, blank=5)
+    assert torch.allclose(folded.exp().sum(-1), torch.ones(2, 3, 4), atol=1e-5)
+    for b, n in enumerate(lengths.tolist()):
+        for u in range(4):
+            if u < n:
+                assert torch.allclose(folded[b, :, u, 0], log_probs[b, :, u, labels[b, u]])
+            else:  # no next label at or after the utterance's own last node
+                assert torch.isinf(folded[b, :, u, 0]).all()
+                assert torch.allclose(folded[b, :, u, 2].exp(), 1 - log_probs[b, :, u, 5].exp(), atol=1e-5)
+    assert torch.allclose(folded[..., 1], log_probs[..., 5])
+
+
+def test_collapsed_kl_is_positive_and_never_above_the_full_kl():
+    # merging outcomes can only lose information: KL of the collapsed distributions <= KL of the full ones
+    kw = dict(enc_lengths=torch.tensor([5, 4]), labels=torch.tensor([[0, 1, 3], [1, 0, 0]]),
+              label_lengths=torch.tensor([3, 1]), blank=5)
+    for seed in range(3):
+        x, y = logits(10 + seed), logits(20 + seed)
+        full, folded = lattice_kl(x, y, **kw), lattice_kl(x, y, collapsed=True, **kw)
+        assert 0 < float(folded) <= float(full) + 1e-6
 
 
 def test_cubic_schedule():
@@ -126,10 +137,13 @@ def test_interrupted_distillation_resumes_to_identical_parameters(speech, tmp_pa
     with pytest.raises(KeyboardInterrupt):
         compress.run_method("distill", cfg, model=str(teacher), out=tmp_path / "resumed")
     monkeypatch.setattr(distill_module, "train", real_train)
-    result = runner.invoke(app, ["distill", "--resume", "-o", str(tmp_path / "resumed")])
+    refused = runner.invoke(app, ["distill", "--resume", str(tmp_path / "resumed"), "--steps", "9"])
+    assert refused.exit_code == 2 and "--steps 9 contradicts the interrupted run" in refused.output
+    result = runner.invoke(app, ["distill", "--resume", str(tmp_path / "resumed")])
     assert result.exit_code == 0, result.output
     a, _ = load_model(tmp_path / "straight")
     b, _ = load_model(tmp_path / "resumed")
+    assert a.state_dict().keys() == b.state_dict().keys()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
 
