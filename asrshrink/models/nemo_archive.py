@@ -382,7 +382,7 @@ def nemo_config_for(c, *, sample_rate: int | None = None) -> str:
     cfg = {
         "sample_rate": rate,
         "model_defaults": {"enc_hidden": c.d_model, "pred_hidden": c.pred_hidden, "joint_hidden": c.joint_hidden},
-        "tokenizer": {"dir": None, "type": "bpe"},
+        "tokenizer": {"dir": "tokenizer", "type": "bpe"},
         "train_ds": dict(dataset),
         "validation_ds": {**dataset, "shuffle": False, "max_duration": None, "min_duration": None},
         "preprocessor": {
@@ -428,6 +428,26 @@ def nemo_config_for(c, *, sample_rate: int | None = None) -> str:
     return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
 
 
+def _tokenizer_side_files(vocab: SentencePieceVocabulary) -> tuple[bytes, bytes]:
+    """The two text files NeMo keeps beside a SentencePiece model: ``vocab.txt`` (the pieces in WordPiece
+    style, as NeMo's ``create_spt_model`` writes it: control and unknown pieces left out, a leading U+2581
+    dropped, other pieces prefixed with ``##``) and ``tokenizer.vocab`` (SentencePiece's own "piece<TAB>score"
+    listing)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(vocab.model_proto)
+    wordpiece, listing = [], []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        listing.append(f"{piece}\t{sp.get_score(i):g}\n")
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        token = piece[1:] if piece.startswith("\u2581") else f"##{piece}"
+        wordpiece.append(f"{token or piece}\n")
+    return "".join(wordpiece).encode("utf-8"), "".join(listing).encode("utf-8")
+
+
 def write_nemo(model, path: str | Path) -> Path:
     """``model`` (nemo-conformer-transducer) as a ``.nemo`` archive NeMo's ``restore_from`` reads: its config
     (the original one, with the sizes and tokenizer file names of this model), its weights in NeMo's layout and
@@ -452,12 +472,15 @@ def write_nemo(model, path: str | Path) -> Path:
     files: dict[str, bytes] = {}
     if isinstance(vocab, SentencePieceVocabulary):
         prefix = hashlib.sha256(vocab.model_proto).hexdigest()[:32]
-        model_name, vocab_name = f"{prefix}_tokenizer.model", f"{prefix}_vocab.txt"
+        model_name, vocab_name, spe_name = (f"{prefix}_tokenizer.model", f"{prefix}_vocab.txt",
+                                            f"{prefix}_tokenizer.vocab")
         files[model_name] = vocab.model_proto
-        files[vocab_name] = "".join(f"{p}\n" for p in vocab.labels).encode("utf-8")
+        files[vocab_name], files[spe_name] = _tokenizer_side_files(vocab)
         tokenizer = cfg.setdefault("tokenizer", {})
-        tokenizer.update({"type": "bpe", "model_path": f"nemo:{model_name}", "vocab_path": f"nemo:{vocab_name}"})
-        tokenizer.pop("spe_tokenizer_vocab", None)
+        if not isinstance(tokenizer.get("dir"), str):  # NeMo joins paths onto it even when all three are given
+            tokenizer["dir"] = "tokenizer"
+        tokenizer.update({"type": "bpe", "model_path": f"nemo:{model_name}", "vocab_path": f"nemo:{vocab_name}",
+                          "spe_tokenizer_vocab": f"nemo:{spe_name}"})
     buffer = io.BytesIO()
     torch.save(model.to_foreign_state_dict(), buffer)
     files[WEIGHTS] = buffer.getvalue()

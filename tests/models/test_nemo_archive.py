@@ -284,7 +284,7 @@ def test_synthesized_nemo_config_round_trips(nemo_fixture_dir, tmp_path, sizes):
             assert set(value) <= set(cfg[section]) | {"model_path", "vocab_path", "spe_tokenizer_vocab"}, section
     assert cfg["joint"]["vocabulary"] == cfg["labels"] == list(model.vocabulary.labels)
     assert cfg["decoder"]["vocab_size"] == cfg["joint"]["num_classes"] == len(model.vocabulary.labels)
-    assert cfg["tokenizer"]["model_path"].startswith("nemo:") and len(files) == 2  # model, vocab.txt
+    assert cfg["tokenizer"]["model_path"].startswith("nemo:") and len(files) == 3  # model, vocab.txt, .vocab
     # the synthesized config is what the saved model carries once set, and writing from it gives the same YAML
     carried = _with_nemo_config(model, nemo_config_for(model.config))
     again2 = write_nemo(carried, tmp_path / "m2.nemo")
@@ -306,3 +306,20 @@ def test_synthesized_nemo_config_needs_a_sentencepiece_vocabulary():
 
     with pytest.raises(CheckpointError, match="SentencePiece"):
         nemo_config_for(NemoConformerConfig(vocabulary={"labels": ["a", " "], "blank": 2}))
+
+
+def test_written_tokenizer_side_files_are_nemos(nemo_fixture_dir, tmp_path):
+    from asrshrink.models.nemo_archive import write_nemo
+
+    model, _ = api.load_model(nemo_fixture_dir / "fastconformer" / "model.nemo")
+    original = members(nemo_fixture_dir)
+    written = {}
+    with tarfile.open(write_nemo(model, tmp_path / "m.nemo")) as tar:
+        for m in tar.getmembers():
+            written[m.name.removeprefix("./")] = tar.extractfile(m).read()
+    for suffix in ("_vocab.txt", "_tokenizer.vocab", "_tokenizer.model"):
+        ours = next(v for k, v in written.items() if k.endswith(suffix))
+        assert ours == next(v for k, v in original.items() if k.endswith(suffix)), suffix
+    cfg = yaml.safe_load(written["model_config.yaml"])
+    assert all(cfg["tokenizer"][k][len("nemo:"):] in written for k in ("model_path", "vocab_path",
+                                                                      "spe_tokenizer_vocab"))
