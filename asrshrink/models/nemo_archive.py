@@ -450,8 +450,9 @@ def _tokenizer_side_files(vocab: SentencePieceVocabulary) -> tuple[bytes, bytes]
 
 def write_nemo(model, path: str | Path) -> Path:
     """``model`` (nemo-conformer-transducer) as a ``.nemo`` archive NeMo's ``restore_from`` reads: its config
-    (the original one, with the sizes and tokenizer file names of this model), its weights in NeMo's layout and
-    the tokenizer. Written atomically."""
+    (the original one, with the tokenizer file names of this model; for a model with a SentencePiece vocabulary
+    that was not loaded from a .nemo, the one ``nemo_config_for`` synthesizes), its weights in NeMo's layout and
+    the tokenizer with NeMo's two side files. Written atomically."""
     import hashlib
     import time
 
