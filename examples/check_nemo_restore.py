@@ -11,7 +11,8 @@ It restores the archive with ``ASRModel.restore_from``, greedy-decodes the fixtu
 one by one, and prints whether the token ids equal the fixture's (NeMo's own tokens for the original model).
 
 With audio files after the .npz, the .npz is an ``asrshrink dump`` of the same model on those files, and the
-check compares NeMo's greedy tokens and transcripts of each file (decoded alone, 16 kHz mono) with asrshrink's:
+check compares NeMo's greedy tokens and transcripts of each file (decoded alone, 16 kHz mono) with asrshrink's,
+and the encoder outputs (passing at 1e-4):
 
     asrshrink dump model.safetensors a.flac b.flac -o ref.npz
     nemo-venv/bin/python examples/check_nemo_restore.py model.nemo ref.npz a.flac b.flac
@@ -30,7 +31,7 @@ def check_files(model, ref, files: list[str]) -> int:
 
     import soundfile
 
-    same_count = 0
+    same_count, worst = 0, 0.0
     for name in files:
         wave, rate = soundfile.read(name, dtype="float32", always_2d=True)
         if rate != 16000:
@@ -41,14 +42,20 @@ def check_files(model, ref, files: list[str]) -> int:
             enc, enc_len = model.encoder(audio_signal=feats, length=feat_len)
             hyp = model.decoding.rnnt_decoder_predictions_tensor(encoder_output=enc, encoded_lengths=enc_len)[0]
         tokens = [int(t) for t in hyp.y_sequence]
-        ours = ref[f"{Path(name).stem}.tokens"].tolist()
+        stem = Path(name).stem
+        ours = ref[f"{stem}.tokens"].tolist()
         same = tokens == ours
         same_count += same
+        ours_enc = ref[f"{stem}.encoder"]                        # (T', D)
+        nemo_enc = enc[0, :, :int(enc_len[0])].T.numpy()
+        diff = float(np.abs(nemo_enc - ours_enc).max()) if nemo_enc.shape == ours_enc.shape else float("nan")
+        worst = max(worst, diff) if diff == diff else float("nan")
         text = model.tokenizer.ids_to_text(tokens)
-        print(f"{Path(name).stem}: NeMo {text!r}; tokens equal to asrshrink's: {same}"
+        print(f"{stem}: NeMo {text!r}; tokens equal to asrshrink's: {same}; encoder output max |diff| {diff:.2e}"
               + ("" if same else f" (asrshrink {model.tokenizer.ids_to_text(ours)!r})"))
-    print(f"{same_count}/{len(files)} files decoded to asrshrink's tokens")
-    return 0 if same_count == len(files) else 1
+    print(f"{same_count}/{len(files)} files decoded to asrshrink's tokens; encoder outputs differ by at most "
+          f"{worst:.2e}")
+    return 0 if same_count == len(files) and worst <= 1e-4 else 1
 
 
 def main(archive: str, outputs: str, *files: str) -> int:
