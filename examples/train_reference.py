@@ -117,9 +117,9 @@ def conformer_config(tokenizer: bytes) -> NemoConformerConfig:
     return dataclasses.replace(CONFORMER, vocabulary=SentencePieceVocabulary(tokenizer).to_json())
 
 
-def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path) -> bytes:
-    """The run's tokenizer: OUT's (a resumed run), else the bank's, else a new one trained on the train split
-    and stored in both."""
+def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path, start: bytes | None = None) -> bytes:
+    """The run's tokenizer: OUT's (a resumed run), else the bank's, else ``start`` (the tokenizer of the model
+    given to --init), else a new one trained on the train split; stored in OUT and in the bank folder."""
     from asrshrink.io import atomic_write
 
     for place in (out / TOKENIZER, bank_dir / TOKENIZER):
@@ -127,6 +127,8 @@ def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path) -> bytes:
             data = place.read_bytes()
             break
     else:
+        data = start
+    if data is None:
         texts = read_transcripts(Path(args.corpus) / "train")
         log(f"training a {args.vocab_size}-piece SentencePiece BPE tokenizer on {len(texts)} transcripts")
         data = train_tokenizer(texts, args.vocab_size)
@@ -156,11 +158,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     torch.manual_seed(args.seed)
     conformer = args.family == "nemo-conformer-transducer"
     bank_dir = Path(args.bank) if args.bank else out / "bank-train"
-    tokenizer = tokenizer_for(args, out, bank_dir) if conformer else None
+    start = load_model(args.init)[0] if args.init and not args.resume else None
+    start_tokenizer = getattr(start.vocabulary, "model_proto", None) if start is not None else None
+    tokenizer = tokenizer_for(args, out, bank_dir, start_tokenizer) if conformer else None
     model, head = build(args.family, args.ctc_weight > 0, tokenizer)
     torch.manual_seed(args.seed)
-    if args.init and not args.resume:
-        start, _ = load_model(args.init)
+    if start is not None:
+        if start.vocabulary != model.vocabulary:
+            raise SystemExit(f"{args.init} has another vocabulary than this run's tokenizer; use another --out/--bank")
         model.load_state_dict(start.state_dict())
         log(f"starting from the weights of {args.init} (fresh optimizer and schedule)")
     if (bank_dir / "index.json").exists():

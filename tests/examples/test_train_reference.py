@@ -71,3 +71,14 @@ def test_conformer_model_and_ctc_head_follow_the_tokenizer(tmp_path):
     features = torch.randn(1, 160, 80)
     enc, lengths = model.eval().encode(features, torch.tensor([160]))
     assert enc.shape == (1, 20, model.config.d_model) and lengths.tolist() == [20]
+
+
+def test_init_models_tokenizer_is_used_when_the_run_has_none(tmp_path):
+    write_manifest(tmp_path / "corpus" / "train", TEXTS)
+    data = recipe.train_tokenizer(recipe.read_transcripts(tmp_path / "corpus" / "train"), 44)
+
+    class Args:
+        corpus, vocab_size = str(tmp_path / "corpus"), 40
+
+    assert recipe.tokenizer_for(Args, tmp_path / "run", tmp_path / "bank", data) == data
+    assert (tmp_path / "run" / recipe.TOKENIZER).read_bytes() == data
