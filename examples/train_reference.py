@@ -1,4 +1,6 @@
-"""Train asrshrink's bundled reference RNN-T (``mlperf-rnnt`` family) on the synthetic speech corpus.
+"""Train asrshrink's bundled reference transducers on the synthetic speech corpus: the LSTM RNN-T
+(``mlperf-rnnt`` family, the default) or a Conformer transducer in NeMo's layout
+(``--family nemo-conformer-transducer``).
 
     python examples/make_corpus.py data/corpus2              # the corpus (see that script)
     python examples/train_reference.py train --corpus data/corpus2 --out runs/reference --steps 8000
@@ -15,6 +17,20 @@ decay, gradient clipping, length-bucketed batches. It writes OUT/train_state.pt 
 --checkpoint-every steps and on Ctrl-C / SIGTERM), OUT/train_log.jsonl (loss curve) and OUT/dev_log.jsonl
 (greedy dev WER at each checkpoint). ``--resume`` continues exactly where the last checkpoint stopped.
 ``export`` writes the trained model in asrshrink's format (model.safetensors) to --to.
+
+The Conformer recipe (``--family nemo-conformer-transducer``, sizes in ``CONFORMER``): first a SentencePiece BPE
+tokenizer (``--vocab-size`` pieces, NeMo's tokenizer settings) is trained on the train split's transcripts,
+normalised as asrshrink normalises transcripts for character models (lower case, numbers spelt out, letters,
+space and apostrophe); it is stored as tokenizer.model in the feature bank folder (the bank's labels are its
+ids) and in OUT. NeMo's features (80 log-mels every 10 ms) go into their own bank. The schedule is Noam's
+(``--schedule noam``: linear warm-up to --lr, then inverse square root decay), which does not depend on
+--steps, so a run resumed with a larger --steps continues on the same curve. ``export --nemo FILE`` also writes
+a .nemo archive with a NeMo config synthesized from the model's sizes (``nemo_archive.nemo_config_for``).
+
+    python examples/train_reference.py train --family nemo-conformer-transducer --corpus data/corpus2 \
+        --out runs/conformer --bank runs/bank-nemo --lr 2e-3 --warmup 800 --steps 20000
+    python examples/train_reference.py export --out runs/conformer --to asrshrink/assets/reference_conformer \
+        --nemo runs/conformer/model.nemo
 """
 
 from __future__ import annotations
@@ -33,7 +49,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch import nn  # noqa: E402
 
 from asrshrink.api import evaluate, load_model, open_dataset, save_model  # noqa: E402
-from asrshrink.models.mlperf_rnnt import MlperfRnnt, MlperfRnntConfig  # noqa: E402
+from asrshrink.models.mlperf_rnnt import MLPERF_LABELS, MlperfRnnt, MlperfRnntConfig  # noqa: E402
+from asrshrink.models.nemo_conformer import NemoConformerConfig, NemoConformerTransducer  # noqa: E402
 from asrshrink.training.data import FeatureBank  # noqa: E402
 from asrshrink.training.loop import TrainConfig, load_trained_modules, train  # noqa: E402
 from asrshrink.training.objectives import transducer_ctc_loss  # noqa: E402
@@ -43,6 +60,18 @@ from asrshrink.training.objectives import transducer_ctc_loss  # noqa: E402
 REFERENCE = MlperfRnntConfig(encoder_hidden=256, encoder_pre_layers=2, stack_time_factor=2, encoder_post_layers=3,
                              pred_hidden=256, pred_layers=1, joint_hidden=256, dropout=0.1)
 
+#: The Conformer reference's sizes: FastConformer-style dw_striding subsampling x8 with 64 channels (80 ms encoder
+#: frames keep the joint lattice small; 64 rather than 144 channels halve the subsampling's time on the CPU), d_model
+#: 144, 10 layers, 4 heads, conv kernel 15, one 320-wide prediction LSTM, joint 320 without dropout (no random mask
+#: over the (B, T', U+1, 320) lattice each step), dropout 0.1 elsewhere. The vocabulary comes from the tokenizer.
+CONFORMER = NemoConformerConfig(d_model=144, n_layers=10, n_heads=4, ff_expansion_factor=4, conv_kernel_size=15,
+                                subsampling="dw_striding", subsampling_factor=8, subsampling_conv_channels=64,
+                                pred_hidden=320, pred_rnn_layers=1, joint_hidden=320, dropout=0.1,
+                                dropout_pre_encoder=0.1, dropout_att=0.1, pred_dropout=0.1, joint_dropout=0.0)
+FAMILIES = ("mlperf-rnnt", "nemo-conformer-transducer")
+TOKENIZER = "tokenizer.model"
+#: Characters the tokenizer is trained on: transcripts are normalised to the MLPerf labels (a-z, space, ').
+TOKENIZER_CHARS = MLPERF_LABELS
 
 CONSOLE = Console(highlight=False)
 
@@ -51,8 +80,73 @@ def log(message: str) -> None:
     CONSOLE.print(time.strftime("%H:%M:%S"), message, soft_wrap=True)
 
 
-def build(out: Path, ctc: bool) -> tuple[MlperfRnnt, nn.Module | None]:
-    model = MlperfRnnt(REFERENCE)
+def read_transcripts(split: Path) -> list[str]:
+    """The split's transcripts normalised to ``TOKENIZER_CHARS`` (empty ones dropped)."""
+    from asrshrink.audio.text import normalize_text
+
+    texts = []
+    for line in (split / "manifest.jsonl").read_text(encoding="utf-8").splitlines():
+        if line.strip():
+            text = normalize_text(json.loads(line)["text"], TOKENIZER_CHARS)
+            if text:
+                texts.append(text)
+    return texts
+
+
+def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
+    """A SentencePiece BPE model of ``vocab_size`` pieces trained on ``texts``, with the options of NeMo's
+    ``process_asr_text_tokenizer.py`` (character coverage 1.0, no BOS/EOS, <unk> as id 0); its bytes."""
+    import io
+
+    import sentencepiece
+
+    proto = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(texts), model_writer=proto, vocab_size=vocab_size, model_type="bpe",
+        character_coverage=1.0, bos_id=-1, eos_id=-1, unk_id=0, hard_vocab_limit=False,
+        shuffle_input_sentence=True, input_sentence_size=len(texts), num_threads=1, seed_sentencepiece_size=10**6,
+        minloglevel=2)
+    return proto.getvalue()
+
+
+def conformer_config(tokenizer: bytes) -> NemoConformerConfig:
+    import dataclasses
+
+    from asrshrink.audio.text import SentencePieceVocabulary
+
+    return dataclasses.replace(CONFORMER, vocabulary=SentencePieceVocabulary(tokenizer).to_json())
+
+
+def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path, start: bytes | None = None) -> bytes:
+    """The run's tokenizer: OUT's (a resumed run), else the bank's, else ``start`` (the tokenizer of the model
+    given to --init), else a new one trained on the train split; stored in OUT and in the bank folder."""
+    from asrshrink.io import atomic_write
+
+    for place in (out / TOKENIZER, bank_dir / TOKENIZER):
+        if place.is_file():
+            data = place.read_bytes()
+            break
+    else:
+        data = start
+    if data is None:
+        texts = read_transcripts(Path(args.corpus) / "train")
+        log(f"training a {args.vocab_size}-piece SentencePiece BPE tokenizer on {len(texts)} transcripts")
+        data = train_tokenizer(texts, args.vocab_size)
+    if (bank_dir / TOKENIZER).is_file() and (bank_dir / TOKENIZER).read_bytes() != data:
+        raise SystemExit(f"{bank_dir / TOKENIZER} differs from {out / TOKENIZER}: the bank's labels are another "
+                         f"tokenizer's ids; use another --bank")
+    for place in (out / TOKENIZER, bank_dir / TOKENIZER):
+        place.parent.mkdir(parents=True, exist_ok=True)
+        if not place.is_file():
+            atomic_write(place, lambda tmp: tmp.write_bytes(data))
+    return data
+
+
+def build(family: str, ctc: bool, tokenizer: bytes | None = None) -> tuple[nn.Module, nn.Module | None]:
+    if family == "nemo-conformer-transducer":
+        model = NemoConformerTransducer(conformer_config(tokenizer))
+    else:
+        model = MlperfRnnt(REFERENCE)
     head = nn.Linear(model.aux_dim, model.vocabulary.size) if ctc else None
     return model, head
 
@@ -62,12 +156,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
-    model, head = build(out, args.ctc_weight > 0)
-    if args.init and not args.resume:
-        start, _ = load_model(args.init)
+    conformer = args.family == "nemo-conformer-transducer"
+    bank_dir = Path(args.bank) if args.bank else out / "bank-train"
+    start = load_model(args.init)[0] if args.init and not args.resume else None
+    start_tokenizer = getattr(start.vocabulary, "model_proto", None) if start is not None else None
+    tokenizer = tokenizer_for(args, out, bank_dir, start_tokenizer) if conformer else None
+    model, head = build(args.family, args.ctc_weight > 0, tokenizer)
+    torch.manual_seed(args.seed)
+    if start is not None:
+        if start.vocabulary != model.vocabulary:
+            raise SystemExit(f"{args.init} has another vocabulary than this run's tokenizer; use another --out/--bank")
         model.load_state_dict(start.state_dict())
         log(f"starting from the weights of {args.init} (fresh optimizer and schedule)")
-    bank_dir = Path(args.bank) if args.bank else out / "bank-train"
     if (bank_dir / "index.json").exists():
         bank = FeatureBank.load(bank_dir)
     else:
@@ -81,14 +181,20 @@ def cmd_train(args: argparse.Namespace) -> None:
                 log(f"  featurized {done}/{total} ({time.perf_counter() - started:.0f} s)")
 
         bank = FeatureBank.build(train_set, model.featurizer, model.vocabulary, bank_dir, progress)
+    if bank.features.shape[1] != model.feature_config.feature_dim:
+        raise SystemExit(f"{bank_dir} holds {bank.features.shape[1]}-dimensional features, this model reads "
+                         f"{model.feature_config.feature_dim}: use a bank made for this family (--bank)")
     hours = bank.lengths.sum() * model.feature_config.frame_shift_seconds / 3600
-    log(f"train bank: {len(bank)} utterances, {hours:.1f} h")
+    params = sum(p.numel() for p in model.parameters())
+    log(f"train bank: {len(bank)} utterances, {hours:.1f} h; {args.family} model: {params:,} parameters")
     dev = open_dataset(Path(args.corpus) / "dev", vocabulary=model.vocabulary, limit=args.dev_limit, seed=0)
-    config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, max_frames=args.max_frames,
+    max_frames = args.max_frames or (9000 if conformer else 3000)
+    config = TrainConfig(steps=args.steps, lr=args.lr, warmup_steps=args.warmup, max_frames=max_frames,
                          max_batch=args.max_batch, seed=args.seed, checkpoint_every=args.checkpoint_every,
-                         log_every=args.log_every)
+                         log_every=args.log_every, schedule=args.schedule or ("noam" if conformer else "cosine"))
     options = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "config.json").write_text(json.dumps({"model": REFERENCE.to_json(), "train": options}, indent=2))
+    (out / "config.json").write_text(json.dumps({"model": model.config.to_json() if conformer else REFERENCE.to_json(),
+                                                 "train": options}, indent=2))
 
     def loss_fn(batch):
         return transducer_ctc_loss(model, batch, ctc_head=head, ctc_weight=args.ctc_weight)
@@ -124,30 +230,53 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    model, head = build(Path(args.out), True)
+    out = Path(args.out)
+    config = out / "config.json"
+    options = json.loads(config.read_text())["train"] if config.is_file() else {}
+    family = options.get("family", "mlperf-rnnt")
+    tokenizer = (out / TOKENIZER).read_bytes() if family == "nemo-conformer-transducer" else None
+    model, head = build(family, True, tokenizer)
     modules = {"model": model}
-    state_path = Path(args.out) / "train_state.pt"
-    state = torch.load(state_path, map_location="cpu", weights_only=True)
+    state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
     if "ctc_head" in state["modules"]:
         modules["ctc_head"] = head
-    step = load_trained_modules(args.out, modules)
-    config = Path(args.out) / "config.json"
-    options = json.loads(config.read_text())["train"] if config.is_file() else {}
+    step = load_trained_modules(out, modules)
+    if family == "nemo-conformer-transducer":
+        import dataclasses
+
+        from asrshrink.models.nemo_archive import nemo_config_for
+
+        # the synthesized NeMo config travels with the model, so that a .nemo can be written from it later
+        trained = model
+        model = NemoConformerTransducer(dataclasses.replace(trained.config, nemo_config=nemo_config_for(trained.config)))
+        model.load_state_dict(trained.state_dict())
+    if args.nemo:  # from the float32 weights
+        from asrshrink.models.nemo_archive import write_nemo
+
+        log(f"wrote {write_nemo(model.eval(), args.nemo)}")
+    if args.float16:
+        model.half()
     path = save_model(model.eval(), args.to, extra={"training": {"step": step, "recipe": "examples/train_reference.py",
                                                                  "options": options}})
-    log(f"wrote {path} (step {step}, {sum(p.numel() for p in model.parameters())} parameters)")
+    log(f"wrote {path} (step {step}, {sum(p.numel() for p in model.parameters())} parameters"
+        f"{', float16 storage' if args.float16 else ''})")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="train (or resume) the reference model")
+    t.add_argument("--family", choices=FAMILIES, default="mlperf-rnnt")
     t.add_argument("--corpus", default="data/synth")
     t.add_argument("--out", default="runs/reference")
     t.add_argument("--steps", type=int, default=8000)
     t.add_argument("--lr", type=float, default=1.5e-3)
     t.add_argument("--warmup", type=int, default=300)
-    t.add_argument("--max-frames", type=int, default=3000, help="padded 30 ms feature frames per batch")
+    t.add_argument("--max-frames", type=int, default=None, help="padded feature frames per batch (default 3000 "
+                   "30 ms frames for mlperf-rnnt, 9000 10 ms frames for the Conformer)")
+    t.add_argument("--schedule", choices=("cosine", "noam"), default=None,
+                   help="learning-rate schedule after warm-up (default cosine for mlperf-rnnt, noam for the Conformer)")
+    t.add_argument("--vocab-size", type=int, default=256, help="SentencePiece pieces (Conformer)")
     t.add_argument("--max-batch", type=int, default=48)
     t.add_argument("--max-duration", type=float, default=15.0)
     t.add_argument("--ctc-weight", type=float, default=0.5)
@@ -165,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     e = sub.add_parser("export", help="write the trained model in asrshrink's format")
     e.add_argument("--out", default="runs/reference")
     e.add_argument("--to", default="asrshrink/assets/reference")
+    e.add_argument("--float16", action="store_true", help="store the weights as float16")
+    e.add_argument("--nemo", default=None, help="also write the model as this .nemo archive (Conformer)")
     e.set_defaults(func=cmd_export)
     args = parser.parse_args(argv)
     args.func(args)

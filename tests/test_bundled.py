@@ -77,3 +77,11 @@ def test_encoder_is_deterministic(model):
     a, _ = api.encode(model, features, lengths)
     b, _ = api.encode(model, features, lengths)
     assert torch.equal(a, b)
+
+
+def test_conformer_reference_is_small_and_loads_in_the_nemo_layout():
+    path = ASSETS / "reference_conformer" / "model.safetensors"
+    assert path.is_file() and path.stat().st_size <= 25_000_000
+    net, _ = api.load_model(path)
+    assert net.family == "nemo-conformer-transducer" and net.vocabulary.size == 257
+    assert "EncDecRNNTBPEModel" in net.config.nemo_config  # a .nemo can be written from it

@@ -361,10 +361,98 @@ def _vocabulary(cfg: dict, files: dict[str, bytes], source: str):
 
 # --- writing ------------------------------------------------------------------------------------------------
 
+def nemo_config_for(c, *, sample_rate: int | None = None) -> str:
+    """A NeMo 3.0 ``EncDecRNNTBPEModel`` model_config.yaml for a NemoConformerConfig with a SentencePiece
+    vocabulary (a model trained without NeMo): the sections and keys NeMo's own configs have (as in
+    ``tests/fixtures/nemo_conformer``), every size and option from ``c``, so that ``config_from_nemo`` reads
+    back the same config. ``train_ds``/``validation_ds`` name no manifests and ``optim`` holds AdamW with
+    Noam annealing, for a NeMo user to fill in before training on. The tokenizer's file names are set by
+    ``write_nemo``."""
+    vocab_json = c.vocabulary
+    if vocab_json.get("kind") != SentencePieceVocabulary.kind:
+        raise CheckpointError("a NeMo BPE model config needs a SentencePiece vocabulary; this model has character "
+                              "labels")
+    vocab = SentencePieceVocabulary.from_json(vocab_json)
+    f = c.feature
+    rate = sample_rate or f.sample_rate
+    labels = list(vocab.labels)
+    dataset = {"manifest_filepath": None, "sample_rate": rate, "batch_size": 16, "shuffle": True,
+               "num_workers": 4, "pin_memory": True, "max_duration": 16.7, "min_duration": 0.1,
+               "use_start_end_token": False}
+    cfg = {
+        "sample_rate": rate,
+        "model_defaults": {"enc_hidden": c.d_model, "pred_hidden": c.pred_hidden, "joint_hidden": c.joint_hidden},
+        "tokenizer": {"dir": "tokenizer", "type": "bpe"},
+        "train_ds": dict(dataset),
+        "validation_ds": {**dataset, "shuffle": False, "max_duration": None, "min_duration": None},
+        "preprocessor": {
+            "_target_": "nemo.collections.asr.modules.AudioToMelSpectrogramPreprocessor",
+            "sample_rate": rate, "normalize": "per_feature" if f.normalize == "per_feature" else "NA",
+            "window_size": f.window_size, "window_stride": f.window_stride, "window": "hann",
+            "features": f.features, "n_fft": f.n_fft, "frame_splicing": 1, "dither": 1.0e-05, "pad_to": f.pad_to,
+            "preemph": f.preemph, "mag_power": f.mag_power},
+        "spec_augment": {"_target_": "nemo.collections.asr.modules.SpectrogramAugmentation", "freq_masks": 2,
+                         "time_masks": 2, "freq_width": 27, "time_width": 0.05},
+        "encoder": {
+            "_target_": "nemo.collections.asr.modules.ConformerEncoder",
+            "feat_in": c.feat_in, "feat_out": -1, "n_layers": c.n_layers, "d_model": c.d_model,
+            "causal_downsampling": False, "reduction": None, "reduction_position": None, "reduction_factor": 1,
+            "ff_expansion_factor": c.ff_expansion_factor, "self_attention_model": "rel_pos", "n_heads": c.n_heads,
+            "att_context_size": [-1, -1], "att_context_style": "regular", "xscaling": c.xscaling,
+            "untie_biases": c.untie_biases, "pos_emb_max_len": 5000, "conv_norm_type": "batch_norm",
+            "conv_context_size": None, "dropout": c.dropout, "dropout_pre_encoder": c.dropout_pre_encoder,
+            "dropout_emb": 0.0, "dropout_att": c.dropout_att, "subsampling": c.subsampling,
+            "subsampling_factor": c.subsampling_factor, "subsampling_conv_channels": c.subsampling_conv_channels,
+            "conv_kernel_size": c.conv_kernel_size},
+        "decoder": {
+            "_target_": "nemo.collections.asr.modules.RNNTDecoder", "normalization_mode": None,
+            "random_state_sampling": False, "blank_as_pad": True,
+            "prednet": {"pred_hidden": c.pred_hidden, "pred_rnn_layers": c.pred_rnn_layers, "t_max": None,
+                        "dropout": c.pred_dropout},
+            "vocab_size": len(labels)},
+        "joint": {
+            "_target_": "nemo.collections.asr.modules.RNNTJoint", "log_softmax": None, "preserve_memory": False,
+            "fuse_loss_wer": False,
+            "jointnet": {"joint_hidden": c.joint_hidden, "activation": "relu", "dropout": c.joint_dropout,
+                         "encoder_hidden": c.d_model, "pred_hidden": c.pred_hidden},
+            "num_classes": len(labels), "vocabulary": list(labels)},
+        "decoding": {"strategy": "greedy_batch", "greedy": {"max_symbols": c.max_symbols}},
+        "loss": {"loss_name": "default"},
+        "optim": {"name": "adamw", "lr": 2.0, "betas": [0.9, 0.98], "weight_decay": 1.0e-3,
+                  "sched": {"name": "NoamAnnealing", "d_model": c.d_model, "warmup_steps": 10000,
+                            "warmup_ratio": None, "min_lr": 1.0e-6}},
+        "labels": list(labels),  # a copy: one list used twice would be written as a YAML alias
+        "target": SUPPORTED_TARGETS[0],
+        "nemo_version": "3.0.0",
+    }
+    return yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True)
+
+
+def _tokenizer_side_files(vocab: SentencePieceVocabulary) -> tuple[bytes, bytes]:
+    """The two text files NeMo keeps beside a SentencePiece model: ``vocab.txt`` (the pieces in WordPiece
+    style, as NeMo's ``create_spt_model`` writes it: control and unknown pieces left out, a leading U+2581
+    dropped, other pieces prefixed with ``##``) and ``tokenizer.vocab`` (SentencePiece's own "piece<TAB>score"
+    listing)."""
+    import sentencepiece
+
+    sp = sentencepiece.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(vocab.model_proto)
+    wordpiece, listing = [], []
+    for i in range(sp.get_piece_size()):
+        piece = sp.id_to_piece(i)
+        listing.append(f"{piece}\t{sp.get_score(i):g}\n")
+        if sp.is_control(i) or sp.is_unknown(i):
+            continue
+        token = piece[1:] if piece.startswith("\u2581") else f"##{piece}"
+        wordpiece.append(f"{token or piece}\n")
+    return "".join(wordpiece).encode("utf-8"), "".join(listing).encode("utf-8")
+
+
 def write_nemo(model, path: str | Path) -> Path:
     """``model`` (nemo-conformer-transducer) as a ``.nemo`` archive NeMo's ``restore_from`` reads: its config
-    (the original one, with the sizes and tokenizer file names of this model), its weights in NeMo's layout and
-    the tokenizer. Written atomically."""
+    (the original one, with the tokenizer file names of this model; for a model with a SentencePiece vocabulary
+    that was not loaded from a .nemo, the one ``nemo_config_for`` synthesizes), its weights in NeMo's layout and
+    the tokenizer with NeMo's two side files. Written atomically."""
     import hashlib
     import time
 
@@ -376,20 +464,24 @@ def write_nemo(model, path: str | Path) -> Path:
     if model_structure(model):
         raise CheckpointError("a compressed model (low-rank or shared layers) has no NeMo layout; write it with "
                               "asrshrink's own format")
-    if not c.nemo_config:
-        raise CheckpointError("this model has no NeMo model config (it was not loaded from a .nemo archive), so "
-                              "no .nemo can be written for it; save it in asrshrink's format")
-    cfg = yaml.safe_load(c.nemo_config)
     vocab = model.vocabulary
+    if not c.nemo_config and not isinstance(vocab, SentencePieceVocabulary):
+        raise CheckpointError("this model has no NeMo model config (it was not loaded from a .nemo archive) and a "
+                              "character vocabulary, so no .nemo can be written for it; save it in asrshrink's "
+                              "format")
+    cfg = yaml.safe_load(c.nemo_config or nemo_config_for(c))
     files: dict[str, bytes] = {}
     if isinstance(vocab, SentencePieceVocabulary):
         prefix = hashlib.sha256(vocab.model_proto).hexdigest()[:32]
-        model_name, vocab_name = f"{prefix}_tokenizer.model", f"{prefix}_vocab.txt"
+        model_name, vocab_name, spe_name = (f"{prefix}_tokenizer.model", f"{prefix}_vocab.txt",
+                                            f"{prefix}_tokenizer.vocab")
         files[model_name] = vocab.model_proto
-        files[vocab_name] = "".join(f"{p}\n" for p in vocab.labels).encode("utf-8")
+        files[vocab_name], files[spe_name] = _tokenizer_side_files(vocab)
         tokenizer = cfg.setdefault("tokenizer", {})
-        tokenizer.update({"type": "bpe", "model_path": f"nemo:{model_name}", "vocab_path": f"nemo:{vocab_name}"})
-        tokenizer.pop("spe_tokenizer_vocab", None)
+        if not isinstance(tokenizer.get("dir"), str):  # NeMo joins paths onto it even when all three are given
+            tokenizer["dir"] = "tokenizer"
+        tokenizer.update({"type": "bpe", "model_path": f"nemo:{model_name}", "vocab_path": f"nemo:{vocab_name}",
+                          "spe_tokenizer_vocab": f"nemo:{spe_name}"})
     buffer = io.BytesIO()
     torch.save(model.to_foreign_state_dict(), buffer)
     files[WEIGHTS] = buffer.getvalue()

@@ -32,7 +32,8 @@ class TrainConfig:
     steps: int = 10000
     lr: float = 1.5e-3
     warmup_steps: int = 500
-    min_lr_ratio: float = 0.05          # cosine decay from lr to lr * min_lr_ratio at ``steps``
+    min_lr_ratio: float = 0.05          # cosine decay from lr to lr * min_lr_ratio at ``steps``; noam's floor
+    schedule: str = "cosine"            # or "noam": warm-up to lr, then lr * sqrt(warmup / step), not tied to steps
     weight_decay: float = 1e-5
     clip_norm: float = 1.0
     max_frames: int = 6000              # padded feature frames per batch
@@ -44,6 +45,11 @@ class TrainConfig:
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(self.warmup_steps, 1))
+        if self.schedule == "noam":  # linear warm-up, then inverse square root decay (Noam's, peak = lr)
+            decay = math.sqrt(max(self.warmup_steps, 1) / max(step + 1, self.warmup_steps, 1))
+            return self.lr * warm * max(decay, self.min_lr_ratio)
+        if self.schedule != "cosine":
+            raise ValueError(f"schedule={self.schedule!r} is not one of cosine, noam")
         progress = min(1.0, step / max(self.steps, 1))
         decay = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
         return self.lr * warm * decay

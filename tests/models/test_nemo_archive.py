@@ -244,3 +244,82 @@ def test_writing_a_nemo_needs_a_nemo_config(tmp_path):
     with pytest.raises(CheckpointError, match="no NeMo model config"):
         write_nemo(model, tmp_path / "m.nemo")
     assert not (tmp_path / "m.nemo").exists()
+
+
+def _trained_from_scratch(nemo_fixture_dir, **sizes):
+    """A Conformer built from sizes and the fixture's tokenizer, with no NeMo config (as a model trained by
+    examples/train_reference.py is)."""
+    from asrshrink.models.nemo_conformer import NemoConformerConfig, NemoConformerTransducer
+
+    vocab = api.load_model(nemo_fixture_dir / "fastconformer" / "model.nemo")[0].vocabulary
+    config = NemoConformerConfig(**{"d_model": 32, "n_layers": 2, "n_heads": 2, "conv_kernel_size": 7,
+                                    "subsampling": "dw_striding", "subsampling_factor": 8,
+                                    "subsampling_conv_channels": 16, "pred_hidden": 24, "joint_hidden": 20,
+                                    "pred_dropout": 0.1, "joint_dropout": 0.1, "max_symbols": 7, **sizes},
+                                 vocabulary=vocab.to_json())
+    torch.manual_seed(0)
+    return NemoConformerTransducer(config)
+
+
+@pytest.mark.parametrize("sizes", [{}, {"subsampling": "striding", "subsampling_factor": 4, "xscaling": False,
+                                        "untie_biases": False, "pred_rnn_layers": 2, "joint_dropout": 0.0}])
+def test_synthesized_nemo_config_round_trips(nemo_fixture_dir, tmp_path, sizes):
+    import dataclasses
+
+    from asrshrink.models.nemo_archive import nemo_config_for, read_nemo, write_nemo
+
+    model = _trained_from_scratch(nemo_fixture_dir, **sizes)
+    path = write_nemo(model, tmp_path / "m.nemo")
+    again, _ = api.load_model(path)
+    assert dataclasses.replace(again.config, nemo_config="") == model.config
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+    cfg, state_dict, files = read_nemo(path)
+    assert set(state_dict) == set(model.to_foreign_state_dict())
+    # every section and key of the configs NeMo itself wrote (the fixtures) is there
+    nemo_made = yaml.safe_load((nemo_fixture_dir / "fastconformer" / "model_config.yaml").read_text())
+    for section, value in nemo_made.items():
+        assert section in cfg, section
+        if isinstance(value, dict) and isinstance(cfg[section], dict):
+            assert set(value) <= set(cfg[section]) | {"model_path", "vocab_path", "spe_tokenizer_vocab"}, section
+    assert cfg["joint"]["vocabulary"] == cfg["labels"] == list(model.vocabulary.labels)
+    assert cfg["decoder"]["vocab_size"] == cfg["joint"]["num_classes"] == len(model.vocabulary.labels)
+    assert cfg["tokenizer"]["model_path"].startswith("nemo:") and len(files) == 3  # model, vocab.txt, .vocab
+    # the synthesized config is what the saved model carries once set, and writing from it gives the same YAML
+    carried = _with_nemo_config(model, nemo_config_for(model.config))
+    again2 = write_nemo(carried, tmp_path / "m2.nemo")
+    assert read_nemo(again2)[0] == cfg
+
+
+def _with_nemo_config(model, nemo_config):
+    import dataclasses
+
+    out = type(model)(dataclasses.replace(model.config, nemo_config=nemo_config))
+    out.load_state_dict(model.state_dict())
+    return out
+
+
+def test_synthesized_nemo_config_needs_a_sentencepiece_vocabulary():
+    from asrshrink.errors import CheckpointError
+    from asrshrink.models.nemo_archive import nemo_config_for
+    from asrshrink.models.nemo_conformer import NemoConformerConfig
+
+    with pytest.raises(CheckpointError, match="SentencePiece"):
+        nemo_config_for(NemoConformerConfig(vocabulary={"labels": ["a", " "], "blank": 2}))
+
+
+def test_written_tokenizer_side_files_are_nemos(nemo_fixture_dir, tmp_path):
+    from asrshrink.models.nemo_archive import write_nemo
+
+    model, _ = api.load_model(nemo_fixture_dir / "fastconformer" / "model.nemo")
+    original = members(nemo_fixture_dir)
+    written = {}
+    with tarfile.open(write_nemo(model, tmp_path / "m.nemo")) as tar:
+        for m in tar.getmembers():
+            written[m.name.removeprefix("./")] = tar.extractfile(m).read()
+    for suffix in ("_vocab.txt", "_tokenizer.vocab", "_tokenizer.model"):
+        ours = next(v for k, v in written.items() if k.endswith(suffix))
+        assert ours == next(v for k, v in original.items() if k.endswith(suffix)), suffix
+    cfg = yaml.safe_load(written["model_config.yaml"])
+    assert all(cfg["tokenizer"][k][len("nemo:"):] in written for k in ("model_path", "vocab_path",
+                                                                      "spe_tokenizer_vocab"))

@@ -1,6 +1,7 @@
 """The training loop: an interrupted-and-resumed run equals an uninterrupted one."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -85,3 +86,39 @@ def test_bucket_sampler_is_deterministic_and_covers_every_utterance():
     assert sorted(i for batch in a for i in batch) == list(range(100))
     for batch in a:
         assert len(batch) <= 8 and (len(batch) == 1 or max(lengths[batch]) * len(batch) <= 200)
+
+
+def test_noam_schedule_peaks_after_warmup_and_does_not_depend_on_steps():
+    short, long = (TrainConfig(steps=s, lr=2e-3, warmup_steps=100, schedule="noam", min_lr_ratio=0.01)
+                   for s in (500, 50000))
+    assert short.lr_at(0) == pytest.approx(2e-5)
+    assert short.lr_at(99) == pytest.approx(2e-3)
+    assert short.lr_at(399) == pytest.approx(1e-3)              # sqrt(100 / 400)
+    assert [short.lr_at(s) for s in range(0, 500, 7)] == [long.lr_at(s) for s in range(0, 500, 7)]
+    assert long.lr_at(10**8) == pytest.approx(2e-5)             # the floor lr * min_lr_ratio
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="linear").lr_at(0)
+
+
+def test_conformer_trains_with_auxiliary_ctc_on_its_encoder_output():
+    from asrshrink.models.nemo_conformer import NemoConformerConfig, NemoConformerTransducer
+
+    torch.manual_seed(0)
+    labels = [" ", *"abcdefgh"]
+    model = NemoConformerTransducer(NemoConformerConfig(
+        d_model=16, n_layers=2, n_heads=2, conv_kernel_size=3, subsampling="dw_striding", subsampling_factor=4,
+        subsampling_conv_channels=8, pred_hidden=8, joint_hidden=8, vocabulary={"labels": labels, "blank": 9}))
+    head = nn.Linear(model.aux_dim, model.vocabulary.size)
+    batch = {"features": torch.randn(2, 48, 80), "feature_lengths": torch.tensor([48, 36]),
+             "labels": torch.tensor([[1, 2, 3], [4, 5, 0]]), "label_lengths": torch.tensor([3, 2])}
+    model.eval()
+    enc, enc_len, aux, aux_len = model.encode_with_aux(batch["features"], batch["feature_lengths"])
+    ref, ref_len = model.encode(batch["features"], batch["feature_lengths"])
+    assert torch.equal(enc, ref) and torch.equal(aux, ref) and torch.equal(aux_len, ref_len)
+    assert aux.shape[-1] == model.aux_dim == 16 and enc_len.tolist() == [12, 9]
+    model.train()
+    loss, metrics = transducer_ctc_loss(model, batch, ctc_head=head, ctc_weight=0.3)
+    loss.backward()
+    assert metrics["ctc"] > 0 and metrics["loss"] == pytest.approx(metrics["rnnt"] + 0.3 * metrics["ctc"], rel=1e-5)
+    assert model.encoder.layers[0].self_attn.linear_q.weight.grad.abs().sum() > 0
+    assert head.weight.grad.abs().sum() > 0
