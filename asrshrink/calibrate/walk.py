@@ -144,11 +144,12 @@ def walked(model: Transducer, targets: list[WeightTarget]) -> list[WeightTarget]
 def walk(original: Transducer, compressed: Transducer, batches: list[dict[str, torch.Tensor]],
          targets: list[WeightTarget], make_solver: SolverFactory, *,
          skip: Callable[[Position], bool] = lambda position: False,
-         on_group: Callable[[Position], None] | None = None) -> None:
+         on_group: Callable[[Position], None] | None = None, original_inputs: bool = True) -> None:
     """Walk ``targets`` (of components that run as blocks) block by block over ``batches``, solving each
     module with the solver ``make_solver`` gives it (None: left as it is) and swapping its replacement into
     ``compressed`` in place. ``skip(position)`` skips a group (already solved in a resumed run);
-    ``on_group(position)`` is called after each group whose solvers ran."""
+    ``on_group(position)`` is called after each group whose solvers ran. With ``original_inputs`` False (no
+    solver will need the original model's activations) the original model is not run."""
     index = -1
     for component in original.components():
         mine = [t for t in targets if t.component == component]
@@ -158,7 +159,7 @@ def walk(original: Transducer, compressed: Transducer, batches: list[dict[str, t
             count = len(original.blocks(component))
         except AsrshrinkError:
             continue
-        orig_acts = [original.block_inputs(component, b) for b in batches]
+        orig_acts = [original.block_inputs(component, b) for b in batches] if original_inputs else None
         comp_acts = [compressed.block_inputs(component, b) for b in batches]
         for j in range(count):
             index += 1
@@ -179,6 +180,8 @@ def walk(original: Transducer, compressed: Transducer, batches: list[dict[str, t
                     continue
                 layouts = {t.layer: t.layout for t in group}
                 need_original = any(s.needs_original for s in solvers.values())
+                if need_original and not original_inputs:
+                    raise ValueError("a solver needs the original model's activations; walk with original_inputs")
                 direct = list(solvers) == [name] and not any(s.needs_compressed_output for s in solvers.values())
                 o_block, c_block = original.blocks(component)[j], compressed.blocks(component)[j]
                 for i in range(len(batches)):
@@ -209,7 +212,7 @@ def walk(original: Transducer, compressed: Transducer, batches: list[dict[str, t
                     on_group((index, g))
             o_block, c_block = original.blocks(component)[j], compressed.blocks(component)[j]
             for i in range(len(batches)):
-                if orig_next[i] is None:
+                if orig_next[i] is None and original_inputs:
                     orig_next[i] = o_block.run(*orig_acts[i])
                 x, lengths = comp_acts[i]
                 comp_acts[i] = (provided[i], lengths) if provided is not None else c_block.run(x, lengths)

@@ -233,7 +233,7 @@ def data_aware_svd_compress(model: Transducer, choices: list[SideChoice], batche
         sides = {t.side: by_layer[layer][t.side] for t in group if t.key in chosen}
         return ScaleSolver(o_module, sides, [t for t in group if t.key in chosen]) if sides else None
 
-    walk(model, compressed, batches, reached, make_solver)
+    walk(model, compressed, batches, reached, make_solver, original_inputs=False)
     done = {t.layer for t in reached}
     _factorise_in_place(compressed, [c for c in choices if c.layer not in done])
     return compressed.eval()
@@ -319,7 +319,8 @@ def input_scales(model: Transducer, batches: list[dict[str, torch.Tensor]], comp
     scales: dict[tuple[str, str], torch.Tensor] = {}
     reached = walked(model, targets if targets is not None else model.weight_targets(list(components)))
     walk(model, model, batches, reached,
-         lambda layer, group, o_module, c_module, position: ScaleSolver(o_module, None, group, scales))
+         lambda layer, group, o_module, c_module, position: ScaleSolver(o_module, None, group, scales),
+         original_inputs=False)
     return scales
 
 
