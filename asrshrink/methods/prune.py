@@ -162,9 +162,6 @@ def prune_matrix(weight: torch.Tensor, sparsity: float, method: str, moment: tor
 
 # --- the model-level method ---------------------------------------------------------------------------------
 
-Target = WeightTarget
-
-
 @dataclass
 class MatrixReport:
     """What pruning did to one matrix. Errors are relative output errors of the matrix on its calibration inputs
@@ -205,7 +202,7 @@ def matrix(model: nn.Module, target: WeightTarget) -> torch.Tensor:
     return matrices(model.get_submodule(target.layer))[target.side].weight
 
 
-def allocate(model: Transducer, targets: list[Target], sparsity: float, global_threshold: bool = False
+def allocate(model: Transducer, targets: list[WeightTarget], sparsity: float, global_threshold: bool = False
              ) -> dict[tuple[str, str], float]:
     """Each prunable matrix's sparsity: ``sparsity`` everywhere, or with ``global_threshold`` each matrix's
     share of the round(s N) smallest magnitudes over all of them (one threshold)."""
