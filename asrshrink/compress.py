@@ -80,11 +80,14 @@ def _refuse_interrupted(out: Path, command: str) -> None:
     shutil.rmtree(out / PROGRESS, ignore_errors=True)
 
 
-def process_shard() -> tuple[int, int] | None:
+def process_shard(device: str = "cpu") -> tuple[int, int] | None:
     """(rank, world size) when this process is one of several under torch.distributed (started by torchrun:
-    the gloo process group is initialised here if the launcher has not), else None."""
+    the process group is initialised here if the launcher has not, gloo for a CPU run, NCCL with each
+    process on its own GPU for ``device`` cuda), else None."""
     if not distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        torch.distributed.init_process_group("gloo")
+        if device.startswith("cuda"):
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
     if distributed() and torch.distributed.get_world_size() > 1:
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return None
@@ -110,7 +113,7 @@ def run_method(name: str, config, *, model: str | None, out: Path, calib: CalibC
         raise AsrshrinkError(f"{name} runs cannot be resumed; start it again without --resume")
     if method.unused_calib and not method.calibrated(config) and calib is not None and calib.path is not None:
         raise AsrshrinkError(method.unused_calib)
-    shard = process_shard()
+    shard = process_shard(getattr(config, "device", "cpu"))
     if shard is not None and shard[0] != 0:  # a helper process: computes its share, writes nothing
         _run_method(method, config, None, model=model, calib=calib, evaluation=evaluation, resume=resume,
                     out=out, log=lambda line: None, progress=None)
@@ -180,7 +183,7 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
     ctx = Context(original, batches, log, progress=state,
                   resumed_model=load_model(progress_dir / MODEL_FILENAME)[0] if resumed else None,
                   checkpoint=checkpoint if method.resumable and folder is not None else None,
-                  progress_dir=progress_dir, resume=state is not None, bar=progress)
+                  progress_dir=progress_dir, resume=state is not None, bar=progress, source_sha256=info.sha256)
     outcome = method.core(config, ctx)
     if folder is None:
         return None

@@ -189,8 +189,12 @@ class DistillConfig:
     prune_until: int | None = None
     prune_every: int = 20
     components: tuple[str, ...] = ("encoder",)
+    #: A folder for the teacher's beams and lattice posteriors, computed once (the teacher is then not loaded).
+    teacher_cache: str | None = None
+    device: str = "cpu"                        # "cpu", "cuda" or "cuda:N"
 
     def check(self) -> None:
+        check_device(self.device)
         if not self.data:
             raise AsrshrinkError("--data is required: the speech (any --data layout) to distill on")
         for name in ("steps", "max_frames", "max_batch", "checkpoint_every", "prune_every"):
@@ -217,6 +221,23 @@ class DistillConfig:
             if not 0 <= self.prune_from < until <= self.steps:
                 raise AsrshrinkError(f"need 0 <= --prune-from < --prune-until <= --steps, got {self.prune_from}, "
                                      f"{until}, {self.steps}")
+
+
+def check_device(device: str) -> None:
+    """--device must name a device PyTorch can use here."""
+    import re
+
+    if not re.fullmatch(r"cpu|cuda(:\d+)?", device):
+        raise AsrshrinkError(f"--device must be cpu, cuda or cuda:N, got {device!r}")
+    if device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise AsrshrinkError(f"--device {device}: PyTorch sees no CUDA device on this machine "
+                                 f"(torch.cuda.is_available() is False); use --device cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise AsrshrinkError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def to_json(config: Any) -> dict[str, Any]:

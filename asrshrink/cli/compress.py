@@ -337,6 +337,12 @@ def distill_command(
     prune_until: Annotated[Optional[int], typer.Option(help="Step at which --prune-to is reached (default: "
                                                             "--steps).", show_default=False)] = None,
     prune_every: Annotated[int, typer.Option(help="Steps between mask updates.")] = 20,
+    teacher_cache: Annotated[Optional[Path], typer.Option(
+        help="Folder for the teacher's beams and lattice posteriors, computed once on the unaugmented --data and "
+             "reused by later runs with the same teacher, data and options (the teacher is then not loaded).",
+        show_default=False)] = None,
+    device: Annotated[str, typer.Option(help="Where to train: cpu, cuda or cuda:N (under torchrun, cuda is each "
+                                             "process's own GPU).")] = "cpu",
     components: Components = "encoder", seed: Seed = 0, eval_data: Eval = None, eval_limit: EvalLimit = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between training checkpoints.")] = 50,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this output directory "
@@ -354,6 +360,8 @@ def distill_command(
     takes its share of every global batch of --max-batch x processes utterances; process 0 writes).
 
     Example: asrshrink distill psvd-out/ --teacher rnnt.pt --data train/ --steps 500 -o distilled/ --eval dev/
+
+    Example: asrshrink distill psvd-out/ --teacher rnnt.pt --data train/ --collapsed --teacher-cache kd-cache/ -o out/
     """
     from asrshrink.config import DistillConfig
 
@@ -362,7 +370,9 @@ def distill_command(
             name: (f"--{name.replace('_', '-')}", "distill", name, value) for name, value in (
                 ("steps", steps), ("lr", lr), ("kd_weight", kd_weight), ("rnnt_weight", rnnt_weight),
                 ("objective", objective), ("prune_to", prune_to), ("max_frames", max_frames),
-                ("max_batch", max_batch))})
+                ("max_batch", max_batch), ("device", device))})
+        if teacher_cache is not None:
+            given["--teacher-cache"] = ("distill", "teacher_cache", str(teacher_cache.resolve()))
         if data is not None:
             given["--data"] = ("distill", "data", str(data.resolve()))
         if teacher is not None:
@@ -381,5 +391,6 @@ def distill_command(
                            collapsed=collapsed, objective=objective, beam=beam, pseudo_weight=pseudo_weight,
                            prune_to=prune_to, prune_from=prune_from, prune_until=prune_until,
                            prune_every=prune_every, components=_components(components), seed=seed,
-                           checkpoint_every=checkpoint_every)
+                           checkpoint_every=checkpoint_every, teacher_cache=str(teacher_cache) if teacher_cache
+                           else None, device=device)
     _run("distill", json_out, model=model, out=out, config=config, evaluation=_evaluation(eval_data, eval_limit, seed))

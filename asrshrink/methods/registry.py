@@ -34,6 +34,8 @@ class Context:
     resume: bool = False
     #: Progress of long steps: bar(description, done, total).
     bar: Callable[[str, int, int], None] | None = None
+    #: The sha256 of the file MODEL was loaded from.
+    source_sha256: str | None = None
 
 
 @dataclass

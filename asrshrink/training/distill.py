@@ -61,23 +61,35 @@ def collapse(log_probs: torch.Tensor, labels: torch.Tensor, label_lengths: torch
     return torch.stack([label, blank_lp, rest], -1)
 
 
+def lattice_log_probs(logits: torch.Tensor, labels: torch.Tensor, label_lengths: torch.Tensor, *, blank: int,
+                      temperature: float = 1.0, collapsed: bool = False) -> torch.Tensor:
+    """The distributions the KD term compares: log-softmax of logits (B, T', U+1, V) at temperature tau,
+    collapsed to (B, T', U+1, 3) with ``collapsed``."""
+    log_probs = F.log_softmax(logits.float() / temperature, -1)
+    return collapse(log_probs, labels, label_lengths, blank) if collapsed else log_probs
+
+
+def _kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor, temperature: float,
+        per_utterance: bool) -> torch.Tensor:
+    p = teacher.exp()
+    kl = (p * (teacher - student)).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)   # (B, T', U+1)
+    if per_utterance:
+        return temperature ** 2 * (kl * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
+    return temperature ** 2 * kl[mask].sum() / mask.sum().clamp(min=1)
+
+
 def lattice_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, enc_lengths: torch.Tensor,
                labels: torch.Tensor, label_lengths: torch.Tensor, *, blank: int, temperature: float = 1.0,
                collapsed: bool = False, per_utterance: bool = False) -> torch.Tensor:
     """Mean over valid lattice nodes of tau^2 KL(p_teacher || p_student) at temperature tau (full or
     collapsed distributions); with ``per_utterance``, each utterance's mean over its own nodes (B,). Logits
     (B, T', U+1, V); labels (B, U)."""
-    s = F.log_softmax(student_logits.float() / temperature, -1)
+    kw = dict(blank=blank, temperature=temperature, collapsed=collapsed)
+    s = lattice_log_probs(student_logits, labels, label_lengths, **kw)
     with torch.no_grad():
-        t = F.log_softmax(teacher_logits.float() / temperature, -1)
-    if collapsed:
-        s, t = collapse(s, labels, label_lengths, blank), collapse(t, labels, label_lengths, blank)
+        t = lattice_log_probs(teacher_logits, labels, label_lengths, **kw)
     mask = lattice_mask(enc_lengths, label_lengths, s.shape[1], s.shape[2])
-    p = t.exp()
-    kl = (p * (t - s)).nan_to_num(0.0, posinf=0.0, neginf=0.0).sum(-1)                # (B, T', U+1)
-    if per_utterance:
-        return temperature ** 2 * (kl * mask).sum((1, 2)) / mask.sum((1, 2)).clamp(min=1)
-    return temperature ** 2 * kl[mask].sum() / mask.sum().clamp(min=1)
+    return _kl(s, t, mask, temperature, per_utterance)
 
 
 @dataclass(frozen=True)
@@ -92,6 +104,14 @@ class DistillObjective:
     lattice: str = "truth"                  # "truth", "top-beam" or "beam"
     pseudo_weight: float = 0.0
 
+    @property
+    def uses_beams(self) -> bool:
+        return self.lattice != "truth" or self.pseudo_weight > 0
+
+    @property
+    def uses_posteriors(self) -> bool:
+        return self.lattice_weight > 0
+
 
 #: The teacher's beams per bank utterance: [(tokens, weight)], weights summing to 1 (one entry for "top-beam").
 Hypotheses = dict[int, list[tuple[list[int], float]]]
@@ -104,17 +124,65 @@ def _lattice_logits(model: Transducer, enc: torch.Tensor, labels: torch.Tensor) 
     return model.joint(enc.unsqueeze(2), pred.unsqueeze(1))
 
 
-def _padded(sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def _padded(sequences: list[list[int]], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
     lengths = torch.tensor([len(x) for x in sequences])
     out = torch.zeros(len(sequences), max(1, int(lengths.max()) if sequences else 1), dtype=torch.long)
     for i, x in enumerate(sequences):
         out[i, :len(x)] = torch.tensor(x, dtype=torch.long)
-    return out, lengths
+    return out.to(device), lengths.to(device)
 
 
-def distill_loss(student: Transducer, teacher: Transducer | None, batch: dict[str, torch.Tensor],
-                 objective: DistillObjective, hypotheses: Hypotheses | None = None
-                 ) -> tuple[torch.Tensor, dict[str, float]]:
+class LiveTeacher:
+    """The teacher model run on each batch (on its unaugmented features), under no_grad."""
+
+    def __init__(self, model: Transducer, objective: DistillObjective, hypotheses: Hypotheses | None = None):
+        self.model, self.objective, self.hypotheses = model, objective, hypotheses
+        self.enc: torch.Tensor | None = None
+
+    def start(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Encode the batch; returns the teacher's encoder lengths (B,)."""
+        with torch.no_grad():
+            self.model.eval()
+            self.enc, lengths = self.model.encode(batch.get("clean_features", batch["features"]),
+                                                  batch["feature_lengths"])
+        return lengths
+
+    def log_probs(self, labels: torch.Tensor, label_lengths: torch.Tensor, rows: torch.Tensor | None,
+                  keys: list[str], frames: int) -> torch.Tensor:
+        """The teacher's KD distributions (B', T', U+1, K) over the lattices of ``labels`` (B', U), row b' on
+        the encoder output of utterance ``rows[b']`` (None: row b' is utterance b')."""
+        o = self.objective
+        with torch.no_grad():
+            enc = self.enc if rows is None else self.enc[rows]
+            logits = _lattice_logits(self.model, enc, labels)
+            return lattice_log_probs(logits, labels, label_lengths, blank=self.model.vocabulary.blank,
+                                     temperature=o.temperature, collapsed=o.collapsed)
+
+
+class CachedTeacher:
+    """The teacher's beams and KD distributions read from a ``--teacher-cache`` folder (the model is not
+    loaded)."""
+
+    def __init__(self, reader, hypotheses: Hypotheses | None):
+        self.reader, self.hypotheses = reader, hypotheses
+        self.index: list[int] = []
+
+    def start(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        self.index = batch["index"].tolist()
+        return torch.tensor([self.reader.frames.get(i, -1) for i in self.index],
+                            device=batch["feature_lengths"].device)
+
+    def log_probs(self, labels: torch.Tensor, label_lengths: torch.Tensor, rows: torch.Tensor | None,
+                  keys: list[str], frames: int) -> torch.Tensor:
+        out = torch.zeros(len(keys), frames, labels.shape[1] + 1, self.reader.width, device=labels.device)
+        for b, key in enumerate(keys):
+            t = self.reader.get(key)
+            out[b, :t.shape[0], :t.shape[1]] = t.to(labels.device)
+        return out
+
+
+def distill_loss(student: Transducer, teacher: LiveTeacher | CachedTeacher | None, batch: dict[str, torch.Tensor],
+                 objective: DistillObjective) -> tuple[torch.Tensor, dict[str, float]]:
     """rnnt_weight x per-label transducer loss on the ground truth + lattice_weight x lattice KD (over the
     ground-truth lattice, or the teacher's beam hypotheses' lattices weighted by their normalised probabilities)
     + pseudo_weight x per-label transducer loss on the teacher's top hypothesis."""
@@ -126,45 +194,50 @@ def distill_loss(student: Transducer, teacher: Transducer | None, batch: dict[st
     loss_rnnt = rnnt_loss(logits, labels, enc_lengths, label_lengths, blank=blank, reduction="sum") / tokens
     metrics = {"rnnt": float(loss_rnnt.detach())}
     loss = objective.rnnt_weight * loss_rnnt
-    uses_beams = objective.lattice != "truth" or objective.pseudo_weight > 0
-    if teacher is not None and (objective.lattice_weight > 0 or uses_beams):
-        with torch.no_grad():
-            t_enc, t_lengths = teacher.encode(batch["features"], batch["feature_lengths"])
-        if not torch.equal(t_lengths, enc_lengths):
+    if teacher is not None and (objective.uses_posteriors or objective.uses_beams):
+        t_lengths = teacher.start(batch)
+        if objective.uses_posteriors and not torch.equal(t_lengths, enc_lengths):
             raise AsrshrinkError("teacher and student encoders reduce time differently; lattice distillation "
                                  "needs the same encoder frame rate")
         kw = dict(blank=blank, temperature=objective.temperature, collapsed=objective.collapsed)
-        if objective.lattice_weight > 0 and objective.lattice == "truth":
-            with torch.no_grad():
-                t_logits = _lattice_logits(teacher, t_enc, labels)
-            kd = lattice_kl(logits, t_logits, enc_lengths, labels, label_lengths, **kw)
+        index = batch["index"].tolist()
+        frames = logits.shape[1]
+        if objective.uses_posteriors and objective.lattice == "truth":
+            t = teacher.log_probs(labels, label_lengths, None, [str(i) for i in index], frames)
+            s = lattice_log_probs(logits, labels, label_lengths, **kw)
+            kd = _kl(s, t, lattice_mask(enc_lengths, label_lengths, frames, s.shape[2]), objective.temperature,
+                     False)
             metrics["kd"] = float(kd.detach())
             loss = loss + objective.lattice_weight * kd
-        if uses_beams:
-            if hypotheses is None:
+        if objective.uses_beams:
+            if teacher.hypotheses is None:
                 raise ValueError("the beam objectives need the teacher's hypotheses")
-            index = batch["index"].tolist()
-            rows = [(b, toks, w) for b, i in enumerate(index) for toks, w in hypotheses[i]]
-            row_of = torch.tensor([b for b, _, _ in rows])
-            hyp_labels, hyp_lengths = _padded([toks for _, toks, _ in rows])
-            weights = torch.tensor([w for _, _, w in rows], dtype=torch.float32)
+            rows = [(b, f"{i}/{h}", toks, w) for b, i in enumerate(index)
+                    for h, (toks, w) in enumerate(teacher.hypotheses[i])]
+            row_of = torch.tensor([b for b, _, _, _ in rows], device=labels.device)
+            hyp_labels, hyp_lengths = _padded([toks for _, _, toks, _ in rows], labels.device)
+            weights = torch.tensor([w for _, _, _, w in rows], dtype=torch.float32, device=labels.device)
             s_logits = _lattice_logits(student, enc[row_of], hyp_labels)
-            if objective.lattice_weight > 0 and objective.lattice != "truth":
-                with torch.no_grad():
-                    t_logits = _lattice_logits(teacher, t_enc[row_of], hyp_labels)
-                kd_rows = lattice_kl(s_logits, t_logits, enc_lengths[row_of], hyp_labels, hyp_lengths,
-                                     per_utterance=True, **kw)
-                kd = (weights * kd_rows).sum() / len(index)
+            if objective.uses_posteriors and objective.lattice != "truth":
+                t = teacher.log_probs(hyp_labels, hyp_lengths, row_of, [key for _, key, _, _ in rows], frames)
+                s = lattice_log_probs(s_logits, hyp_labels, hyp_lengths, **kw)
+                mask = lattice_mask(enc_lengths[row_of], hyp_lengths, frames, s.shape[2])
+                kd = (weights * _kl(s, t, mask, objective.temperature, True)).sum() / len(index)
                 metrics["kd"] = float(kd.detach())
                 loss = loss + objective.lattice_weight * kd
             if objective.pseudo_weight > 0:
-                top = torch.tensor([k for k, (b, _, _) in enumerate(rows) if k == 0 or rows[k - 1][0] != b])
+                top = torch.tensor([k for k, row in enumerate(rows) if k == 0 or rows[k - 1][0] != row[0]],
+                                   device=labels.device)
                 pseudo = rnnt_loss(s_logits[top], hyp_labels[top], enc_lengths[row_of[top]], hyp_lengths[top],
                                    blank=blank, reduction="sum") / hyp_lengths[top].sum().clamp(min=1)
                 metrics["pseudo"] = float(pseudo.detach())
                 loss = loss + objective.pseudo_weight * pseudo
     metrics["loss"] = float(loss.detach())
     return loss, metrics
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
@@ -175,12 +248,13 @@ def teacher_hypotheses(teacher: Transducer, bank, lattice: str, beam: int, *, ba
     from asrshrink.evaluate.beam import beam_search
 
     teacher.eval()
+    device = _device_of(teacher)
     order = sorted(range(len(bank)), key=lambda i: int(bank.lengths[i]))
     out: Hypotheses = {}
     for start in range(0, len(order), batch_size):
         group = order[start:start + batch_size]
         batch = bank.batch(group)
-        enc, enc_lengths = teacher.encode(batch["features"], batch["feature_lengths"])
+        enc, enc_lengths = teacher.encode(batch["features"].to(device), batch["feature_lengths"].to(device))
         for i, nbest in zip(group, beam_search(teacher, enc, enc_lengths, beam)):
             if lattice == "beam":
                 out[i] = [(h.tokens, float(h.normalised)) for h in nbest]
@@ -189,6 +263,53 @@ def teacher_hypotheses(teacher: Transducer, bank, lattice: str, beam: int, *, ba
         if progress:
             progress(min(start + batch_size, len(order)), len(order))
     return out
+
+
+def build_teacher_cache(directory: Path, teacher: Transducer, bank, objective: DistillObjective, beam: int,
+                        fingerprint: dict, *, log=lambda line: None, progress=None) -> dict:
+    """Compute the teacher's beams and KD distributions on every bank utterance into ``directory``."""
+    from asrshrink.training.teacher_cache import build_cache
+
+    teacher.eval()
+    hypotheses = None
+    if objective.uses_beams:
+        log(f"teacher beam search (width {beam}) on {len(bank)} utterances")
+        hypotheses = teacher_hypotheses(teacher, bank, "beam" if objective.lattice == "beam" else "top-beam", beam,
+                                        progress=(lambda d, t: progress("teacher beams", d, t)) if progress else None)
+    device = _device_of(teacher)
+    width = 3 if objective.collapsed else teacher.vocabulary.size
+    reduction = max(1, int(getattr(teacher, "time_reduction", 1)))
+    per_utt = 1 if objective.lattice == "truth" else (beam if objective.lattice == "beam" else 1)
+    estimate = 0
+    if objective.uses_posteriors:
+        estimate = sum(2 * width * per_utt * (-(-int(bank.lengths[i]) // reduction)) * (len(bank.labels[i]) + 1)
+                       for i in range(len(bank)))
+        log(f"teacher lattice posteriors into {directory} (about {estimate / 1e6:.0f} MB)")
+
+    @torch.no_grad()
+    def lattices(group: list[int]):
+        if not objective.uses_posteriors:
+            return
+        batch = bank.batch(group)
+        enc, lengths = teacher.encode(batch["features"].to(device), batch["feature_lengths"].to(device))
+        if objective.lattice == "truth":
+            lattice_rows = [(b, str(i), bank.labels[i]) for b, i in enumerate(group)]
+        else:
+            lattice_rows = [(b, f"{i}/{h}", toks) for b, i in enumerate(group) for h, (toks, _) in
+                            enumerate(hypotheses[i])]
+        rows = torch.tensor([b for b, _, _ in lattice_rows], device=device)
+        labels, label_lengths = _padded([toks for _, _, toks in lattice_rows], device)
+        logits = _lattice_logits(teacher, enc[rows], labels)
+        log_probs = lattice_log_probs(logits, labels, label_lengths, blank=teacher.vocabulary.blank,
+                                      temperature=objective.temperature, collapsed=objective.collapsed)
+        for k, (b, key, toks) in enumerate(lattice_rows):
+            t = int(lengths[b])
+            yield key, t, len(toks), log_probs[k, :t, :len(toks) + 1].cpu()
+
+    return build_cache(directory, fingerprint, utterances=sorted(range(len(bank)), key=lambda i: int(bank.lengths[i])),
+                       lattices=lattices, hypotheses=hypotheses, width=width, estimate=estimate,
+                       collapsed=objective.collapsed,
+                       progress=(lambda d, t: progress("teacher cache", d, t)) if progress else None)
 
 
 # --- gradual pruning ------------------------------------------------------------------------------------------
@@ -291,14 +412,40 @@ def _check_pair(teacher: Transducer, student: Transducer) -> None:
                              "student made from the teacher (an asrshrink output or --student-config)")
 
 
+def _teacher_fingerprint(config: DistillConfig, ctx: Context, student: Transducer, bank_dir: Path,
+                         objective: DistillObjective) -> dict:
+    """What a teacher cache depends on (a cache made with another fingerprint is refused)."""
+    from asrshrink.io import sha256_file
+    from asrshrink.models.checkpoint import resolve_model_path
+    from asrshrink.training.teacher_cache import bank_fingerprint
+
+    teacher_sha = sha256_file(resolve_model_path(config.teacher)) if config.teacher else ctx.source_sha256
+    return {"teacher_sha256": teacher_sha, "bank_sha256": bank_fingerprint(bank_dir), "family": student.family,
+            "vocabulary": json.dumps(student.vocabulary.to_json(), sort_keys=True),
+            "features": repr(student.feature_config), "lattice": objective.lattice,
+            "posteriors": objective.uses_posteriors, "beams": objective.uses_beams,
+            "beam": config.beam if objective.uses_beams else None, "temperature": objective.temperature,
+            "collapsed": objective.collapsed}
+
+
+def _device(config: DistillConfig, rank: int, world: int) -> str:
+    """The run's device: under torchrun, --device cuda is each process's own GPU (LOCAL_RANK)."""
+    if config.device == "cuda" and world > 1:
+        import os
+
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+    return config.device
+
+
 def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
+    from asrshrink.training import teacher_cache
+
     source = ctx.original
-    teacher = load_model(config.teacher)[0].eval() if config.teacher else source
     student = _student(source, config)
-    _check_pair(teacher, student)
     progress_dir = ctx.progress_dir
     bank_dir = progress_dir / "bank"
     rank, world = process_rank()
+    device = _device(config, rank, world)
 
     def build_bank() -> None:
         dataset = open_dataset(config.data, vocabulary=student.vocabulary,
@@ -321,24 +468,54 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
     pruner = Pruner(student, targets, schedule)
     objective = DistillObjective(config.rnnt_weight, config.kd_weight, config.temperature, config.collapsed,
                                  config.objective, config.pseudo_weight)
-    hypotheses = None
-    if config.objective != "truth" or config.pseudo_weight > 0:
-        cache = progress_dir / "teacher_beams.json"  # computed once per run (kept for --resume)
-        if not cache.is_file() and rank == 0:
-            ctx.log(f"teacher beam search (width {config.beam}) on {len(bank)} utterances")
-            found = teacher_hypotheses(teacher, bank, "beam" if config.objective == "beam" else "top-beam",
-                                       config.beam, progress=(lambda d, t: ctx.bar("teacher beams", d, t))
-                                       if ctx.bar else None)
-            write_json_atomic(cache, {str(k): v for k, v in found.items()})
+    needs_teacher = objective.uses_posteriors or objective.uses_beams
+
+    def load_teacher() -> Transducer:
+        teacher = load_model(config.teacher)[0] if config.teacher else source
+        _check_pair(teacher, student)
+        return teacher.to(device).eval()
+
+    teacher = None
+    if not needs_teacher:
+        pass
+    elif config.teacher_cache:
+        directory = Path(config.teacher_cache)
+        fingerprint = _teacher_fingerprint(config, ctx, student, bank_dir, objective)
+        meta = teacher_cache.complete_cache(directory, fingerprint)
+        if meta is None and rank == 0:
+            model = load_teacher()
+            build_teacher_cache(directory, model, bank, objective, config.beam, fingerprint, log=ctx.log,
+                                progress=ctx.bar)
+            del model
         if world > 1:
-            torch.distributed.barrier()
-        hypotheses = {int(k): [(list(t), float(w)) for t, w in v] for k, v in json.loads(cache.read_text()).items()}
+            torch.distributed.barrier()  # the others read the cache process 0 wrote
+        meta = teacher_cache.complete_cache(directory, fingerprint)
+        if meta is None:
+            raise AsrshrinkError(f"{directory}: the teacher cache was not finished; run again to rebuild it")
+        ctx.log(f"teacher from its cache {directory} ({meta['bytes'] / 1e6:.0f} MB of posteriors"
+                + (", beams" if objective.uses_beams else "") + "); the teacher model is not loaded")
+        teacher = CachedTeacher(teacher_cache.CacheReader(directory, meta) if objective.uses_posteriors else None,
+                                teacher_cache.read_beams(directory) if objective.uses_beams else None)
+    else:
+        model = load_teacher()
+        hypotheses = None
+        if objective.uses_beams:
+            cache = progress_dir / "teacher_beams.json"  # computed once per run (kept for --resume)
+            if not cache.is_file() and rank == 0:
+                ctx.log(f"teacher beam search (width {config.beam}) on {len(bank)} utterances")
+                found = teacher_hypotheses(model, bank, "beam" if config.objective == "beam" else "top-beam",
+                                           config.beam, progress=(lambda d, t: ctx.bar("teacher beams", d, t))
+                                           if ctx.bar else None)
+                write_json_atomic(cache, {str(k): v for k, v in found.items()})
+            if world > 1:
+                torch.distributed.barrier()
+            hypotheses = {int(k): [(list(t), float(w)) for t, w in v]
+                          for k, v in json.loads(cache.read_text()).items()}
+        teacher = LiveTeacher(model, objective, hypotheses)
     train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup,
                                max_frames=config.max_frames, max_batch=config.max_batch, seed=config.seed,
                                checkpoint_every=config.checkpoint_every, log_every=10,
-                               spec_augment=config.spec_augment)
-    teacher_for_kd = teacher if config.kd_weight > 0 or config.pseudo_weight > 0 else None
-    teacher.eval()
+                               spec_augment=config.spec_augment, device=device)
 
     def on_log(step: int, m: dict) -> None:
         if ctx.bar:
@@ -348,15 +525,15 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
                 + (f" sparsity {schedule.sparsity(step):.3f}" if schedule else "") + f" lr {m['lr']:.2e}")
 
     def loss_fn(batch):
-        teacher.eval()
-        return distill_loss(student, teacher_for_kd, batch, objective, hypotheses)
+        return distill_loss(student, teacher, batch, objective)
 
     pruner.apply(student)
     result = train(student, loss_fn, bank, train_config, progress_dir, extra_modules={"pruner": pruner},
                    resume=ctx.resume, on_log=on_log, after_step=lambda step: pruner.after_step(student, step))
     if result["interrupted"]:
         raise KeyboardInterrupt
-    student.eval()
+    student.cpu().eval()
+    pruner.cpu()
     from asrshrink.methods.prune import MatrixReport
 
     rows = []
@@ -388,7 +565,8 @@ def _read_progress(progress_dir: Path) -> dict | None:
 def _options(config: DistillConfig) -> dict:
     data = to_json(config)
     data.update(data=str(Path(config.data).resolve()),
-                teacher=str(Path(config.teacher).resolve()) if config.teacher else None)
+                teacher=str(Path(config.teacher).resolve()) if config.teacher else None,
+                teacher_cache=str(Path(config.teacher_cache).resolve()) if config.teacher_cache else None)
     return data
 
 

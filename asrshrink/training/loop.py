@@ -42,6 +42,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 200
     log_every: int = 20
+    device: str = "cpu"                 # where the model and the batches live ("cuda", "cuda:1", ...)
 
     def lr_at(self, step: int) -> float:
         warm = min(1.0, (step + 1) / max(self.warmup_steps, 1))
@@ -99,6 +100,9 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
     out_dir.mkdir(parents=True, exist_ok=True)
     extra_modules = extra_modules or {}
     modules = {"model": model, **extra_modules}
+    device = torch.device(config.device)
+    for m in modules.values():
+        m.to(device)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     rank, world = process_rank()
@@ -142,15 +146,19 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
                                   f"resume it with {len(rngs) // 2 if rngs else 1}")
         torch.set_rng_state(rngs[2 * rank] if world > 1 else state["torch_rng"])
         augment_rng.set_state(rngs[2 * rank + 1] if world > 1 else state["augment_rng"])
+        if device.type == "cuda" and state.get("cuda_rngs"):  # dropout on the GPU draws from its generator
+            torch.cuda.set_rng_state(state["cuda_rngs"][rank if world > 1 else 0], device)
         step, epoch, position = state["step"], state["epoch"], state["position"]
 
     def checkpoint() -> None:
         """Every process takes part (the generator states are gathered); process 0 writes."""
         rngs = [torch.get_rng_state(), augment_rng.get_state()]
+        cuda = [torch.cuda.get_rng_state(device)] if device.type == "cuda" else []
         if world > 1:
             gathered: list = [None] * world
-            torch.distributed.all_gather_object(gathered, rngs)
-            rngs = [r for pair in gathered for r in pair]
+            torch.distributed.all_gather_object(gathered, rngs + cuda)
+            rngs = [r for states in gathered for r in states[:2]]
+            cuda = [states[2] for states in gathered] if cuda else []
         if rank != 0:
             return
         state = {"modules": {n: m.state_dict() for n, m in modules.items()}, "optimizer": optimizer.state_dict(),
@@ -158,6 +166,8 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
                  "epoch": epoch, "position": position, "config": json.dumps(asdict(config))}
         if world > 1:
             state["process_rngs"] = rngs
+        if cuda:
+            state["cuda_rngs"] = cuda
         atomic_write(out_dir / CHECKPOINT, lambda tmp: torch.save(state, tmp))
 
     from asrshrink.audio.features import spec_augment
@@ -179,7 +189,11 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
                 batches = epoch_batches(epoch)
             batch = bank.batch(batches[position][rank::world])
             if config.spec_augment:
+                # the unmasked features stay in the batch: a teacher (distillation) reads them
+                batch["clean_features"] = batch["features"]
                 batch["features"] = spec_augment(batch["features"], batch["feature_lengths"], augment_rng)
+            if device.type != "cpu":
+                batch = {k: v.to(device) for k, v in batch.items()}
             for group in optimizer.param_groups:
                 group["lr"] = config.lr_at(step)
             loss, step_metrics = loss_fn(batch)
@@ -234,7 +248,7 @@ def process_rank() -> tuple[int, int]:
 def _reduce_gradients(params: list[torch.Tensor], weight: float, stop: bool) -> bool:
     """Sum every gradient across processes, each process's weighted by its share of ``weight`` (labels), in one
     flattened all-reduce; returns whether any process asked to stop."""
-    total = torch.tensor([weight, float(stop)], dtype=torch.float64)
+    total = torch.tensor([weight, float(stop)], dtype=torch.float64, device=params[0].device)
     torch.distributed.all_reduce(total)
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.flatten() for g in grads]) * (weight / max(float(total[0]), 1e-30))

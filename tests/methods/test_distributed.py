@@ -3,6 +3,7 @@ and the statistics are summed before each solve, so two processes give the one-p
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,3 +89,65 @@ def test_two_process_distillation_equals_one_process_with_the_same_global_batch(
         # share's lattice nodes, weighted by labels) is close, not exact
         assert float((a - b).abs().max()) <= 5e-4, name  # measured 7e-5; a step moves weights by ~3e-3
     assert not torch.equal(one.state_dict()["joint_net.output.weight"], start.state_dict()["joint_net.output.weight"])
+
+
+def _cmdline(proc) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the run's processes in /proc")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_distillation_killed_with_sigkill_resumes_to_the_uninterrupted_parameters(processes, tmp_path):
+    """kill -9 (no checkpoint on the way out) after the first checkpoint, then --resume (under torchrun for two
+    processes): the final parameters equal an uninterrupted run's."""
+    import os
+    import signal
+    import time
+
+    rng = np.random.default_rng(2)
+    data = tmp_path / "speech"
+    data.mkdir()
+    for i, text in enumerate(["a b c", "ab ba", "cab", "a a b", "bac ca", "c", "abc", "ba"]):
+        sf.write(data / f"u{i}.wav", (0.1 * rng.standard_normal(3000 + 500 * i)).astype(np.float32), 16000)
+        (data / f"u{i}.txt").write_text(text)
+    teacher = save_model(tiny_rnnt(), tmp_path / "teacher")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+              "-m", "asrshrink"] if processes > 1 else [sys.executable, "-m", "asrshrink"]
+    common = ["distill", str(teacher), "--data", str(data), "--student-config", '{"encoder_hidden": 16}',
+              "--kd-weight", "0.5", "--steps", "60", "--lr", "3e-3", "--checkpoint-every", "3", "--max-batch", "2",
+              "--max-frames", "2000"]
+    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+    def run(*extra):
+        done = subprocess.run([*launch, *common, *extra], capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    run("-o", str(tmp_path / "straight"))
+    killed = subprocess.Popen([*launch, *common, "-o", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, env=env, start_new_session=True)
+    checkpoint = tmp_path / "killed" / ".progress" / "train_state.pt"
+    deadline = time.monotonic() + 240
+    while not checkpoint.is_file() and killed.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    # torchrun starts its workers in sessions of their own: kill every process of the run, the launcher first
+    mine = [killed.pid] + [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) !=
+                           killed.pid and str(tmp_path / "killed").encode() in _cmdline(p)]
+    for pid in mine:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    killed.wait()
+    while any(Path(f"/proc/{pid}").exists() and _cmdline(Path(f"/proc/{pid}")) for pid in mine[1:]):
+        time.sleep(0.02)
+    assert checkpoint.is_file() and not (tmp_path / "killed" / "model.safetensors").exists()
+    state = torch.load(checkpoint, weights_only=True)
+    assert 0 < state["step"] < 60
+    run("--resume", str(tmp_path / "killed"))
+    a, _ = load_model(tmp_path / "straight" / "model.safetensors")
+    b, _ = load_model(tmp_path / "killed" / "model.safetensors")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name

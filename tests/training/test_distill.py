@@ -174,3 +174,104 @@ def test_beam_objectives_are_zero_for_a_copy_of_the_teacher_and_train(objective,
                                                  checkpoint_every=10),
                         model=str(teacher), out=tmp_path / "fresh", log=lines.append)
     assert float([line for line in lines if " kd " in line][0].split(" kd ")[1].split()[0]) > 0.01
+
+
+# --- the teacher cache and the device ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("objective,collapsed", [("truth", False), ("truth", True), ("beam", True)])
+def test_a_cached_teacher_gives_the_live_teachers_loss(objective, collapsed, speech, tmp_path):
+    from asrshrink.training import teacher_cache
+    from asrshrink.training.data import FeatureBank
+    from asrshrink.training.distill import (CachedTeacher, DistillObjective, LiveTeacher, build_teacher_cache,
+                                            distill_loss, teacher_hypotheses)
+
+    teacher, student = tiny(), tiny(seed=1)
+    bank = FeatureBank.build(__import__("asrshrink").audio.datasets.open_dataset(
+        str(speech), vocabulary=teacher.vocabulary), teacher.featurizer, teacher.vocabulary, tmp_path / "bank")
+    obj = DistillObjective(rnnt_weight=0.0, lattice_weight=1.0, temperature=2.0, collapsed=collapsed,
+                           lattice=objective, pseudo_weight=0.3 if objective == "beam" else 0.0)
+    meta = build_teacher_cache(tmp_path / "cache", teacher, bank, obj, 3, {"x": 1})
+    hyps = teacher_hypotheses(teacher, bank, objective, 3) if objective == "beam" else None
+    cached = CachedTeacher(teacher_cache.CacheReader(tmp_path / "cache", meta),
+                           teacher_cache.read_beams(tmp_path / "cache") if hyps else None)
+    assert meta["width"] == (3 if collapsed else teacher.vocabulary.size) and meta["bytes"] > 0
+    batch = bank.batch([0, 3, 5])
+    live, _ = distill_loss(student, LiveTeacher(teacher, obj, hyps), batch, obj)
+    from_cache, metrics = distill_loss(student, cached, batch, obj)
+    assert metrics["kd"] > 1e-3  # a student that differs from the teacher
+    assert float(from_cache.detach()) == pytest.approx(float(live.detach()), rel=2e-3)
+
+
+def test_distill_with_a_teacher_cache_reuses_it_without_the_teacher_and_refuses_another(speech, tmp_path,
+                                                                                         monkeypatch):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    cache = tmp_path / "cache"
+    cfg = config(speech, teacher=str(teacher), teacher_cache=str(cache), collapsed=True, steps=6, checkpoint_every=3)
+    compress.run_method("distill", cfg, model=str(teacher), out=tmp_path / "first")
+    assert (cache / "meta.json").is_file() and list(cache.glob("posteriors-*.safetensors"))
+    import asrshrink.training.distill as distill_module
+
+    def no_teacher(path):  # a second run with the finished cache never loads the teacher
+        raise AssertionError(f"loaded {path}")
+
+    monkeypatch.setattr(distill_module, "load_model", no_teacher)
+    lines = []
+    compress.run_method("distill", cfg, model=str(teacher), out=tmp_path / "second", log=lines.append)
+    assert any("the teacher model is not loaded" in line for line in lines)
+    a, _ = load_model(tmp_path / "first")
+    b, _ = load_model(tmp_path / "second")
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+    monkeypatch.undo()
+    from asrshrink.errors import AsrshrinkError
+
+    with pytest.raises(AsrshrinkError, match="differs in temperature"):
+        compress.run_method("distill", config(speech, teacher=str(teacher), teacher_cache=str(cache), collapsed=True,
+                                              temperature=2.0),
+                            model=str(teacher), out=tmp_path / "third")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(AsrshrinkError, match="needs an empty folder or a teacher cache"):
+        compress.run_method("distill", config(speech, teacher_cache=str(tmp_path / "other")), model=str(teacher),
+                            out=tmp_path / "fourth")
+    assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
+
+
+def test_an_unfinished_teacher_cache_is_rebuilt(speech, tmp_path):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "posteriors-00000.safetensors").write_bytes(b"half written")  # no meta.json: an interrupted build
+    compress.run_method("distill", config(speech, teacher_cache=str(cache), steps=2, checkpoint_every=2),
+                        model=str(teacher), out=tmp_path / "d")
+    assert json.loads((cache / "meta.json").read_text())["utterances"] > 0
+    from safetensors import safe_open
+
+    with safe_open(str(cache / "posteriors-00000.safetensors"), framework="pt") as f:
+        assert list(f.keys())
+
+
+def test_the_teacher_reads_unaugmented_features(speech, tmp_path):
+    from asrshrink.training.distill import DistillObjective, LiveTeacher
+
+    teacher = tiny()
+    seen = []
+    real = teacher.encode
+    teacher.encode = lambda features, lengths: seen.append(features) or real(features, lengths)
+    dim = teacher.feature_config.feature_dim
+    batch = {"features": torch.zeros(1, 40, dim), "clean_features": torch.ones(1, 40, dim),
+             "feature_lengths": torch.tensor([40])}
+    LiveTeacher(teacher, DistillObjective()).start(batch)
+    assert torch.equal(seen[0], batch["clean_features"])
+
+
+def test_device_is_checked_with_a_one_line_error(speech, tmp_path):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    result = runner.invoke(app, ["distill", str(teacher), "--student-config", '{"encoder_hidden": 16}', "--data",
+                                 str(speech), "-o", str(tmp_path / "o"), "--device", "tpu"])
+    assert result.exit_code == 2 and "--device must be cpu, cuda or cuda:N" in result.output
+    if not torch.cuda.is_available():
+        result = runner.invoke(app, ["distill", str(teacher), "--student-config", '{"encoder_hidden": 16}',
+                                     "--data", str(speech), "-o", str(tmp_path / "o"), "--device", "cuda"])
+        assert result.exit_code == 2 and "PyTorch sees no CUDA device" in result.output
+    assert not (tmp_path / "o").exists()
