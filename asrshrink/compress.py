@@ -13,6 +13,7 @@ finished layer; ``resume`` refuses a checkpoint whose options or source model do
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -87,7 +88,10 @@ def process_shard(device: str = "cpu") -> tuple[int, int] | None:
     if not distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if device.startswith("cuda"):
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        # process 0 alone featurizes the training data and runs the teacher's beams while the others wait at a
+        # barrier: allow that hours, not the default 30 minutes
+        torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",
+                                             timeout=datetime.timedelta(hours=6))
     if distributed() and torch.distributed.get_world_size() > 1:
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return None

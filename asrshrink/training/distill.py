@@ -168,9 +168,11 @@ class CachedTeacher:
         self.index: list[int] = []
 
     def start(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's encoder lengths of the batch as the cache recorded them (-1: not recorded, as for a
+        cache of beams alone)."""
         self.index = batch["index"].tolist()
-        return torch.tensor([self.reader.frames.get(i, -1) for i in self.index],
-                            device=batch["feature_lengths"].device)
+        frames = self.reader.frames if self.reader is not None else {}
+        return torch.tensor([frames.get(i, -1) for i in self.index], device=batch["feature_lengths"].device)
 
     def log_probs(self, labels: torch.Tensor, label_lengths: torch.Tensor, rows: torch.Tensor | None,
                   keys: list[str], frames: int) -> torch.Tensor:
@@ -486,6 +488,7 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
             model = load_teacher()
             build_teacher_cache(directory, model, bank, objective, config.beam, fingerprint, log=ctx.log,
                                 progress=ctx.bar)
+            model.cpu()  # MODEL itself when there is no --teacher
             del model
         if world > 1:
             torch.distributed.barrier()  # the others read the cache process 0 wrote
@@ -530,6 +533,8 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
     pruner.apply(student)
     result = train(student, loss_fn, bank, train_config, progress_dir, extra_modules={"pruner": pruner},
                    resume=ctx.resume, on_log=on_log, after_step=lambda step: pruner.after_step(student, step))
+    if isinstance(teacher, LiveTeacher):
+        teacher.model.cpu()  # MODEL itself when there is no --teacher
     if result["interrupted"]:
         raise KeyboardInterrupt
     student.cpu().eval()

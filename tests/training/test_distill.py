@@ -275,3 +275,13 @@ def test_device_is_checked_with_a_one_line_error(speech, tmp_path):
                                      "--data", str(speech), "-o", str(tmp_path / "o"), "--device", "cuda"])
         assert result.exit_code == 2 and "PyTorch sees no CUDA device" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_teacher_cache_of_pseudo_labels_alone(speech, tmp_path):
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    lines = []
+    compress.run_method("distill", config(speech, teacher=str(teacher), teacher_cache=str(tmp_path / "cache"),
+                                          kd_weight=0.0, pseudo_weight=0.5, beam=2, steps=4, checkpoint_every=4),
+                        model=str(teacher), out=tmp_path / "d", log=lines.append)
+    assert (tmp_path / "cache" / "beams.json").is_file() and not list((tmp_path / "cache").glob("posteriors-*"))
+    assert any(" pseudo " in line for line in lines)
