@@ -132,6 +132,7 @@ class _ScanLSTM(nn.Module):
     def __init__(self, layer: FactorizedLSTMLayer):
         super().__init__()
         self.ih, self.hh, self.hidden_size = layer.ih, layer.hh, layer.hidden_size
+        self.output_size = layer.hidden_size
 
     def forward(self, x: torch.Tensor, state=None):
         """x (T, B, I), state (h, c) each (1, B, H) or None -> y (T, B, H), (h, c)."""
@@ -158,7 +159,7 @@ class _ScanProjectedLSTM(nn.Module):
         lstm = layer.lstm
         self.weight_ih, self.weight_hh, self.weight_hr = lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.weight_hr_l0
         self.bias = nn.Parameter((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach())
-        self.hidden_size, self.proj_size = layer.hidden_size, layer.proj_size
+        self.hidden_size, self.proj_size, self.output_size = layer.hidden_size, layer.proj_size, layer.proj_size
 
     def forward(self, x: torch.Tensor, state=None):
         """x (T, B, I), state (h (1, B, r), c (1, B, H)) or None -> y (T, B, r), (h, c)."""
