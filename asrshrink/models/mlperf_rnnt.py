@@ -184,6 +184,8 @@ class MlperfRnnt(Transducer):
     def check_sizes(self) -> None:
         """Every module reads what the module before it gives (a projected layer gives r features, not H)."""
         pre, post, pred = (list(s.layers) for s in (self.encoder.pre_rnn, self.encoder.post_rnn, self.prediction.rnn))
+        if not (pre and post and pred):
+            return  # a config without layers; its tensors are refused by shape
         j = self.joint_net
         chain = ([("encoder.pre_rnn.layers", pre, self.config.input_dim, 1),
                   ("encoder.post_rnn.layers", post, self.config.stack_time_factor * pre[-1].output_size, 1),
