@@ -26,6 +26,8 @@ from asrshrink.calibrate.stats import Moments, cholesky_scale
 from asrshrink.config import SvdConfig
 from asrshrink.errors import AsrshrinkError
 from asrshrink.methods.registry import Context, Outcome
+from asrshrink.methods.svd import (SideChoice, allocate_ranks, error_curve, factorisation_saves, input_scales,
+                                   rank_for_threshold)
 from asrshrink.models.base import Transducer
 from asrshrink.models.layers import input_matrix, projectable, with_input_matrix, with_projection
 from asrshrink.models.targets import WeightTarget, select_targets
@@ -89,7 +91,7 @@ def project_layer(model: Transducer, layer: str, rank: int, scale: torch.Tensor 
     return new, rewritten
 
 
-def project_model(model: Transducer, choices: list, scales: dict[str, torch.Tensor] | None = None) -> Transducer:
+def project_model(model: Transducer, choices: list[SideChoice], scales: dict[str, torch.Tensor] | None = None) -> Transducer:
     """A copy of ``model`` with each chosen layer projected (forward order; plain, or by ``scales``)."""
     new = copy.deepcopy(model)
     for choice in choices:
@@ -126,7 +128,7 @@ class ProjectionSolver:
         self.moments = None
 
 
-def data_aware_project(model: Transducer, choices: list, batches: list[dict[str, torch.Tensor]],
+def data_aware_project(model: Transducer, choices: list[SideChoice], batches: list[dict[str, torch.Tensor]],
                        targets: list[WeightTarget]) -> Transducer:
     """Projection of each chosen layer in forward order, each minimising its readers' output error on the
     hidden states it has in the already-projected model."""
@@ -144,11 +146,9 @@ def data_aware_project(model: Transducer, choices: list, batches: list[dict[str,
 
 # --- the plan: one rank per LSTM layer ------------------------------------------------------------------------
 
-def plan_projection(config: SvdConfig, ctx: Context) -> tuple[list, list[WeightTarget]]:
+def plan_projection(config: SvdConfig, ctx: Context) -> tuple[list[SideChoice], list[WeightTarget]]:
     """The rank of every chosen LSTM layer (by the threshold of min(R, H) = H, the rank, or the budget), None
     where a projection would not save parameters (r (R + H) >= R H) or the layer cannot be projected."""
-    from asrshrink.methods.svd import SideChoice, factorisation_saves, input_scales, rank_for_threshold
-
     original = ctx.original
     targets = select_targets(original.weight_targets(list(config.components)), config.targets, config.ignore)
     layers = list(dict.fromkeys(t.layer for t in targets if t.lstm))
@@ -200,8 +200,6 @@ def _budget_ranks(model: Transducer, config: SvdConfig, stacks: dict[str, torch.
                   scales: dict[str, torch.Tensor] | None) -> dict[str, int | None]:
     """Per-layer ranks meeting ``--compression-ratio`` (of the chosen components' parameters and of the
     readers outside them that a projection rewrites) or ``--target-params`` (the whole model)."""
-    from asrshrink.methods.svd import allocate_ranks, error_curve
-
     shapes = {name: (m.shape[0], m.shape[1], 1) for name, m in stacks.items()}
     curves = {name: error_curve(m, 1, None if scales is None else scales.get(name)) for name, m in stacks.items()}
     dense = sum(rows * cols for rows, cols, _ in shapes.values())

@@ -240,15 +240,14 @@ def test_save_and_load_rebuild_the_projection_exactly(tmp_path):
     assert load_model(tmp_path / "again")[1].structure == info.structure
 
 
-def test_a_structure_whose_sizes_do_not_chain_is_refused(tmp_path):
-    model = tiny()
-    projected = project_model(model, forced(model, {"encoder.post_rnn.layers.1": 7}))
+def test_a_structure_whose_sizes_do_not_chain_is_refused():
+    """The last encoder layer projected to 7 without the joint Linear that reads it (an edited file)."""
+    structure = {"encoder.post_rnn.layers.1": {"type": "projected_lstm", "input_size": 24, "hidden_size": 24,
+                                               "proj_size": 7}}
     with pytest.raises(CheckpointError, match="joint_net.encoder_proj takes 24 inputs where it is given 7"):
-        structure = {"encoder.post_rnn.layers.1": {"type": "projected_lstm", "input_size": 24, "hidden_size": 24,
-                                                   "proj_size": 7}}
-        fresh = MlperfRnnt(TINY)
-        fresh.apply_structure(structure)
-    assert projected.joint_net.encoder_proj.in_features == 7
+        MlperfRnnt(TINY).apply_structure(structure)
+    structure["joint_net.encoder_proj"] = {"type": "projected_input_linear", "in": 7, "out": 16, "bias": True}
+    MlperfRnnt(TINY).apply_structure(structure)
 
 
 def test_projection_is_refused_where_it_cannot_apply():
