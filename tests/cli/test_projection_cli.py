@@ -39,6 +39,8 @@ def test_svd_projection_writes_a_projected_model_that_info_report_gate_and_expor
     assert info["params"] == report["after"]["params"]
     assert info["structure"]["encoder.pre_rnn.layers.0"]["type"] == "projected_lstm"
     assert info["structure"]["joint_net.encoder_proj"]["type"] == "projected_input_linear"
+    text = runner.invoke(app, ["info", str(out)])
+    assert text.exit_code == 0 and "compressed layers" in text.output and "projection" in text.output
     shown = runner.invoke(app, ["report", str(out), "--json"])
     assert shown.exit_code == 0, shown.output
     params = report["after"]["params"]
