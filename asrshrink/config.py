@@ -21,6 +21,10 @@ class SvdConfig:
     target_params: int | None = None
     targets: tuple[str, ...] = ()              # module name patterns to compress (empty: all of the components)
     ignore: tuple[str, ...] = ()               # module name patterns to leave as they are
+    #: "factors": each matrix as low-rank factors U (V x); "projection": each LSTM layer as an LSTM with a
+    #: projection of rank r (nn.LSTM(proj_size=r)), whose output m_t = P h_t feeds the recurrence and the
+    #: modules that read the layer (eq. 11 of "Compression of end-to-end models").
+    structure: str = "factors"
 
     @property
     def budgeted(self) -> bool:
@@ -41,11 +45,17 @@ class SvdConfig:
             raise AsrshrinkError(f"--compression-ratio must be above 1, got {self.compression_ratio}")
         if self.target_params is not None and self.target_params <= 0:
             raise AsrshrinkError(f"--target-params must be positive, got {self.target_params}")
+        if self.structure not in SVD_STRUCTURES:
+            raise AsrshrinkError(f"--structure must be one of {', '.join(SVD_STRUCTURES)}, got {self.structure!r}")
+        if self.structure == "projection" and self.mode != "stacked":
+            raise AsrshrinkError(f"--structure projection projects each LSTM layer's hidden state; --mode "
+                                 f"{self.mode} factorises matrices: drop --mode")
 
 
 #: SVD modes: factor groups per LSTM side (stacked: the 4 gates as one matrix; rollout: each gate on its own).
 SVD_MODES = {"stacked": 1, "rollout": 4}
 PSVD_VARIANTS = ("paper", "joint")
+SVD_STRUCTURES = ("factors", "projection")
 
 
 @dataclass(frozen=True)
@@ -83,6 +93,9 @@ class PsvdRunConfig:
     def check(self) -> None:
         self.svd.check()
         self.psvd.check()
+        if self.svd.structure != "factors":
+            raise AsrshrinkError(f"psvd refits factorised matrices; --structure {self.svd.structure} is an svd "
+                                 f"option only")
 
 
 PRUNE_METHODS = ("magnitude", "sparsegpt", "wanda")

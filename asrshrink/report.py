@@ -267,6 +267,8 @@ def options_summary(options: dict) -> str:
         parts = [f"threshold {options.get('threshold', '?')}"]
     if options.get("mode", "stacked") != "stacked":
         parts.append(str(options["mode"]))
+    if options.get("structure", "factors") != "factors":
+        parts.append(str(options["structure"]))
     if options.get("data_aware"):
         parts.append("data-aware")
     if list(options.get("components") or ["encoder"]) != ["encoder"]:

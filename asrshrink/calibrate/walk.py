@@ -13,7 +13,7 @@ Dimension letters: T frames, B batch, D features, N valid rows.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 import torch
@@ -49,10 +49,12 @@ class Capture:
 class Solution:
     """A solver's result: the replacement module (None keeps the current one) and, when it computed them,
     the replacement's outputs on the compressed inputs per batch (an LSTM layer's hidden states), so the walk
-    need not run it again."""
+    need not run it again; ``replacements``: other modules of the compressed model to swap by dotted name (those
+    that read the module's output, when its output size changed)."""
 
     module: nn.Module | None
     outputs: list[torch.Tensor] | None = None
+    replacements: dict[str, nn.Module] = field(default_factory=dict)
 
 
 class Solver(Protocol):
@@ -207,6 +209,8 @@ def walk(original: Transducer, compressed: Transducer, batches: list[dict[str, t
                     solver.free()
                     if solution.module is not None:
                         compressed.set_submodule(layer, solution.module)
+                    for other, module in solution.replacements.items():
+                        compressed.set_submodule(other, module)
                     provided = solution.outputs if layer == name else None
                 if on_group:
                     on_group((index, g))

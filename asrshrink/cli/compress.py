@@ -164,13 +164,23 @@ def svd_command(
     mode: Mode = "stacked", components: Components = "encoder", data_aware: DataAware = False,
     calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
     eval_limit: EvalLimit = None, compression_ratio: Ratio = None, target_params: TargetParams = None,
-    targets: Targets = None, ignore: Ignore = None, json_out: Json = False,
+    targets: Targets = None, ignore: Ignore = None,
+    structure: Annotated[str, typer.Option(
+        help="factors: each matrix as low-rank factors U (V x); projection: each LSTM layer as an LSTM with a "
+             "projection of rank r (torch.nn.LSTM proj_size=r) whose output m = P h feeds the recurrence and "
+             "the next layer or joint, P from the SVD of the matrices that read h (LSTM layers only; the "
+             "rank options give one rank per layer).")] = "factors",
+    json_out: Json = False,
 ) -> None:
     """Low-rank factorisation (truncated SVD) of LSTM and Linear weights; a factorised layer computes
     W x as U (V x), so the saving is real in FLOPs and parameters. Matrices where a factorisation would not
-    save (rank >= m n / (m + n)) stay dense, and the report says so.
+    save (rank >= m n / (m + n)) stay dense, and the report says so. With --structure projection, each LSTM
+    layer instead gets a projection of its hidden state (an LSTMP layer, eq. 11 of "Compression of end-to-end
+    models"), where it saves.
 
     Example: asrshrink svd rnnt.pt --rank-threshold 0.2 -o out/ --eval LibriSpeech/dev-clean
+
+    Example: asrshrink svd rnnt.pt --structure projection --rank-threshold 0.2 --data-aware -o out/
 
     Example: asrshrink svd model.nemo --compression-ratio 2 --data-aware --targets 'encoder.layers.*.feed_forward*'
     --targets 'encoder.layers.*.self_attn.*' --ignore '*.linear_pos' -o out/
@@ -180,7 +190,7 @@ def svd_command(
     _run("svd", json_out, model=model, out=out,
          config=SvdConfig(threshold=rank_threshold, rank=rank, mode=mode, components=_components(components),
                           data_aware=data_aware, compression_ratio=compression_ratio, target_params=target_params,
-                          targets=tuple(targets or ()), ignore=tuple(ignore or ())),
+                          targets=tuple(targets or ()), ignore=tuple(ignore or ()), structure=structure),
          calib=_calib(calib, num_utterances, seed),
          evaluation=_evaluation(eval_data, eval_limit, seed))
 

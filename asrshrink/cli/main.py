@@ -236,8 +236,17 @@ def info_command(
         for column in ("layer", "input side", "recurrent side"):
             ranks.add_column(column)
         for name, spec in summary["structure"].items():
-            sides = [spec["ih"], spec["hh"]] if "ih" in spec else [spec, None]
-            ranks.add_row(name, *[_side_text(side) for side in sides])
+            if spec["type"] == "projected_lstm":  # an nn.LSTM(proj_size=r), or one reading a projection
+                four_h, r = 4 * spec["hidden_size"], spec["proj_size"] or spec["hidden_size"]
+                texts = [f"{four_h}x{spec['input_size']}",
+                         f"{four_h}x{r}, projection {r}x{spec['hidden_size']}" if spec["proj_size"] else
+                         f"{four_h}x{r}"]
+            elif spec["type"] == "projected_input_linear":
+                texts = [f"{spec['out']}x{spec['in']} (reads a projection)", ""]
+            else:
+                sides = [spec["ih"], spec["hh"]] if "ih" in spec else [spec, None]
+                texts = [_side_text(side) for side in sides]
+            ranks.add_row(name, *texts)
         out.print(ranks)
     if summary["sparse_bytes"] != summary["bytes"]:
         out.print(f"sparse storage (each pruned matrix as a bit mask + float32 non-zeros): "

@@ -32,7 +32,9 @@ position:
 Dense LSTM layers become the ONNX LSTM op. A factorised LSTM layer keeps its factors: the input side runs for
 all frames at once as matmuls by the factors, and the recurrence is a Scan over time whose body multiplies the
 hidden state by the recurrent factors, so the exported model costs what the compressed one does and takes any
-number of frames.
+number of frames. A projected LSTM layer (``nn.LSTM(proj_size=r)``) is a Scan in the same way, its body
+computing m_t = W_hr h_t after the cell: ONNX's LSTM op has no projection (its h and c are one size), and the
+op with R = W_hh W_hr (4H x H) would compute the same but store and multiply the dense matrix.
 """
 
 from __future__ import annotations
@@ -64,7 +66,8 @@ from asrshrink.io import write_json_atomic
 from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import ModelInfo, bundled_speech
 from asrshrink.models.describe import describe
-from asrshrink.models.layers import FactorizedLSTMLayer, is_lstm_layer, matrices, model_structure
+from asrshrink.models.layers import (FactorizedLSTMLayer, ProjectedLSTMLayer, is_lstm_layer, matrices,
+                                     model_structure)
 
 OPSETS = range(14, 21)          # what the TorchScript-based exporter and the Scan body here support
 REPORT = "export.json"
@@ -79,21 +82,25 @@ class _Recurrence(torch.autograd.Function):
     traced as one placeholder node."""
 
     @staticmethod
-    def forward(ctx, pre, h, c, groups, hidden, *weights):
+    def forward(ctx, pre, h, c, groups, hidden, proj, *weights):
+        """``proj`` r > 0: the last weight is the projection transposed (H, r) and h is m_t = W_hr h_t."""
+        recurrent, projection = (weights[:-1], weights[-1]) if proj else (weights, None)
         steps = []
         for x in pre:                                                     # pre (T, B, 4H)
-            i, f, g, o = (x + _matmuls(h, groups, weights)).chunk(4, dim=-1)
+            i, f, g, o = (x + _matmuls(h, groups, recurrent)).chunk(4, dim=-1)
             c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
             h = torch.sigmoid(o) * torch.tanh(c)
+            if projection is not None:
+                h = h @ projection                                        # (B, r)
             steps.append(h)
         return torch.stack(steps), h, c
 
     @staticmethod
-    def symbolic(g, pre, h, c, groups, hidden, *weights):
+    def symbolic(g, pre, h, c, groups, hidden, proj, *weights):
         outputs = g.op(f"{_DOMAIN}::{_RECURRENCE}", pre, h, c, *weights, groups_i=groups, hidden_i=hidden,
-                       outputs=3)
-        for value, rank in zip(outputs, (3, 2, 2)):  # time and batch left unknown: they vary
-            value.setType(pre.type().with_sizes([None] * (rank - 1) + [hidden]))
+                       proj_i=proj, outputs=3)
+        for value, rank, size in zip(outputs, (3, 2, 2), (proj or hidden, proj or hidden, hidden)):
+            value.setType(pre.type().with_sizes([None] * (rank - 1) + [size]))  # time and batch vary
         return outputs
 
 
@@ -125,6 +132,7 @@ class _ScanLSTM(nn.Module):
     def __init__(self, layer: FactorizedLSTMLayer):
         super().__init__()
         self.ih, self.hh, self.hidden_size = layer.ih, layer.hh, layer.hidden_size
+        self.output_size = layer.hidden_size
 
     def forward(self, x: torch.Tensor, state=None):
         """x (T, B, I), state (h, c) each (1, B, H) or None -> y (T, B, H), (h, c)."""
@@ -137,7 +145,31 @@ class _ScanLSTM(nn.Module):
         else:
             h, c = state[0][0], state[1][0]
         groups, weights = _factors(self.hh)
-        y, h, c = _Recurrence.apply(pre, h, c, groups, self.hidden_size, *weights)
+        y, h, c = _Recurrence.apply(pre, h, c, groups, self.hidden_size, 0, *weights)
+        return y, (h.unsqueeze(0), c.unsqueeze(0))
+
+
+class _ScanProjectedLSTM(nn.Module):
+    """Export form of a ProjectedLSTMLayer (torch's ONNX exporter has no LSTM with projections, and ONNX's LSTM
+    op keeps h and c the same size): the input side for all frames at once, then a Scan whose body computes the
+    cell with W_hh (4H, r) and projects h_t by W_hr (r, H), so the export keeps the projection's saving."""
+
+    def __init__(self, layer: ProjectedLSTMLayer):
+        super().__init__()
+        lstm = layer.lstm
+        self.weight_ih, self.weight_hh, self.weight_hr = lstm.weight_ih_l0, lstm.weight_hh_l0, lstm.weight_hr_l0
+        self.bias = nn.Parameter((lstm.bias_ih_l0 + lstm.bias_hh_l0).detach())
+        self.hidden_size, self.proj_size, self.output_size = layer.hidden_size, layer.proj_size, layer.proj_size
+
+    def forward(self, x: torch.Tensor, state=None):
+        """x (T, B, I), state (h (1, B, r), c (1, B, H)) or None -> y (T, B, r), (h, c)."""
+        pre = x @ self.weight_ih.t() + self.bias                          # (T, B, 4H)
+        if state is None:
+            h, c = x.new_zeros(x.shape[1], self.proj_size), x.new_zeros(x.shape[1], self.hidden_size)
+        else:
+            h, c = state[0][0], state[1][0]
+        y, h, c = _Recurrence.apply(pre, h, c, 1, self.hidden_size, self.proj_size, self.weight_hh.t(),
+                                    self.weight_hr.t())
         return y, (h.unsqueeze(0), c.unsqueeze(0))
 
 
@@ -148,6 +180,8 @@ def exportable(model: Transducer) -> Transducer:
     for name, module in list(model.named_modules()):
         if is_lstm_layer(module) and hasattr(module, "ih"):
             model.set_submodule(name, _ScanLSTM(module))
+        elif isinstance(module, ProjectedLSTMLayer) and module.proj_size:
+            model.set_submodule(name, _ScanProjectedLSTM(module))
     return model
 
 
@@ -156,6 +190,8 @@ def _scan(node: onnx.NodeProto, opset: int) -> onnx.NodeProto:
     recurrent weights; outputs y (T, B, H), h, c."""
     pre, h0, c0, *weights = node.input
     groups, hidden = (next(a.i for a in node.attribute if a.name == name) for name in ("groups", "hidden"))
+    proj = next((a.i for a in node.attribute if a.name == "proj"), 0)
+    projection = weights.pop() if proj else None                      # W_hr transposed (H, r)
     p = f"{node.output[0]}/scan/"
     nodes = []
 
@@ -183,13 +219,16 @@ def _scan(node: onnx.NodeProto, opset: int) -> onnx.NodeProto:
     i, f, o = (op("Sigmoid", [gate]) for gate in (split[0], split[1], split[3]))
     c_next = op("Add", [op("Mul", [f, c]), op("Mul", [i, op("Tanh", [split[2]])])])
     h_next = op("Mul", [o, op("Tanh", [c_next])])
+    if projection is not None:
+        h_next = op("MatMul", [h_next, projection])                   # m_t (B, r)
     y = op("Identity", [h_next])
+    out = proj or hidden
 
     def value(name: str, size: int = hidden) -> onnx.ValueInfoProto:  # (B, size), B unknown
         return helper.make_tensor_value_info(name, TensorProto.FLOAT, [None, size])
 
-    body = helper.make_graph(nodes, f"{p}body", [value(h), value(c), value(x, 4 * hidden)],
-                             [value(h_next), value(c_next), value(y)])
+    body = helper.make_graph(nodes, f"{p}body", [value(h, out), value(c), value(x, 4 * hidden)],
+                             [value(h_next, out), value(c_next), value(y, out)])
     return helper.make_node("Scan", [h0, c0, pre], [node.output[1], node.output[2], node.output[0]],
                             name=f"{p}node", body=body, num_scan_inputs=1)
 

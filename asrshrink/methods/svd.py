@@ -380,6 +380,10 @@ def apply_svd(config: SvdConfig, choices: list[SideChoice], targets: list[Weight
 
 
 def _svd_core(config: SvdConfig, ctx: Context) -> Outcome:
+    if config.structure == "projection":
+        from asrshrink.methods.projection import projection_core
+
+        return projection_core(config, ctx)
     choices, targets = plan_svd(config, ctx)
     return Outcome(apply_svd(config, choices, targets, ctx), [c.to_json() for c in choices])
 

@@ -111,6 +111,16 @@ class Transducer(nn.Module):
                 raise CheckpointError(f"cannot rebuild compressed module {name!r} ({exc}); the file was written "
                                       f"by another asrshrink version or edited") from None
 
+    def projection_readers(self, layer: str) -> list[tuple[str, int]]:
+        """The modules that read LSTM layer ``layer``'s output h_t, each with the number of column blocks of
+        its input matrix that read h (a time stacking of k frames reads [h_t; ...; h_{t+k-1}]: k blocks), in
+        forward order: what ``svd --structure projection`` rewrites to read the projection m_t = P h_t.
+        Default: none known, so the family's LSTM layers cannot be projected."""
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"--structure projection: the {self.family} family does not say which modules read "
+                             f"{layer}'s output; use the default --structure factors")
+
     @classmethod
     def matches_foreign(cls, state_dict: dict[str, torch.Tensor]) -> bool:
         """Whether ``state_dict`` is this family's training-checkpoint layout."""

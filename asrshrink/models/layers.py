@@ -5,10 +5,14 @@ Dimension letters: T time, B batch, I input features, H hidden size.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+# PyTorch notes on every process's first projected LSTM that oneDNN has no kernel for it (it runs its own).
+warnings.filterwarnings("ignore", message="LSTM with projections is not supported with oneDNN")
 
 LSTMState = tuple[torch.Tensor, torch.Tensor]  # (h, c), each (1, B, H)
 
@@ -36,6 +40,11 @@ class LSTMLayer(nn.Module):
     @property
     def weight_hh(self) -> torch.Tensor:  # (4H, H)
         return self.lstm.weight_hh_l0
+
+    @property
+    def output_size(self) -> int:
+        """Features of the layer's output y and of its state h (H)."""
+        return self.hidden_size
 
     def forward(self, x: torch.Tensor, state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
         """x (T, B, I), state (h, c) each (1, B, H) or None for zeros -> y (T, B, H), new state."""
@@ -69,8 +78,104 @@ class SparseLSTMLayer(LSTMLayer):
         return new
 
 
+class ProjectedLSTMLayer(LSTMLayer):
+    """An LSTM layer with a projection of rank r (``proj_size``): exactly ``torch.nn.LSTM(I, H, proj_size=r)``,
+    m_t = W_hr h_t (W_hr (r, H)) is its output and the recurrent input (W_hh (4H, r)); the cell c_t keeps H.
+    Eq. 11 of Prabhavalkar et al., "Compression of end-to-end models".
+
+    ``proj_size`` 0 is a plain LSTM layer (nn.LSTM without projection) built by a projection run because its
+    input size I changed: it reads a projected layer's output. Either way the layer records its sizes in the
+    saved structure. Parameters: 4H (I + r) + r H (+ 8H biases).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, proj_size: int = 0):
+        nn.Module.__init__(self)
+        self.input_size, self.hidden_size, self.proj_size = input_size, hidden_size, proj_size
+        self.lstm = nn.LSTM(input_size, hidden_size, num_layers=1, proj_size=proj_size)
+
+    @property
+    def weight_hr(self) -> torch.Tensor | None:  # (r, H), or None without a projection
+        return self.lstm.weight_hr_l0 if self.proj_size else None
+
+    @property
+    def output_size(self) -> int:
+        return self.proj_size or self.hidden_size
+
+    @classmethod
+    def from_weights(cls, weight_ih: torch.Tensor, weight_hh: torch.Tensor, bias_ih: torch.Tensor,
+                     bias_hh: torch.Tensor, weight_hr: torch.Tensor | None = None) -> "ProjectedLSTMLayer":
+        """The layer with weight_ih (4H, I), weight_hh (4H, r or H), biases (4H,) and weight_hr (r, H) or None."""
+        hidden = weight_ih.shape[0] // 4
+        new = cls(weight_ih.shape[1], hidden, 0 if weight_hr is None else weight_hr.shape[0])
+        with torch.no_grad():
+            new.lstm.weight_ih_l0.copy_(weight_ih)
+            new.lstm.weight_hh_l0.copy_(weight_hh)
+            new.lstm.bias_ih_l0.copy_(bias_ih)
+            new.lstm.bias_hh_l0.copy_(bias_hh)
+            if weight_hr is not None:
+                new.lstm.weight_hr_l0.copy_(weight_hr)
+        return new
+
+    def forward(self, x: torch.Tensor, state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
+        """x (T, B, I), state (h (1, B, r), c (1, B, H)) or None -> y (T, B, r), new state."""
+        return self.lstm(x, state)
+
+    def flops_per_step(self) -> int:
+        r = self.output_size
+        return 2 * 4 * self.hidden_size * (self.input_size + r) + (2 * r * self.hidden_size if self.proj_size else 0)
+
+
+class ProjectedInputLinear(nn.Linear):
+    """An nn.Linear built by a projection run because its input is a projected LSTM layer's output (its
+    in_features are the projection's r, times the time stacking); computes as nn.Linear. The class marks the
+    changed size for the structure spec, so a saved model rebuilds it."""
+
+
+def input_matrix(module: nn.Module) -> torch.Tensor | None:
+    """The dense matrix (O, I) with which ``module`` reads its input: a dense LSTM layer's W_ih (projected or
+    not), a dense Linear's weight; None for any other module (pruned, low-rank, factorised)."""
+    if isinstance(module, LSTMLayer) and not isinstance(module, SparseLSTMLayer):
+        return module.weight_ih.detach()
+    if type(module) in (nn.Linear, ProjectedInputLinear):
+        return module.weight.detach()
+    return None
+
+
+def projectable(module: nn.Module) -> bool:
+    """Whether ``module`` is a dense LSTM layer without a projection (one that a projection run can convert)."""
+    return (isinstance(module, LSTMLayer) and not isinstance(module, SparseLSTMLayer)
+            and not getattr(module, "proj_size", 0))
+
+
+def with_projection(layer: LSTMLayer, weight_hh: torch.Tensor, weight_hr: torch.Tensor) -> ProjectedLSTMLayer:
+    """``layer`` (dense, no projection) as a ProjectedLSTMLayer with weight_hh (4H, r) and weight_hr (r, H);
+    its input side and biases are kept."""
+    lstm = layer.lstm
+    return ProjectedLSTMLayer.from_weights(lstm.weight_ih_l0.detach(), weight_hh, lstm.bias_ih_l0.detach(),
+                                           lstm.bias_hh_l0.detach(), weight_hr)
+
+
+def with_input_matrix(module: nn.Module, weight: torch.Tensor) -> nn.Module:
+    """A copy of the dense reader ``module`` (see ``input_matrix``) that reads its input with ``weight``
+    (O, I'): an LSTM layer becomes a ProjectedLSTMLayer (its own projection, if any, kept), a Linear a
+    ProjectedInputLinear."""
+    if isinstance(module, LSTMLayer):
+        lstm = module.lstm
+        return ProjectedLSTMLayer.from_weights(weight, lstm.weight_hh_l0.detach(), lstm.bias_ih_l0.detach(),
+                                               lstm.bias_hh_l0.detach(), getattr(module, "weight_hr", None))
+    new = ProjectedInputLinear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    with torch.no_grad():
+        new.weight.copy_(weight)
+        if module.bias is not None:
+            new.bias.copy_(module.bias)
+    return new
+
+
 class LSTMStack(nn.Module):
-    """LSTM layers run in sequence, with dropout after every layer in training (identity in eval)."""
+    """LSTM layers run in sequence, with dropout after every layer in training (identity in eval).
+
+    The stack's state h is (L, B, H) whatever the layers' output sizes: a projected layer's h (1, B, r) is held
+    in the first r features of its row, zeros after them, so decoders and exports keep one state shape."""
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int, *, dropout: float = 0.0,
                  forget_gate_bias: float | None = 1.0):
@@ -84,11 +189,13 @@ class LSTMStack(nn.Module):
                 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """x (T, B, I), state (h, c) each (L, B, H) or None -> y (T, B, H), state (h, c) each (L, B, H)."""
         hs, cs = [], []
+        width = state[0].shape[-1] if state is not None else max(layer.hidden_size for layer in self.layers)
         for i, layer in enumerate(self.layers):
-            layer_state = None if state is None else (state[0][i:i + 1], state[1][i:i + 1])
+            size = layer.output_size
+            layer_state = None if state is None else (state[0][i:i + 1, :, :size], state[1][i:i + 1])
             x, (h, c) = layer(x, layer_state)
             x = self.dropout(x)
-            hs.append(h)
+            hs.append(h if size == width else nn.functional.pad(h, (0, width - size)))
             cs.append(c)
         return x, (torch.cat(hs, 0), torch.cat(cs, 0))
 
@@ -173,6 +280,10 @@ class FactorizedLSTMLayer(nn.Module):
         self.input_size = ih.in_features
         self.hidden_size = hidden_size
 
+    @property
+    def output_size(self) -> int:
+        return self.hidden_size
+
     def forward(self, x: torch.Tensor, state: LSTMState | None = None) -> tuple[torch.Tensor, LSTMState]:
         """x (T, B, I), state (h, c) each (1, B, H) or None -> y (T, B, H), new state."""
         steps, batch = x.shape[:2]
@@ -225,6 +336,12 @@ def layer_spec(module: nn.Module) -> dict | None:
 
     Pruned modules record the non-zeros of each matrix ("sparse" sides); a pruned LSTM layer is described by
     its two sides, like a factorised one."""
+    if isinstance(module, ProjectedLSTMLayer):
+        return {"type": "projected_lstm", "input_size": module.input_size, "hidden_size": module.hidden_size,
+                "proj_size": module.proj_size}
+    if isinstance(module, ProjectedInputLinear):
+        return {"type": "projected_input_linear", "in": module.in_features, "out": module.out_features,
+                "bias": module.bias is not None}
     if isinstance(module, FactorizedLSTMLayer):
         return {"type": "factorized_lstm", "hidden_size": module.hidden_size, "ih": _side_spec(module.ih),
                 "hh": _side_spec(module.hh)}
@@ -246,6 +363,10 @@ def build_layer(spec: dict) -> nn.Module:
         return FactorizedLSTMLayer(_build_side(spec["ih"]), _build_side(spec["hh"]), spec["hidden_size"])
     if spec["type"] == "sparse_lstm":
         return SparseLSTMLayer(spec["ih"]["in"], spec["hidden_size"])
+    if spec["type"] == "projected_lstm":
+        return ProjectedLSTMLayer(spec["input_size"], spec["hidden_size"], spec["proj_size"])
+    if spec["type"] == "projected_input_linear":
+        return ProjectedInputLinear(spec["in"], spec["out"], bias=spec["bias"])
     return _build_side(spec)
 
 
@@ -308,7 +429,9 @@ def _linear_matrix(m: nn.Module) -> Matrix:
 def matrices(module: nn.Module) -> dict[str, Matrix]:
     """The compressible matrices ``module`` holds itself, by side: an LSTM layer's input ("ih") and recurrent
     ("hh") matrices (4H, I) and (4H, H); a Linear's (dense, low-rank or pruned) weight ("linear"); nothing for
-    any other module."""
+    any other module; nothing for a projected LSTM layer (no method compresses it further)."""
+    if getattr(module, "proj_size", 0):
+        return {}
     if isinstance(module, LSTMLayer):
         lstm, kind = module.lstm, "sparse" if isinstance(module, SparseLSTMLayer) else "dense"
         out = {}

@@ -22,7 +22,7 @@ from asrshrink.audio.features import FeatureConfig
 from asrshrink.audio.text import Vocabulary
 from asrshrink.errors import CheckpointError
 from asrshrink.models.base import Block, State, Transducer, check_foreign_state_dict
-from asrshrink.models.layers import LSTMStack, mask_time, stack_time
+from asrshrink.models.layers import LowRankLinear, LSTMStack, mask_time, model_structure, stack_time
 from asrshrink.models.registry import register_family
 
 #: The MLPerf RNN-T labels in id order: space, a-z, apostrophe. Blank is appended after them (id 28).
@@ -165,11 +165,51 @@ class MlperfRnnt(Transducer):
             return x.transpose(0, 1), batch["label_lengths"] + 1
         raise CheckpointError(f"component {component!r} has no LSTM blocks; choose encoder or prediction")
 
+    def projection_readers(self, layer: str) -> list[tuple[str, int]]:
+        stacks = [("encoder.pre_rnn", self.encoder.pre_rnn, ("encoder.post_rnn.layers.0",
+                                                             self.config.stack_time_factor)),
+                  ("encoder.post_rnn", self.encoder.post_rnn, ("joint_net.encoder_proj", 1)),
+                  ("prediction.rnn", self.prediction.rnn, ("joint_net.prediction_proj", 1))]
+        for prefix, stack, after in stacks:
+            count = len(stack.layers)
+            for i in range(count):
+                if layer == f"{prefix}.layers.{i}":
+                    return [(f"{prefix}.layers.{i + 1}", 1) if i + 1 < count else after]
+        raise CheckpointError(f"{layer} is not an LSTM layer of this mlperf-rnnt model")
+
+    def apply_structure(self, structure: dict[str, Any]) -> None:
+        super().apply_structure(structure)
+        self.check_sizes()
+
+    def check_sizes(self) -> None:
+        """Every module reads what the module before it gives (a projected layer gives r features, not H)."""
+        pre, post, pred = (list(s.layers) for s in (self.encoder.pre_rnn, self.encoder.post_rnn, self.prediction.rnn))
+        if not (pre and post and pred):
+            return  # a config without layers; its tensors are refused by shape
+        j = self.joint_net
+        chain = ([("encoder.pre_rnn.layers", pre, self.config.input_dim, 1),
+                  ("encoder.post_rnn.layers", post, self.config.stack_time_factor * pre[-1].output_size, 1),
+                  ("prediction.rnn.layers", pred, self.config.pred_hidden, 1)])
+        for prefix, layers, first, _ in chain:
+            sizes = [first] + [layer.output_size for layer in layers[:-1]]
+            for i, (layer, size) in enumerate(zip(layers, sizes)):
+                if layer.input_size != size:
+                    raise CheckpointError(f"{prefix}.{i} takes {layer.input_size} inputs where it is given {size}; "
+                                          f"the file was written by another asrshrink version or edited")
+        for name, linear, size in (("joint_net.encoder_proj", j.encoder_proj, post[-1].output_size),
+                                   ("joint_net.prediction_proj", j.prediction_proj, pred[-1].output_size)):
+            if linear.in_features != size:
+                raise CheckpointError(f"{name} takes {linear.in_features} inputs where it is given {size}; the "
+                                      f"file was written by another asrshrink version or edited")
+
     def flops(self) -> dict[str, int]:
         c = self.config
-        pre = sum(layer.flops_per_step() for layer in self.encoder.pre_rnn.layers)
-        post = sum(layer.flops_per_step() for layer in self.encoder.post_rnn.layers)
-        joint = 2 * (c.encoder_hidden + c.pred_hidden) * c.joint_hidden + 2 * c.joint_hidden * (len(c.labels) + 1)
+        j = self.joint_net
+
+        def linear(m: nn.Module) -> int:
+            return m.flops() if isinstance(m, LowRankLinear) else 2 * m.in_features * m.out_features
+
+        joint = linear(j.encoder_proj) + linear(j.prediction_proj) + 2 * c.joint_hidden * (len(c.labels) + 1)
         return {
             "encoder": sum(self.flops_by_layer().values()),
             "prediction": sum(layer.flops_per_step() for layer in self.prediction.rnn.layers),
@@ -197,7 +237,7 @@ class MlperfRnnt(Transducer):
 
     @property
     def aux_dim(self) -> int:
-        return self.config.encoder_hidden
+        return self.encoder.pre_rnn.layers[-1].output_size
 
     def joint_encoder(self, enc: torch.Tensor) -> torch.Tensor:
         return self.joint_net.encoder_proj(enc)

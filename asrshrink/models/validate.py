@@ -122,7 +122,7 @@ def _side(spec: Any, name: str, source: str) -> tuple[int, int]:
     if not isinstance(spec, dict) or spec.get("type") not in ("lowrank", "dense", "sparse"):
         kind = spec.get("type") if isinstance(spec, dict) else spec
         raise CheckpointError(f"{source}: invalid compression structure for {name}: unknown layer type {kind!r} "
-                              f"(known: lowrank, dense, sparse, factorized_lstm, sparse_lstm); {REWRITE}")
+                              f"(known: lowrank, dense, sparse, factorized_lstm, sparse_lstm, projected_lstm, projected_input_linear); {REWRITE}")
     n_in, n_out = _positive(spec, "in", name, source), _positive(spec, "out", name, source)
     if not isinstance(spec.get("bias", True), bool):
         raise CheckpointError(f"{source}: invalid compression structure for {name}: bias is {spec['bias']!r}, "
@@ -175,10 +175,22 @@ def check_structure(structure: Any, model: nn.Module, source: str) -> None:
             if ih[1] != 4 * hidden or hh != (hidden, 4 * hidden):
                 raise CheckpointError(f"{source}: invalid compression structure for {name}: sides {ih[1]}x{ih[0]} "
                                       f"and {hh[1]}x{hh[0]} do not fit hidden size {hidden}; {REWRITE}")
+        elif kind == "projected_lstm":
+            hidden = _positive(spec, "hidden_size", name, source)
+            got = ("lstm", _positive(spec, "input_size", name, source), hidden)
+            proj = spec.get("proj_size")
+            if isinstance(proj, bool) or not isinstance(proj, int) or not 0 <= proj < hidden:
+                raise CheckpointError(f"{source}: invalid compression structure for {name}: proj_size is "
+                                      f"{proj!r}, expected an integer in 0..{hidden - 1}; {REWRITE}")
+        elif kind == "projected_input_linear":
+            n_in, n_out = _side({**spec, "type": "dense"}, name, source)
+            got = ("linear", n_in, n_out)
         else:
             n_in, n_out = _side(spec, name, source)
             got = ("linear", n_in, n_out)
-        if got != want:
+        # A module may read fewer inputs than the family's build: those that read a projected LSTM layer's
+        # output (``svd --structure projection``); the family checks that the sizes chain.
+        if got[0] != want[0] or got[2] != want[2] or got[1] > want[1]:
             raise CheckpointError(f"{source}: invalid compression structure for {name}: it would take {got[1]} "
                                   f"inputs and give {got[2]} where the model's layer has {want[1]} and {want[2]}; "
                                   f"{REWRITE}")

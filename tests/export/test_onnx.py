@@ -191,3 +191,28 @@ def test_pruned_export_matches_pytorch_and_keeps_the_zeros(tmp_path):
     zeros = sum(int((onnx.numpy_helper.to_array(t) == 0).sum()) for t in graph.initializer)
     pruned = sum(int((p == 0).sum()) for n, p in model.named_parameters() if n.startswith("encoder"))
     assert zeros >= pruned > 0
+
+
+def test_projected_export_matches_pytorch_and_keeps_the_projection(tmp_path):
+    from asrshrink.config import SvdConfig
+    from asrshrink.methods.registry import Context, get_method
+
+    model = get_method("svd").core(SvdConfig(rank=5, structure="projection", components=("encoder", "prediction")),
+                                   Context(tiny())).model
+    report = export_model(model, tmp_path / "onnx")
+    assert_parity(report)
+    for part in ("encoder", "decoder"):
+        path = tmp_path / "onnx" / f"{part}.onnx"
+        assert "Scan" in ops(path) and "LSTM" not in ops(path)
+    hidden = TINY.encoder_hidden
+    shapes = initializer_shapes(tmp_path / "onnx" / "encoder.onnx")
+    # Each layer's W_hh^T (r, 4H) and W_hr^T (H, r); no dense recurrent matrix (H, 4H) is multiplied back.
+    assert {(5, 4 * hidden), (hidden, 5)} <= shapes and (hidden, 4 * hidden) not in shapes
+    runtime = OnnxTransducer(tmp_path / "onnx", threads=1)
+    state = tuple(torch.randn_like(t) for t in model.initial_state(3))
+    labels = torch.randint(0, 29, (3, 4))
+    with torch.no_grad():
+        pred, (h, c) = model.predict(labels, state)
+    got, (got_h, got_c) = runtime.predict(labels, state)
+    assert torch.allclose(got, model.joint_prediction(pred), atol=1e-5)
+    assert torch.allclose(got_h, h, atol=1e-5) and torch.allclose(got_c, c, atol=1e-5)

@@ -94,7 +94,9 @@ SIDE = st.fixed_dictionaries({"type": st.sampled_from(["lowrank", "dense", "spar
                               "bias": st.one_of(st.booleans(), st.integers(0, 2))})
 SPEC = st.one_of(SIDE, JSON_JUNK, st.fixed_dictionaries({
     "type": st.sampled_from(["factorized_lstm", "sparse_lstm"]), "hidden_size": st.integers(-1, 100),
-    "ih": st.one_of(SIDE, JSON_JUNK), "hh": st.one_of(SIDE, JSON_JUNK)}))
+    "ih": st.one_of(SIDE, JSON_JUNK), "hh": st.one_of(SIDE, JSON_JUNK)}), st.fixed_dictionaries({
+    "type": st.just("projected_lstm"), "input_size": st.integers(-1, 300), "hidden_size": st.integers(-1, 100),
+    "proj_size": st.one_of(st.integers(1, 120), JSON_JUNK)}))
 
 
 @SETTINGS
