@@ -62,13 +62,19 @@ def effective(model):
     return {**out, **{k: v for k, v in model.state_dict().items() if not k.endswith((".up", ".down", "weight"))}}
 
 
-def test_two_process_distillation_equals_one_process_with_the_same_global_batch(tmp_path):
-    rng = np.random.default_rng(1)
+def _training_speech(tmp_path, seed):
+    """Eight short noise utterances with transcripts spelt by the tiny model's vocabulary."""
+    rng = np.random.default_rng(seed)
     data = tmp_path / "speech"
     data.mkdir()
     for i, text in enumerate(["a b c", "ab ba", "cab", "a a b", "bac ca", "c", "abc", "ba"]):
         sf.write(data / f"u{i}.wav", (0.1 * rng.standard_normal(3000 + 500 * i)).astype(np.float32), 16000)
         (data / f"u{i}.txt").write_text(text)
+    return data
+
+
+def test_two_process_distillation_equals_one_process_with_the_same_global_batch(tmp_path):
+    data = _training_speech(tmp_path, seed=1)
     teacher = save_model(tiny_rnnt(), tmp_path / "teacher")
     common = ["distill", str(teacher), "--data", str(data), "--student-config", '{"encoder_hidden": 16}',
               "--kd-weight", "0.5", "--steps", "6", "--lr", "3e-3", "--no-spec-augment", "--checkpoint-every", "3"]
@@ -107,12 +113,7 @@ def test_distillation_killed_with_sigkill_resumes_to_the_uninterrupted_parameter
     import signal
     import time
 
-    rng = np.random.default_rng(2)
-    data = tmp_path / "speech"
-    data.mkdir()
-    for i, text in enumerate(["a b c", "ab ba", "cab", "a a b", "bac ca", "c", "abc", "ba"]):
-        sf.write(data / f"u{i}.wav", (0.1 * rng.standard_normal(3000 + 500 * i)).astype(np.float32), 16000)
-        (data / f"u{i}.txt").write_text(text)
+    data = _training_speech(tmp_path, seed=2)
     teacher = save_model(tiny_rnnt(), tmp_path / "teacher")
     launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
               "-m", "asrshrink"] if processes > 1 else [sys.executable, "-m", "asrshrink"]
