@@ -237,7 +237,9 @@ def layer_spec(module: nn.Module) -> dict | None:
                 "hh": side(module.weight_hh)}
     if isinstance(module, (LowRankLinear, SparseLinear)):
         return _side_spec(module)
-    return None
+    from asrshrink.models.branched import branched_spec
+
+    return branched_spec(module)
 
 
 def build_layer(spec: dict) -> nn.Module:
@@ -246,6 +248,10 @@ def build_layer(spec: dict) -> nn.Module:
         return FactorizedLSTMLayer(_build_side(spec["ih"]), _build_side(spec["hh"]), spec["hidden_size"])
     if spec["type"] == "sparse_lstm":
         return SparseLSTMLayer(spec["ih"]["in"], spec["hidden_size"])
+    if spec["type"] in ("branched_lstm", "arbitrator"):
+        from asrshrink.models.branched import build_branched
+
+        return build_branched(spec)
     return _build_side(spec)
 
 
