@@ -463,6 +463,8 @@ def amnet_command(
         help="Arbitrator LSTM units (default the paper's 128, fewer if it would exceed --max-arbitrator-share of "
              "the encoder's parameters).", show_default=False)] = None,
     arbitrator_layers: Annotated[int, typer.Option(help="Arbitrator LSTM layers.")] = 2,
+    arbitrator_feedback: Annotated[bool, typer.Option(help="The arbitrator also reads its previous decision.")
+                                   ] = True,
     max_arbitrator_share: Annotated[float, typer.Option(help="Largest share of the encoder's parameters the "
                                                              "default arbitrator may have.")] = 0.025,
     device: Annotated[str, typer.Option(help="Where to train: cpu, cuda or cuda:N.")] = "cpu",
@@ -508,7 +510,7 @@ def amnet_command(
         prune_until=prune_until, prune_every=prune_every, steps=steps, lr=lr, max_frames=max_frames,
         max_batch=max_batch, seed=seed, checkpoint_every=checkpoint_every, spec_augment=spec_augment,
         arbitrator_hidden=arbitrator_hidden, arbitrator_layers=arbitrator_layers,
-        max_arbitrator_share=max_arbitrator_share, random_steps=random_steps, entropy_threshold=entropy_threshold,
+        arbitrator_feedback=arbitrator_feedback, max_arbitrator_share=max_arbitrator_share, random_steps=random_steps, entropy_threshold=entropy_threshold,
         tau_start=tau_start, tau_end=tau_end, loss=loss, amr_steps=amr_steps, compute_weight=compute_weight,
         latency_weight=latency_weight, mu=mu, rho=rho, device=device)
     _run("amnet-finetune", json_out, model=model, out=out, config=config,
