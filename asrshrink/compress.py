@@ -195,6 +195,8 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
     if calib_used is not None:
         options.update(calib=to_json(_absolute(calib)), calib_used=calib_used)
     evaluated = _evaluate_both(original, outcome.model, eval_set, log, progress) if eval_set is not None else None
+    if evaluated is not None and method.evaluate is not None:
+        evaluated["figures"] = method.evaluate(config, original, outcome.model, eval_set, log, progress)
     return _publish(folder, method.name, outcome.model, info, original, options=options, layers=outcome.layers,
                     post_training=outcome.post_training, seconds=earlier_seconds + time.perf_counter() - started,
                     evaluated=evaluated)

@@ -236,6 +236,120 @@ class DistillConfig:
                                      f"{until}, {self.steps}")
 
 
+AMNET_BRANCHES = ("mf", "sparse")
+AMNET_LOSSES = ("avg", "amr", "avg-then-amr")
+#: The paper's branch compressions (Table 1): MF ranks removing 35 % / 60 % of each matrix's parameters, sparse
+#: masks at 15 % / 80 %.
+AMNET_PAPER = {"mf": (0.35, 0.60), "sparse": (0.15, 0.80)}
+
+
+@dataclass(frozen=True)
+class AmnetConfig:
+    """``asrshrink amnet-finetune``: turn MODEL's encoder into an AmNet (a slow and a fast branch made from its
+    weights, an arbitrator choosing per encoder output frame) and fine-tune it on ``data`` with the transducer
+    loss + a compute loss (L_avg, L_amr or L_avg then a short L_amr stage)."""
+
+    data: str = ""
+    branches: str = "mf"
+    #: The share of each matrix removed on the slow / fast branch: MF parameters (rank r = (1 - c) m n / (m + n)),
+    #: sparse weights (the sparsity); None: the paper's (mf 0.35 / 0.60, sparse 0.15 / 0.80).
+    slow_compression: float | None = None
+    fast_compression: float | None = None
+    data_aware: bool = False                   # mf: factors of W S (S from the calibration inputs)
+    sparse_schedule: str = "gradual"           # sparse: "gradual" (cubic, during the fine-tune) or "magnitude"
+    prune_until: int | None = None             # gradual: step at which both masks reach their sparsity
+    prune_every: int = 20
+    steps: int = 300
+    lr: float = 5e-4
+    warmup: int = 30
+    max_frames: int = 3000
+    max_batch: int = 32
+    max_duration: float = 15.0
+    seed: int = 0
+    checkpoint_every: int = 50
+    spec_augment: bool = True
+    arbitrator_hidden: int | None = None       # None: the paper's 128, shrunk to fit max_arbitrator_share
+    arbitrator_layers: int = 2
+    arbitrator_feedback: bool = True           # the arbitrator also reads its previous decision d_{t-1}
+    max_arbitrator_share: float = 0.025        # of the encoder's parameters
+    #: The first steps sample the branches 50/50 at random (the paper's pruning phase); None: 0 for mf, the
+    #: gradual pruning phase for sparse.
+    random_steps: int | None = None
+    #: During the random steps, also train the arbitrator to choose the slow branch where the original model's
+    #: output entropy (nats, mean over the label lattice) exceeds this; None: no pre-training.
+    entropy_threshold: float | None = None
+    tau_start: float = 1.0
+    tau_end: float = 0.5
+    loss: str = "avg-then-amr"
+    amr_steps: int | None = None               # the final L_amr stage of avg-then-amr (None: steps // 5)
+    compute_weight: float = 1.0                # lambda of L_avg (relative to the dense encoder's FLOPs per frame)
+    latency_weight: float = 1.0                # lambda of L_amr (seconds of modelled response delay)
+    mu: float | None = None                    # device FLOPs/s (2 per multiply-add); None: 45 % of real time dense
+    rho: float | None = None                   # decision frames per second; None: the model's encoder frame rate
+    device: str = "cpu"
+
+    def compressions(self) -> tuple[float, float]:
+        paper = AMNET_PAPER[self.branches] if self.branches in AMNET_PAPER else (0.0, 0.0)
+        return (self.slow_compression if self.slow_compression is not None else paper[0],
+                self.fast_compression if self.fast_compression is not None else paper[1])
+
+    def phases(self) -> tuple[int, int]:
+        """(end of the random-branch phase, start of the L_amr stage) in steps."""
+        gradual = self.branches == "sparse" and self.sparse_schedule == "gradual"
+        random_end = self.random_steps if self.random_steps is not None else (
+            self.pruning_until() if gradual else 0)
+        amr_start = {"avg": self.steps, "amr": random_end,
+                     "avg-then-amr": self.steps - (self.amr_steps if self.amr_steps is not None
+                                                   else self.steps // 5)}[self.loss]
+        return random_end, max(amr_start, random_end)
+
+    def pruning_until(self) -> int:
+        return self.prune_until if self.prune_until is not None else max(1, int(0.3 * self.steps))
+
+    def check(self) -> None:
+        check_device(self.device)
+        if not self.data:
+            raise AsrshrinkError("--data is required: the speech (any --data layout) to fine-tune the AmNet on")
+        if self.branches not in AMNET_BRANCHES:
+            raise AsrshrinkError(f"--branches must be one of {', '.join(AMNET_BRANCHES)}, got {self.branches!r}")
+        if self.loss not in AMNET_LOSSES:
+            raise AsrshrinkError(f"--loss must be one of {', '.join(AMNET_LOSSES)}, got {self.loss!r}")
+        if self.sparse_schedule not in ("gradual", "magnitude"):
+            raise AsrshrinkError(f"--sparse-schedule must be gradual or magnitude, got {self.sparse_schedule!r}")
+        slow, fast = self.compressions()
+        if not 0 <= slow < fast < 1:
+            raise AsrshrinkError(f"need 0 <= --slow-compression < --fast-compression < 1 (the fast branch is the "
+                                 f"more compressed one), got {slow:g} and {fast:g}")
+        if self.data_aware and self.branches != "mf":
+            raise AsrshrinkError("--data-aware makes data-aware SVD factors: it needs --branches mf")
+        for name in ("steps", "max_frames", "max_batch", "checkpoint_every", "prune_every", "arbitrator_layers"):
+            if getattr(self, name) < 1:
+                raise AsrshrinkError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.arbitrator_hidden is not None and self.arbitrator_hidden < 1:
+            raise AsrshrinkError(f"--arbitrator-hidden must be at least 1, got {self.arbitrator_hidden}")
+        if not self.lr > 0 or not 0 < self.max_arbitrator_share <= 1:
+            raise AsrshrinkError(f"--lr must be positive and --max-arbitrator-share in (0, 1], got {self.lr}, "
+                                 f"{self.max_arbitrator_share}")
+        if not 0 < self.tau_end <= self.tau_start:
+            raise AsrshrinkError(f"need 0 < --tau-end <= --tau-start, got {self.tau_end:g}, {self.tau_start:g}")
+        if self.compute_weight < 0 or self.latency_weight < 0:
+            raise AsrshrinkError("--compute-weight and --latency-weight must be >= 0")
+        for name in ("mu", "rho"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise AsrshrinkError(f"--{name} must be positive, got {value}")
+        random_end, amr_start = self.phases()
+        if not 0 <= random_end <= self.steps:
+            raise AsrshrinkError(f"--random-steps must be in 0..--steps ({self.steps}), got {random_end}")
+        if self.amr_steps is not None and not 0 <= self.amr_steps <= self.steps:
+            raise AsrshrinkError(f"--amr-steps must be in 0..--steps ({self.steps}), got {self.amr_steps}")
+        if self.branches == "sparse" and self.sparse_schedule == "gradual" and not 1 <= self.pruning_until() <= self.steps:
+            raise AsrshrinkError(f"--prune-until must be in 1..--steps ({self.steps}), got {self.pruning_until()}")
+        if self.entropy_threshold is not None and (not self.entropy_threshold > 0 or random_end == 0):
+            raise AsrshrinkError("--entropy-threshold pre-trains the arbitrator during the random-branch steps: it "
+                                 "must be positive and needs --random-steps N > 0")
+
+
 def check_device(device: str) -> None:
     """--device must name a device PyTorch can use here."""
     import re

@@ -97,6 +97,10 @@ def render_markdown(report: dict) -> str:
         lines += [f"WER on `{e['data']}` ({e['num_utterances']} utterances, {e['num_words']} words): "
                   f"{e['before']['wer']:.2f} % before, {e['after']['wer']:.2f} % after "
                   f"(CER {e['before']['cer']:.2f} % -> {e['after']['cer']:.2f} %).", ""]
+        if isinstance(e.get("figures"), dict) and "branch_ratios" in e["figures"]:
+            from asrshrink.evaluate.amnet import figure_lines
+
+            lines += figure_lines(e["figures"])
     if report["layers"] and "sparsity" in report["layers"][0]:
         lines += _pruned_layer_lines(report["layers"])
     elif report["layers"]:

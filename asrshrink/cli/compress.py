@@ -404,3 +404,125 @@ def distill_command(
                            checkpoint_every=checkpoint_every, teacher_cache=str(teacher_cache) if teacher_cache
                            else None, device=device)
     _run("distill", json_out, model=model, out=out, config=config, evaluation=_evaluation(eval_data, eval_limit, seed))
+
+
+def _amnet_summary(report: dict) -> None:
+    _summary(report)
+    figures = (report.get("eval") or {}).get("figures")
+    if figures:
+        from asrshrink.evaluate.amnet import figure_lines
+
+        for line in figure_lines(figures):
+            if line:
+                err.print(line, markup=False, highlight=False, soft_wrap=True)
+
+
+SUMMARIES["amnet-finetune"] = _amnet_summary
+
+
+@app.command("amnet-finetune")
+@handle_errors
+def amnet_command(
+    ctx: typer.Context,
+    model: ModelArg = None, out: Out = Path("amnet-out"),
+    data: Annotated[Optional[Path], typer.Option(help="Training speech (any --data layout). Required.",
+                                                 show_default=False)] = None,
+    branches: Annotated[str, typer.Option(help="mf: slow and fast branches from one SVD of each matrix (the fast "
+                                               "one uses the first ranks of the slow one's factors); sparse: two "
+                                               "nested magnitude masks over the same weights.")] = "mf",
+    slow_compression: Annotated[Optional[float], typer.Option(
+        help="Share of each matrix removed on the slow branch (mf: parameters, sparse: weights); default the "
+             "paper's (mf 0.35, sparse 0.15).", show_default=False)] = None,
+    fast_compression: Annotated[Optional[float], typer.Option(
+        help="The same for the fast branch; default the paper's (mf 0.60, sparse 0.80).", show_default=False)] = None,
+    data_aware: Annotated[bool, typer.Option("--data-aware/--plain", help="mf: factors of W S (S from the --calib "
+                                                                          "inputs' second moment).")] = False,
+    sparse_schedule: Annotated[str, typer.Option(help="sparse: gradual (cubic schedule to --prune-until) or "
+                                                      "magnitude (both masks at once).")] = "gradual",
+    prune_until: Annotated[Optional[int], typer.Option(help="gradual: step at which the masks reach their "
+                                                            "sparsity (default 30 % of --steps).",
+                                                       show_default=False)] = None,
+    prune_every: Annotated[int, typer.Option(help="gradual: steps between mask updates.")] = 20,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 300,
+    lr: Annotated[float, typer.Option(help="Peak learning rate (warm-up, then cosine decay).")] = 5e-4,
+    max_frames: Annotated[int, typer.Option(help="Padded feature frames per batch.")] = 3000,
+    max_batch: Annotated[int, typer.Option(help="Utterances per batch.")] = 32,
+    spec_augment: Annotated[bool, typer.Option(help="SpecAugment the training features.")] = True,
+    loss: Annotated[str, typer.Option(help="The compute loss: avg (L_avg, mean FLOPs per frame), amr (L_amr, the "
+                                           "modelled backlog's delay) or avg-then-amr (the paper's two stages).")
+                    ] = "avg-then-amr",
+    amr_steps: Annotated[Optional[int], typer.Option(help="avg-then-amr: steps of the final L_amr stage "
+                                                          "(default --steps / 5).", show_default=False)] = None,
+    compute_weight: Annotated[float, typer.Option(help="lambda of L_avg (FLOPs per frame relative to the dense "
+                                                       "encoder); raise it for the paper's 'biased' variant.")] = 1.0,
+    latency_weight: Annotated[float, typer.Option(help="lambda of L_amr (seconds of modelled delay).")] = 1.0,
+    mu: Annotated[Optional[float], typer.Option(help="Device speed in FLOPs/s (2 per multiply-add; the paper's "
+                                                     "650 MFLOP/s is 1.3e9 here); default 45 % of what the dense "
+                                                     "encoder needs for real time.", show_default=False)] = None,
+    rho: Annotated[Optional[float], typer.Option(help="Decision (encoder output) frames per second; default the "
+                                                      "model's.", show_default=False)] = None,
+    random_steps: Annotated[Optional[int], typer.Option(help="First steps with branches drawn 50/50 at random "
+                                                             "(default: 0 for mf, the pruning phase for sparse).",
+                                                        show_default=False)] = None,
+    entropy_threshold: Annotated[Optional[float], typer.Option(
+        help="Pre-train the arbitrator during the random steps to pick the slow branch where the original model's "
+             "output entropy (nats) exceeds this (the paper: 1.5-2.5).", show_default=False)] = None,
+    tau_start: Annotated[float, typer.Option(help="Gumbel-softmax temperature at the first Gumbel step.")] = 1.0,
+    tau_end: Annotated[float, typer.Option(help="... annealed linearly to this at the last step.")] = 0.5,
+    arbitrator_hidden: Annotated[Optional[int], typer.Option(
+        help="Arbitrator LSTM units (default the paper's 128, fewer if it would exceed --max-arbitrator-share of "
+             "the encoder's parameters).", show_default=False)] = None,
+    arbitrator_layers: Annotated[int, typer.Option(help="Arbitrator LSTM layers.")] = 2,
+    arbitrator_feedback: Annotated[bool, typer.Option(help="The arbitrator also reads its previous decision.")
+                                   ] = True,
+    max_arbitrator_share: Annotated[float, typer.Option(help="Largest share of the encoder's parameters the "
+                                                             "default arbitrator may have.")] = 0.025,
+    device: Annotated[str, typer.Option(help="Where to train: cpu, cuda or cuda:N.")] = "cpu",
+    calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
+    eval_limit: EvalLimit = None,
+    checkpoint_every: Annotated[int, typer.Option(help="Steps between training checkpoints.")] = 50,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted run in this output directory "
+                                                        "(its options are reused).", show_default=False)] = None,
+    json_out: Json = False,
+) -> None:
+    """AmNet (amortized networks): branch MODEL's LSTM encoder into a slow and a fast branch made from its own
+    weights, attach a small arbitrator that picks one per encoder frame, and fine-tune with the transducer loss
+    + a compute loss (mean FLOPs, then the modelled audio backlog at --mu); resumable exactly (Ctrl-C
+    checkpoints; --resume continues). The output runs with hard switching: only the chosen branch is computed.
+
+    With --eval the report adds branch ratios, FLOPs per frame, the modelled delay per utterance at --mu and the
+    encoder's wall time against MODEL.
+
+    Example: asrshrink amnet-finetune rnnt.pt --data train/ --branches mf --steps 500 -o amnet/ --eval dev/
+
+    Example: asrshrink amnet-finetune --data train/ --branches sparse --loss amr --mu 4e8 -o amnet-sparse/
+    """
+    from asrshrink.config import AmnetConfig
+
+    if resume is not None:
+        given = _given_options(ctx, {
+            name: (f"--{name.replace('_', '-')}", "amnet-finetune", name, value) for name, value in (
+                ("steps", steps), ("lr", lr), ("branches", branches), ("loss", loss), ("mu", mu),
+                ("max_frames", max_frames), ("max_batch", max_batch), ("device", device),
+                ("compute_weight", compute_weight), ("latency_weight", latency_weight))})
+        if data is not None:
+            given["--data"] = ("amnet-finetune", "data", str(data.resolve()))
+        if _explicit(ctx, "out") and out.resolve() != resume.resolve():
+            from asrshrink.errors import AsrshrinkError
+
+            raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
+                                 f"resumes; drop -o")
+        _run("amnet-finetune", json_out, out=resume, resume_run=True, given=given, model=model)
+        return
+    config = AmnetConfig(
+        data=str(data) if data else "", branches=branches, slow_compression=slow_compression,
+        fast_compression=fast_compression, data_aware=data_aware, sparse_schedule=sparse_schedule,
+        prune_until=prune_until, prune_every=prune_every, steps=steps, lr=lr, max_frames=max_frames,
+        max_batch=max_batch, seed=seed, checkpoint_every=checkpoint_every, spec_augment=spec_augment,
+        arbitrator_hidden=arbitrator_hidden, arbitrator_layers=arbitrator_layers,
+        arbitrator_feedback=arbitrator_feedback, max_arbitrator_share=max_arbitrator_share, random_steps=random_steps, entropy_threshold=entropy_threshold,
+        tau_start=tau_start, tau_end=tau_end, loss=loss, amr_steps=amr_steps, compute_weight=compute_weight,
+        latency_weight=latency_weight, mu=mu, rho=rho, device=device)
+    _run("amnet-finetune", json_out, model=model, out=out, config=config,
+         calib=_calib(calib, num_utterances, seed) if data_aware else None,
+         evaluation=_evaluation(eval_data, eval_limit, seed))

@@ -123,6 +123,9 @@ def eval_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")] = False,
     hypotheses: Annotated[Optional[Path], typer.Option(
         help="Write per-utterance hypotheses as JSONL (id, reference, hypothesis; score with --beam).")] = None,
+    mu: Annotated[Optional[float], typer.Option(
+        help="AmNet models: the device speed (FLOPs/s) of the latency model; default the one it was trained for.",
+        show_default=False)] = None,
 ) -> None:
     """Decode a dataset (greedy, or --beam N) and report corpus WER (jiwer, word-level, as MLPerf scores).
     MODEL may also be an ONNX export directory (asrshrink export), decoded with onnxruntime.
@@ -186,9 +189,24 @@ def eval_command(
                   f"{result.audio_seconds:.1f}", f"{result.seconds:.1f}", f"{result.speed:.1f}")
     err.print(table)
     err.print("search: greedy" if beam is None else f"search: beam, width {beam}")
+    figures = None
+    if getattr(net, "arbitrator", None) is not None:  # an AmNet: its branch ratios, FLOPs and modelled delay
+        from asrshrink.evaluate.amnet import amnet_figures, figure_lines
+
+        options = (info.extra.get("method") or {}).get("options") or {}
+        given_mu = mu if mu is not None else options.get("mu")
+        with progress_bar("AmNet figures") as bar:
+            task = bar.add_task("AmNet figures", total=len(dataset))
+            figures = amnet_figures(net, dataset, mu=given_mu, rho=options.get("rho"),
+                                    progress=lambda done, total: bar.update(task, completed=done))
+        for line in figure_lines(figures):
+            if line:
+                err.print(line, markup=False, highlight=False, soft_wrap=True)
     if json_out:
         payload = result.to_json()
         payload.update(model=str(info.path), data=str(dataset.source), dropped=dataset.dropped)
+        if figures is not None:
+            payload["amnet"] = figures
         print(json.dumps(payload))
 
 
@@ -231,7 +249,9 @@ def info_command(
     for layer in summary["encoder_layers"]:
         layers.add_row(layer["name"], f"{layer['params']:,}", f"{layer['flops_per_frame'] / 1e6:.3f}")
     out.print(layers)
-    if summary.get("structure"):
+    if summary.get("amnet"):
+        _print_amnet(summary["amnet"], summary["flops"]["encoder_per_frame"])
+    elif summary.get("structure"):
         ranks = Table(title="compressed layers")
         for column in ("layer", "input side", "recurrent side"):
             ranks.add_column(column)
@@ -258,6 +278,29 @@ def info_command(
     if summary["flops_frames"]:
         out.print(f"(attention's sequence-length dependent FLOPs counted at {summary['flops_frames']} encoder frames, "
                   f"{summary['flops_frames'] * summary['encoder_frame_seconds']:.0f} s of audio)")
+
+
+def _print_amnet(amnet: dict, worst: int) -> None:
+    """An AmNet's branches and arbitrator (``describe``'s ``amnet`` section)."""
+    table = Table(title="AmNet branches (slow / fast)")
+    for column in ("layer", "kind", "input side", "recurrent side"):
+        table.add_column(column)
+    for row in amnet["layers"]:
+        def text(side: dict) -> str:
+            shape = f"{side['shape'][0]}x{side['shape'][1]}"
+            if "ranks" in side:
+                return f"{shape} rank {side['ranks'][0]} / {side['ranks'][1]}"
+            return f"{shape} sparsity {side['sparsity'][0]:.1%} / {side['sparsity'][1]:.1%}"
+
+        table.add_row(row["name"], row["kind"], text(row["ih"]), text(row["hh"]))
+    out.print(table)
+    a = amnet["arbitrator"]
+    slow, fast = amnet["branch_flops_per_frame"]
+    out.print(f"arbitrator: LSTM {a['num_layers']} x {a['hidden_size']} on {a['input_size']} inputs"
+              + (" + its previous decision" if a["feedback"] else "") + f", {a['params']:,} parameters, "
+              f"{a['flops_per_frame'] / 1e6:.3f} MFLOPs per decision")
+    out.print(f"encoder FLOPs per frame by branch (arbitrator included): slow {(slow + a['flops_per_frame']) / 1e6:.2f}"
+              f" M, fast {(fast + a['flops_per_frame']) / 1e6:.2f} M (the FLOPs line below counts the slow branch)")
 
 
 def _side_text(side: dict | None) -> str:

@@ -494,6 +494,9 @@ def export_model(model: Transducer, out: str | Path, *, info: ModelInfo | None =
     started = time.perf_counter()
     out = Path(out)
     check_export_options(out, opset)
+    if model.arbitrator is not None:
+        raise ExportError("ONNX export of AmNet models (amnet-finetune outputs: per-frame branch switching) is not "
+                          "implemented yet; evaluate them with asrshrink eval, or export the model they were made from")
     source = None if info is None else {"path": str(info.path), "sha256": info.sha256,
                                         "source_sha256": info.source_sha256, "method": info.extra.get("method")}
     if speech is None:

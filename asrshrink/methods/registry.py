@@ -65,6 +65,9 @@ class Method:
     #: Reads an interrupted run's progress record ({"source_sha256", "options", "seconds", ...}) from the
     #: progress folder; None: the record is in the checkpoint model's metadata (``checkpoint``).
     read_progress: Callable[[Path], dict | None] | None = None
+    #: The method's own figures on the --eval data beside WER: (config, original, compressed, dataset, log,
+    #: progress) -> dict, recorded as the report's eval.figures (None: WER only).
+    evaluate: Callable[..., dict] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -81,6 +84,7 @@ def get_method(name: str) -> Method:
     import asrshrink.methods.prune  # noqa: F401  (each method module registers itself)
     import asrshrink.methods.psvd  # noqa: F401
     import asrshrink.methods.svd  # noqa: F401
+    import asrshrink.training.amnet  # noqa: F401  (registers amnet-finetune)
     import asrshrink.training.distill  # noqa: F401  (registers distill)
 
     if name not in METHODS:

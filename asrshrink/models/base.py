@@ -176,6 +176,22 @@ class Transducer(nn.Module):
         ``flops()["encoder"]``."""
         raise NotImplementedError
 
+    # --- AmNet support (a family that has it overrides these; see mlperf_rnnt) ------------------------------
+    #: The dotted name under which an AmNet's arbitrator is attached; None: the family has no AmNet encoder.
+    arbitrator_slot: str | None = None
+
+    @property
+    def arbitrator(self) -> nn.Module | None:
+        """The AmNet arbitrator, or None for a model that is not an AmNet."""
+        return None
+
+    def encode_amortized(self, features: torch.Tensor, lengths: torch.Tensor, *, sampling: str = "hard",
+                         temperature: float = 1.0):
+        """An AmNet's encoder output, lengths and ``BranchTrace`` (decisions per encoder output frame)."""
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"{self.family} models have no AmNet encoder (amnet-finetune supports mlperf-rnnt)")
+
     #: The encoder frames at which sequence-length dependent FLOPs (attention) are counted; None if there are none.
     flops_frames: int | None = None
 

@@ -361,6 +361,9 @@ def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:
         check_finite(key, tensor, source)
     net = build("cpu")
     net.load_state_dict(tensors, strict=False)
+    for name, module in net.named_modules():
+        if hasattr(module, "check_loaded"):  # layers whose buffers carry structure (an AmNet's branch masks)
+            module.check_loaded(name, source)
     return net, meta
 
 

@@ -44,8 +44,35 @@ def describe(model: Transducer, info: ModelInfo | None = None) -> dict:
         "vocabulary": model.vocabulary.to_json(),
         "config": model.config_dict(),
     }
+    if model.arbitrator is not None:
+        data["amnet"] = amnet_summary(model)
     if info is not None:
         data.update(path=str(info.path), format=info.kind, sha256=info.sha256, source_sha256=info.source_sha256,
                     structure=info.structure)
     return data
 
+
+
+def amnet_summary(model: Transducer) -> dict:
+    """An AmNet's two branches (per layer: MF ranks or sparse masks' sparsities, slow / fast) and FLOPs per
+    encoder frame on each, and its arbitrator (size, parameters, FLOPs per decision)."""
+    from asrshrink.models.branched import BranchedLSTMLayer
+
+    arb = model.arbitrator
+    layers = []
+    for name, module in model.named_modules():
+        if isinstance(module, BranchedLSTMLayer):
+            row = {"name": name, "kind": module.kind}
+            for side, cols in (("ih", module.input_size), ("hh", module.hidden_size)):
+                if module.kind == "mf":
+                    row[side] = {"shape": [4 * module.hidden_size, cols], "ranks": list(module.ranks[side])}
+                else:
+                    numel = 4 * module.hidden_size * cols
+                    row[side] = {"shape": [4 * module.hidden_size, cols],
+                                 "sparsity": [1 - module.nonzeros(side, n) / numel for n in range(module.branches)]}
+            layers.append(row)
+    return {"branches": ["slow", "fast"], "branch_flops_per_frame": model.branch_flops(),
+            "arbitrator": {"hidden_size": arb.hidden_size, "num_layers": arb.num_layers, "feedback": arb.feedback,
+                           "input_size": arb.input_size, "params": sum(p.numel() for p in arb.parameters()),
+                           "flops_per_frame": arb.flops_per_step()},
+            "layers": layers}

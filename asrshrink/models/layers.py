@@ -354,7 +354,9 @@ def layer_spec(module: nn.Module) -> dict | None:
                 "hh": side(module.weight_hh)}
     if isinstance(module, (LowRankLinear, SparseLinear)):
         return _side_spec(module)
-    return None
+    from asrshrink.models.branched import branched_spec
+
+    return branched_spec(module)
 
 
 def build_layer(spec: dict) -> nn.Module:
@@ -367,6 +369,10 @@ def build_layer(spec: dict) -> nn.Module:
         return ProjectedLSTMLayer(spec["input_size"], spec["hidden_size"], spec["proj_size"])
     if spec["type"] == "projected_input_linear":
         return ProjectedInputLinear(spec["in"], spec["out"], bias=spec["bias"])
+    if spec["type"] in ("branched_lstm", "arbitrator"):
+        from asrshrink.models.branched import build_branched
+
+        return build_branched(spec)
     return _build_side(spec)
 
 

@@ -22,6 +22,7 @@ from asrshrink.audio.features import FeatureConfig
 from asrshrink.audio.text import Vocabulary
 from asrshrink.errors import CheckpointError
 from asrshrink.models.base import Block, State, Transducer, check_foreign_state_dict
+from asrshrink.models.branched import Arbitrator, BranchedLSTMLayer, BranchTrace
 from asrshrink.models.layers import LowRankLinear, LSTMStack, mask_time, model_structure, stack_time
 from asrshrink.models.registry import register_family
 
@@ -72,17 +73,47 @@ class Encoder(nn.Module):
                                  forget_gate_bias=c.forget_gate_bias)
         self.post_rnn = LSTMStack(c.stack_time_factor * c.encoder_hidden, c.encoder_hidden, c.encoder_post_layers,
                                   dropout=c.dropout, forget_gate_bias=c.forget_gate_bias)
+        self.arbitrator: Arbitrator | None = None  # an AmNet's (``MlperfRnnt.attach_arbitrator``)
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """features (B, T, F), lengths (B,) -> output (B, T', H), lengths (B,) with T' = ceil(T / factor),
         and the pre-stacking activations (B, T, H)."""
+        if self.arbitrator is not None:  # an AmNet runs with hard switching unless trained through forward_amortized
+            return self.forward_amortized(features, lengths)[:3]
         low, _ = self.pre_rnn(features.transpose(0, 1))            # (T, B, H)
         # Frames past an utterance's end are zero before stacking, as they are when it runs alone (batch 1).
         low = mask_time(low, lengths)
         x, lengths = stack_time(low, lengths, self.stack_time_factor)  # (T', B, factor * H)
         x, _ = self.post_rnn(x)                                    # (T', B, H)
         return x.transpose(0, 1), lengths.to(torch.int64), low.transpose(0, 1)
+
+    def forward_amortized(self, features: torch.Tensor, lengths: torch.Tensor, *, sampling: str = "hard",
+                          temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, BranchTrace]:
+        """The AmNet encoder (an ``arbitrator`` attached, the LSTM layers branched): one decision per encoder
+        output frame t' (after time stacking), read from the stacked features of the factor feature frames
+        that frame covers; the layers below the stacking use that decision for each of those frames.
+
+        features (B, T, F), lengths (B,) -> output (B, T', H), lengths (B,), the pre-stacking activations
+        (B, T, H), and the decisions."""
+        factor = self.stack_time_factor
+        x = mask_time(features.transpose(0, 1), lengths)              # (T, B, F)
+        stacked, out_lengths = stack_time(x, lengths, factor)          # (T', B, factor * F)
+        decisions, log_pi = self.arbitrator(stacked, sampling=sampling, temperature=temperature)  # (T', B, N)
+        low_decisions = decisions.repeat_interleave(factor, 0)[:x.shape[0]]                     # (T, B, N)
+        hard = sampling == "hard"
+
+        def run(stack: LSTMStack, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+            for layer in stack.layers:
+                x = layer(x, d, hard=hard)[0] if isinstance(layer, BranchedLSTMLayer) else layer(x)[0]
+                x = stack.dropout(x)
+            return x
+
+        low = mask_time(run(self.pre_rnn, x, low_decisions), lengths)  # (T, B, H)
+        y, out_lengths = stack_time(low, lengths, factor)
+        y = run(self.post_rnn, y, decisions)                           # (T', B, H)
+        trace = BranchTrace(decisions.transpose(0, 1), log_pi.transpose(0, 1), out_lengths.to(torch.int64))
+        return y.transpose(0, 1), out_lengths.to(torch.int64), low.transpose(0, 1), trace
 
 
 class Prediction(nn.Module):
@@ -217,11 +248,65 @@ class MlperfRnnt(Transducer):
         }
 
     def flops_by_layer(self) -> dict[str, int]:
+        """Per encoder output frame; an AmNet's branched layers count their slow branch (the most a frame can
+        cost) and its arbitrator one decision (see ``branch_flops`` for each branch)."""
         factor = self.config.stack_time_factor  # layers below the stacking run factor times per output frame
         out = {f"encoder.pre_rnn.layers.{i}": factor * m.flops_per_step()
                for i, m in enumerate(self.encoder.pre_rnn.layers)}
         out.update({f"encoder.post_rnn.layers.{i}": m.flops_per_step() for i, m in enumerate(self.encoder.post_rnn.layers)})
+        if self.encoder.arbitrator is not None:
+            out[self.arbitrator_slot] = self.encoder.arbitrator.flops_per_step()
         return out
+
+    # --- AmNet (asrshrink.training.amnet) ------------------------------------------------------------------
+    arbitrator_slot = "encoder.arbitrator"
+
+    @property
+    def arbitrator_input_size(self) -> int:
+        """The arbitrator reads one decision frame: the factor stacked feature frames of an encoder output frame."""
+        return self.config.stack_time_factor * self.config.input_dim
+
+    @property
+    def arbitrator(self) -> Arbitrator | None:
+        return self.encoder.arbitrator
+
+    def attach_arbitrator(self, arbitrator: Arbitrator) -> None:
+        self.encoder.arbitrator = arbitrator
+
+    def branch_layer_rates(self) -> dict[str, int]:
+        """Every encoder LSTM layer by name, with how many of its time steps one decision frame covers."""
+        factor = self.config.stack_time_factor
+        out = {f"encoder.pre_rnn.layers.{i}": factor for i in range(len(self.encoder.pre_rnn.layers))}
+        out.update({f"encoder.post_rnn.layers.{i}": 1 for i in range(len(self.encoder.post_rnn.layers))})
+        return out
+
+    def branch_flops(self) -> list[int]:
+        """Encoder FLOPs of one decision (output) frame on each branch, without the arbitrator (unbranched layers
+        count in full on every branch)."""
+        rates = self.branch_layer_rates()
+        branches = self.encoder.arbitrator.branches
+        totals = [0] * branches
+        for name, rate in rates.items():
+            layer = self.get_submodule(name)
+            for n in range(branches):
+                totals[n] += rate * (layer.flops_per_step(n) if isinstance(layer, BranchedLSTMLayer)
+                                     else layer.flops_per_step())
+        return totals
+
+    def encode_amortized(self, features: torch.Tensor, lengths: torch.Tensor, *, sampling: str = "hard",
+                         temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, BranchTrace]:
+        enc, enc_lengths, _, trace = self.encoder.forward_amortized(features, lengths, sampling=sampling,
+                                                                    temperature=temperature)
+        return enc, enc_lengths, trace
+
+    def apply_structure(self, structure: dict[str, Any]) -> None:
+        structure = dict(structure)
+        spec = structure.pop(self.arbitrator_slot, None)
+        super().apply_structure(structure)
+        if spec is not None:
+            from asrshrink.models.layers import build_layer
+
+            self.attach_arbitrator(build_layer(spec))
 
     # --- computation ---------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

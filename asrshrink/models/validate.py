@@ -158,7 +158,12 @@ def check_structure(structure: Any, model: nn.Module, source: str) -> None:
     if not isinstance(structure, dict):
         raise CheckpointError(f"{source}: invalid compression structure ({type(structure).__name__}, expected an "
                               f"object); {REWRITE}")
+    kinds = {spec.get("type") for spec in structure.values() if isinstance(spec, dict)}
+    if "branched_lstm" in kinds or "arbitrator" in kinds:
+        _check_amnet(structure, model, source)
     for name, spec in structure.items():
+        if isinstance(spec, dict) and spec.get("type") == "arbitrator":
+            continue  # a module the AmNet adds (checked by _check_amnet)
         try:
             original = model.get_submodule(name) if isinstance(name, str) and name else None
         except AttributeError:
@@ -168,7 +173,9 @@ def check_structure(structure: Any, model: nn.Module, source: str) -> None:
             raise CheckpointError(f"{source}: invalid compression structure: {name!r} is not a layer of this "
                                   f"{getattr(model, 'family', 'model')} model; {REWRITE}")
         kind = spec.get("type") if isinstance(spec, dict) else None
-        if kind in ("factorized_lstm", "sparse_lstm"):
+        if kind == "branched_lstm":
+            got = ("lstm", _positive(spec, "input_size", name, source), _positive(spec, "hidden_size", name, source))
+        elif kind in ("factorized_lstm", "sparse_lstm"):
             hidden = _positive(spec, "hidden_size", name, source)
             ih, hh = _side(spec.get("ih"), name, source), _side(spec.get("hh"), name, source)
             got = ("lstm", ih[0], hidden)
@@ -194,6 +201,49 @@ def check_structure(structure: Any, model: nn.Module, source: str) -> None:
             raise CheckpointError(f"{source}: invalid compression structure for {name}: it would take {got[1]} "
                                   f"inputs and give {got[2]} where the model's layer has {want[1]} and {want[2]}; "
                                   f"{REWRITE}")
+
+
+def _check_amnet(structure: dict, model: nn.Module, source: str) -> None:
+    """An AmNet's structure: one arbitrator in the family's slot, reading the family's decision-rate input, and
+    branched LSTM layers of known kind whose branch counts agree with it and whose ranks (mf) fall from the slow
+    branch to the fast one within the matrix sizes."""
+    fix = "the AmNet structure is damaged; rewrite the model with asrshrink amnet-finetune"
+    slot = getattr(model, "arbitrator_slot", None)
+    arbitrators = {n: s for n, s in structure.items() if isinstance(s, dict) and s.get("type") == "arbitrator"}
+    branched = {n: s for n, s in structure.items() if isinstance(s, dict) and s.get("type") == "branched_lstm"}
+    if slot is None:
+        raise CheckpointError(f"{source}: invalid compression structure: an AmNet of a "
+                              f"{getattr(model, 'family', 'model')} model, which has no AmNet support; {fix}")
+    if list(arbitrators) != [slot] or not branched:
+        raise CheckpointError(f"{source}: invalid compression structure: an AmNet needs one arbitrator at {slot!r} "
+                              f"and branched layers (found arbitrators {sorted(arbitrators)} and "
+                              f"{len(branched)} branched layers); {fix}")
+    arb = arbitrators[slot]
+    for key in ("input_size", "hidden_size", "num_layers", "branches"):
+        _positive(arb, key, slot, source)
+    if not isinstance(arb.get("feedback"), bool) or arb["num_layers"] > 8 or arb["branches"] != 2:
+        raise CheckpointError(f"{source}: invalid compression structure for {slot}: feedback {arb.get('feedback')!r}, "
+                              f"{arb['num_layers']} layers, {arb['branches']} branches (expected true/false, at most "
+                              f"8 layers, 2 branches); {fix}")
+    if arb["input_size"] != model.arbitrator_input_size:
+        raise CheckpointError(f"{source}: invalid compression structure for {slot}: it reads {arb['input_size']} "
+                              f"inputs where this model's decision frames have {model.arbitrator_input_size}; {fix}")
+    for name, spec in branched.items():
+        size, hidden = _positive(spec, "input_size", name, source), _positive(spec, "hidden_size", name, source)
+        if spec.get("kind") not in ("mf", "sparse") or spec.get("branches") != arb["branches"]:
+            raise CheckpointError(f"{source}: invalid compression structure for {name}: kind {spec.get('kind')!r} "
+                                  f"with {spec.get('branches')!r} branches (expected mf or sparse with "
+                                  f"{arb['branches']}); {fix}")
+        if spec["kind"] == "mf":
+            ranks = spec.get("ranks")
+            for side, cols in (("ih", size), ("hh", hidden)):
+                values = ranks.get(side) if isinstance(ranks, dict) else None
+                if not isinstance(values, list) or len(values) != arb["branches"] or not all(
+                        isinstance(r, int) and not isinstance(r, bool) and 1 <= r <= min(cols, 4 * hidden)
+                        for r in values) or values != sorted(values, reverse=True):
+                    raise CheckpointError(f"{source}: invalid compression structure for {name}: {side} ranks "
+                                          f"{values!r} (expected {arb['branches']} non-increasing ranks in 1.."
+                                          f"{min(cols, 4 * hidden)}); {fix}")
 
 
 def _dtype_name(dtype: torch.dtype | str) -> str:
