@@ -154,6 +154,10 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
     """The run itself; with ``folder`` None (a helper process under torchrun) nothing is written."""
     started = time.perf_counter()
     original, info = load_model(model)
+    if original.arbitrator is not None:  # its branched layers expose no matrices: a method would skip them
+        raise AsrshrinkError(f"{info.path}: an AmNet model (branched encoder layers and an arbitrator); "
+                             f"{method.name} compresses models without branches: run it on the model before "
+                             f"amnet-finetune, then amnet-finetune its output")
     eval_set = _open_eval(original, evaluation) if folder is not None else None  # process 0 evaluates
     progress_dir = out / PROGRESS
     calibrated = method.calibrated(config)

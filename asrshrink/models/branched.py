@@ -108,6 +108,11 @@ class BranchedLSTMLayer(nn.Module):
         c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         return torch.sigmoid(o) * torch.tanh(c), c
 
+    @property
+    def output_size(self) -> int:
+        """Features of the layer's output and state (H): branches share one recurrent state."""
+        return self.hidden_size
+
     def forward(self, x: torch.Tensor, decisions: torch.Tensor, state=None, *, hard: bool = False):
         """x (T, B, I), decisions (T, B, N) (rows sum to 1), state (h, c) each (1, B, H) or None -> y (T, B, H),
         state. Soft: every branch runs and the new (h, c) is sum_n d_t(n) (h_{t,n}, c_{t,n}) (eq. 2); ``hard``:

@@ -208,10 +208,6 @@ class MlperfRnnt(Transducer):
                     return [(f"{prefix}.layers.{i + 1}", 1) if i + 1 < count else after]
         raise CheckpointError(f"{layer} is not an LSTM layer of this mlperf-rnnt model")
 
-    def apply_structure(self, structure: dict[str, Any]) -> None:
-        super().apply_structure(structure)
-        self.check_sizes()
-
     def check_sizes(self) -> None:
         """Every module reads what the module before it gives (a projected layer gives r features, not H)."""
         pre, post, pred = (list(s.layers) for s in (self.encoder.pre_rnn, self.encoder.post_rnn, self.prediction.rnn))
@@ -307,6 +303,7 @@ class MlperfRnnt(Transducer):
             from asrshrink.models.layers import build_layer
 
             self.attach_arbitrator(build_layer(spec))
+        self.check_sizes()
 
     # --- computation ---------------------------------------------------------------------------------------
     def encode(self, features: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

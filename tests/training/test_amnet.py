@@ -174,6 +174,9 @@ def test_a_saved_amnet_loads_back_and_decodes_the_same(kind, tmp_path):
     summary = json.loads(runner.invoke(app, ["info", str(path), "--json"]).output)
     slow, fast = summary["amnet"]["branch_flops_per_frame"]
     assert fast < slow and any(layer["name"] == "encoder.arbitrator" for layer in summary["encoder_layers"])
+    # the compressing methods see no matrices in branched layers: they refuse an AmNet rather than skip them
+    refused = runner.invoke(app, ["svd", str(path), "--rank-threshold", "0.5", "-o", str(tmp_path / "svd")])
+    assert refused.exit_code == 2 and "an AmNet model" in refused.output and not (tmp_path / "svd").exists()
 
 
 def _rewrite(path, out, edit_meta=None, edit_tensors=None):
