@@ -109,12 +109,13 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
     return proto.getvalue()
 
 
-def conformer_config(tokenizer: bytes) -> NemoConformerConfig:
+def conformer_config(tokenizer: bytes, layers: int | None = None) -> NemoConformerConfig:
     import dataclasses
 
     from asrshrink.audio.text import SentencePieceVocabulary
 
-    return dataclasses.replace(CONFORMER, vocabulary=SentencePieceVocabulary(tokenizer).to_json())
+    return dataclasses.replace(CONFORMER, vocabulary=SentencePieceVocabulary(tokenizer).to_json(),
+                               n_layers=layers or CONFORMER.n_layers)
 
 
 def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path, start: bytes | None = None) -> bytes:
@@ -142,9 +143,10 @@ def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path, start: by
     return data
 
 
-def build(family: str, ctc: bool, tokenizer: bytes | None = None) -> tuple[nn.Module, nn.Module | None]:
+def build(family: str, ctc: bool, tokenizer: bytes | None = None, layers: int | None = None
+          ) -> tuple[nn.Module, nn.Module | None]:
     if family == "nemo-conformer-transducer":
-        model = NemoConformerTransducer(conformer_config(tokenizer))
+        model = NemoConformerTransducer(conformer_config(tokenizer, layers))
     else:
         model = MlperfRnnt(REFERENCE)
     head = nn.Linear(model.aux_dim, model.vocabulary.size) if ctc else None
@@ -161,7 +163,9 @@ def cmd_train(args: argparse.Namespace) -> None:
     start = load_model(args.init)[0] if args.init and not args.resume else None
     start_tokenizer = getattr(start.vocabulary, "model_proto", None) if start is not None else None
     tokenizer = tokenizer_for(args, out, bank_dir, start_tokenizer) if conformer else None
-    model, head = build(args.family, args.ctc_weight > 0, tokenizer)
+    model, head = build(args.family, args.ctc_weight > 0, tokenizer, args.layers)
+    inter = nn.ModuleDict({name.replace(".", "_"): nn.Linear(model.aux_dim, model.vocabulary.size)
+                           for name in _inter_ctc_layers(args)})
     torch.manual_seed(args.seed)
     if start is not None:
         if start.vocabulary != model.vocabulary:
@@ -196,8 +200,11 @@ def cmd_train(args: argparse.Namespace) -> None:
     (out / "config.json").write_text(json.dumps({"model": model.config.to_json() if conformer else REFERENCE.to_json(),
                                                  "train": options}, indent=2))
 
+    inter_heads = {name: inter[name.replace(".", "_")] for name in _inter_ctc_layers(args)}
+
     def loss_fn(batch):
-        return transducer_ctc_loss(model, batch, ctc_head=head, ctc_weight=args.ctc_weight)
+        return transducer_ctc_loss(model, batch, ctc_head=head, ctc_weight=args.ctc_weight, inter_ctc=inter_heads,
+                                   inter_weight=args.inter_ctc_weight)
 
     bar = Progress(TextColumn("training"), BarColumn(), MofNCompleteColumn(),
                    TextColumn("loss {task.fields[loss]} lr {task.fields[lr]}"), TimeRemainingColumn(),
@@ -222,11 +229,22 @@ def cmd_train(args: argparse.Namespace) -> None:
                                 "train_loss": m.get("loss")}) + "\n")
 
     modules = {"ctc_head": head} if head is not None else {}
+    if inter_heads:
+        modules["inter_ctc"] = inter
     with bar:
         result = train(model, loss_fn, bank, config, out, extra_modules=modules, resume=args.resume,
                        on_log=on_log, on_checkpoint=on_checkpoint)
     log(f"stopped at step {result['step']}" + (" (interrupted; resume with --resume)" if result["interrupted"]
                                                 else ""))
+
+
+def _inter_ctc_layers(args: argparse.Namespace) -> list[str]:
+    """Encoder layers given an intermediate CTC head (--inter-ctc 3,6: Conformer layers 3 and 6)."""
+    if not args.inter_ctc:
+        return []
+    if args.family != "nemo-conformer-transducer":
+        raise SystemExit("--inter-ctc is for the Conformer (its encoder layers keep the encoder's frame rate)")
+    return [f"encoder.layers.{int(i)}" for i in args.inter_ctc.split(",")]
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -235,7 +253,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     options = json.loads(config.read_text())["train"] if config.is_file() else {}
     family = options.get("family", "mlperf-rnnt")
     tokenizer = (out / TOKENIZER).read_bytes() if family == "nemo-conformer-transducer" else None
-    model, head = build(family, True, tokenizer)
+    model, head = build(family, True, tokenizer, options.get("layers"))
     modules = {"model": model}
     state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
     if "ctc_head" in state["modules"]:
@@ -280,6 +298,10 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--max-batch", type=int, default=48)
     t.add_argument("--max-duration", type=float, default=15.0)
     t.add_argument("--ctc-weight", type=float, default=0.5)
+    t.add_argument("--layers", type=int, default=None, help="Conformer layers (default 10)")
+    t.add_argument("--inter-ctc", default=None, help="Conformer layers with an intermediate CTC head during "
+                   "training, e.g. 3,6 (the heads are not part of the exported model)")
+    t.add_argument("--inter-ctc-weight", type=float, default=0.3)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--checkpoint-every", type=int, default=100)

@@ -82,3 +82,18 @@ def test_init_models_tokenizer_is_used_when_the_run_has_none(tmp_path):
 
     assert recipe.tokenizer_for(Args, tmp_path / "run", tmp_path / "bank", data) == data
     assert (tmp_path / "run" / recipe.TOKENIZER).read_bytes() == data
+
+
+def test_layers_and_intermediate_ctc_options(tmp_path):
+    write_manifest(tmp_path / "train", TEXTS)
+    data = recipe.train_tokenizer(recipe.read_transcripts(tmp_path / "train"), 40)
+    model, _ = recipe.build("nemo-conformer-transducer", True, data, layers=4)
+    assert len(model.encoder.layers) == 4
+
+    class Args:
+        family, inter_ctc = "nemo-conformer-transducer", "1,3"
+
+    assert recipe._inter_ctc_layers(Args) == ["encoder.layers.1", "encoder.layers.3"]
+    Args.family = "mlperf-rnnt"
+    with pytest.raises(SystemExit, match="--inter-ctc is for the Conformer"):
+        recipe._inter_ctc_layers(Args)

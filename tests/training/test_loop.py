@@ -122,3 +122,23 @@ def test_conformer_trains_with_auxiliary_ctc_on_its_encoder_output():
     assert metrics["ctc"] > 0 and metrics["loss"] == pytest.approx(metrics["rnnt"] + 0.3 * metrics["ctc"], rel=1e-5)
     assert model.encoder.layers[0].self_attn.linear_q.weight.grad.abs().sum() > 0
     assert head.weight.grad.abs().sum() > 0
+
+
+def test_intermediate_ctc_adds_a_term_per_named_layer_and_feeds_the_lower_layers():
+    from asrshrink.models.nemo_conformer import NemoConformerConfig, NemoConformerTransducer
+
+    torch.manual_seed(0)
+    model = NemoConformerTransducer(NemoConformerConfig(
+        d_model=16, n_layers=3, n_heads=2, ff_expansion_factor=2, conv_kernel_size=3, subsampling_conv_channels=8,
+        pred_hidden=8, joint_hidden=8, vocabulary={"labels": list("abcdefghi"), "blank": 9})).train()
+    batch = {"features": torch.randn(2, 48, 80), "feature_lengths": torch.tensor([48, 36]),
+             "labels": torch.tensor([[1, 2, 3], [4, 5, 0]]), "label_lengths": torch.tensor([3, 2])}
+    heads = {"encoder.layers.0": nn.Linear(16, model.vocabulary.size)}
+    loss, metrics = transducer_ctc_loss(model, batch, inter_ctc=heads, inter_weight=0.5)
+    loss.backward()
+    assert metrics["ctc@encoder.layers.0"] > 0
+    assert metrics["loss"] == pytest.approx(metrics["rnnt"] + 0.5 * metrics["ctc@encoder.layers.0"], rel=1e-5)
+    assert heads["encoder.layers.0"].weight.grad.abs().sum() > 0
+    assert not model.encoder.layers[0]._forward_hooks  # the capture hooks are removed
+    with pytest.raises(ValueError, match="not \\(B, T', D\\) at the encoder's frame rate"):
+        transducer_ctc_loss(model, batch, inter_ctc={"encoder.pre_encode.conv.0": nn.Linear(8, 10)})
