@@ -23,7 +23,6 @@ Dimension letters: B batch, T' decision frames, U labels, N branches.
 from __future__ import annotations
 
 import copy
-import json
 import math
 from pathlib import Path
 
@@ -41,7 +40,7 @@ from asrshrink.models.branched import Arbitrator, BranchedLSTMLayer
 from asrshrink.models.layers import lstm_side_weights
 from asrshrink.training.data import FeatureBank
 from asrshrink.training.distill import PruneSchedule, _device, _lattice_logits
-from asrshrink.training.loop import CHECKPOINT, TrainConfig, process_rank, train
+from asrshrink.training.loop import CHECKPOINT, TrainConfig, process_rank, read_training_progress, train
 from asrshrink.training.rnnt_loss import rnnt_loss
 
 
@@ -312,16 +311,6 @@ def amnet_evaluation(config: AmnetConfig, original: Transducer, model: Transduce
     return fig
 
 
-def _read_progress(progress_dir: Path) -> dict | None:
-    if not (progress_dir / CHECKPOINT).is_file():
-        return None
-    try:
-        options = json.loads((progress_dir / "options.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return {"source_sha256": options.get("source_sha256"), "options": options, "seconds": 0.0}
-
-
 def _options(config: AmnetConfig) -> dict:
     data = to_json(config)
     data.update(data=str(Path(config.data).resolve()))
@@ -329,5 +318,5 @@ def _options(config: AmnetConfig) -> dict:
 
 
 register(Method("amnet-finetune", AmnetConfig, _amnet_core, calibrated=lambda config: config.data_aware,
-                options=_options, resumable=True, checkpoint_file=CHECKPOINT, read_progress=_read_progress,
+                options=_options, resumable=True, checkpoint_file=CHECKPOINT, read_progress=read_training_progress,
                 evaluate=amnet_evaluation))

@@ -34,7 +34,7 @@ from asrshrink.models.checkpoint import load_model
 from asrshrink.models.layers import dense_parameter, matrices, with_pruned_weights
 from asrshrink.models.targets import WeightTarget
 from asrshrink.training.data import FeatureBank
-from asrshrink.training.loop import CHECKPOINT, TrainConfig, process_rank, train
+from asrshrink.training.loop import CHECKPOINT, TrainConfig, process_rank, read_training_progress, train
 from asrshrink.training.rnnt_loss import rnnt_loss
 
 
@@ -556,17 +556,6 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
     return Outcome(student.eval(), rows)
 
 
-def _read_progress(progress_dir: Path) -> dict | None:
-    """A distill run's progress: its options (options.json) once a training checkpoint exists."""
-    if not (progress_dir / CHECKPOINT).is_file():
-        return None
-    try:
-        options = json.loads((progress_dir / "options.json").read_text())
-    except (OSError, ValueError):
-        return None
-    return {"source_sha256": options.get("source_sha256"), "options": options, "seconds": 0.0}
-
-
 def _options(config: DistillConfig) -> dict:
     data = to_json(config)
     data.update(data=str(Path(config.data).resolve()),
@@ -576,4 +565,4 @@ def _options(config: DistillConfig) -> dict:
 
 
 register(Method("distill", DistillConfig, _distill_core, calibrated=lambda config: False, options=_options,
-                resumable=True, checkpoint_file=CHECKPOINT, read_progress=_read_progress))
+                resumable=True, checkpoint_file=CHECKPOINT, read_progress=read_training_progress))

@@ -238,6 +238,18 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
     return {**metrics, "step": step, "interrupted": interrupted}
 
 
+def read_training_progress(progress_dir: Path) -> dict | None:
+    """The resumable progress of a run of a training-time method (``Method.read_progress``): its options
+    (options.json, written by the pipeline) once a training checkpoint exists; None before that."""
+    if not (progress_dir / CHECKPOINT).is_file():
+        return None
+    try:
+        options = json.loads((progress_dir / "options.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return {"source_sha256": options.get("source_sha256"), "options": options, "seconds": 0.0}
+
+
 def process_rank() -> tuple[int, int]:
     """(rank, world size) under torch.distributed, else (0, 1)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
