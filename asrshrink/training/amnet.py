@@ -30,7 +30,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asrshrink.audio.datasets import open_dataset
 from asrshrink.config import AmnetConfig, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.evaluate.amnet import amortized_latency, average_cost, decision_rate, default_mu, frame_costs
@@ -38,9 +37,9 @@ from asrshrink.methods.registry import Context, Method, Outcome, register
 from asrshrink.models.base import Transducer
 from asrshrink.models.branched import Arbitrator, BranchedLSTMLayer
 from asrshrink.models.layers import lstm_side_weights
-from asrshrink.training.data import FeatureBank
 from asrshrink.training.distill import PruneSchedule, _device, _lattice_logits
-from asrshrink.training.loop import CHECKPOINT, TrainConfig, process_rank, read_training_progress, train
+from asrshrink.training.loop import (CHECKPOINT, method_bank, method_train_config, process_rank,
+                                     read_training_progress, train)
 from asrshrink.training.rnnt_loss import rnnt_loss
 
 
@@ -239,26 +238,14 @@ def _amnet_core(config: AmnetConfig, ctx: Context) -> Outcome:
             f"{arb_params:,} parameters ({arb_params / enc_params:.2%} of the encoder), "
             f"{arb.flops_per_step() / 1e6:.3f} MFLOPs per decision; mu {mu / 1e6:.1f} MFLOP/s, rho {rho:g} frames/s")
     progress_dir = ctx.progress_dir
-    bank_dir = progress_dir / "bank"
     rank, world = process_rank()
     device = _device(config, rank, world)
-    if not (bank_dir / "index.json").is_file() and rank == 0:
-        dataset = open_dataset(config.data, vocabulary=student.vocabulary,
-                               sample_rate=student.feature_config.sample_rate, max_duration=config.max_duration)
-        ctx.log(f"featurizing {len(dataset)} utterances of {dataset.source}")
-        FeatureBank.build(dataset, student.featurizer, student.vocabulary, bank_dir,
-                          (lambda d, t: ctx.bar("featurizing", d, t)) if ctx.bar else None)
-    if world > 1:
-        torch.distributed.barrier()
-    bank = FeatureBank.load(bank_dir)
+    bank = method_bank(config, student, progress_dir, ctx.log, ctx.bar)
     gradual = config.branches == "sparse" and config.sparse_schedule == "gradual"
     pruner = BranchPruner(config.compressions(), config.pruning_until(), config.prune_every) if gradual else None
     state = AmnetState()
     original = source.to(device).eval() if config.entropy_threshold is not None else None
-    train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup,
-                               max_frames=config.max_frames, max_batch=config.max_batch, seed=config.seed,
-                               checkpoint_every=config.checkpoint_every, log_every=10,
-                               spec_augment=config.spec_augment, device=device)
+    train_config = method_train_config(config, device)
 
     def on_log(step: int, m: dict) -> None:
         if ctx.bar:

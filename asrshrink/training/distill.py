@@ -24,7 +24,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from asrshrink.audio.datasets import open_dataset
 from asrshrink.config import DistillConfig, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import write_json_atomic
@@ -33,8 +32,8 @@ from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import load_model
 from asrshrink.models.layers import dense_parameter, matrices, with_pruned_weights
 from asrshrink.models.targets import WeightTarget
-from asrshrink.training.data import FeatureBank
-from asrshrink.training.loop import CHECKPOINT, TrainConfig, process_rank, read_training_progress, train
+from asrshrink.training.loop import (CHECKPOINT, method_bank, method_train_config, process_rank,
+                                     read_training_progress, train)
 from asrshrink.training.rnnt_loss import rnnt_loss
 
 
@@ -449,18 +448,7 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
     rank, world = process_rank()
     device = _device(config, rank, world)
 
-    def build_bank() -> None:
-        dataset = open_dataset(config.data, vocabulary=student.vocabulary,
-                               sample_rate=student.feature_config.sample_rate, max_duration=config.max_duration)
-        ctx.log(f"featurizing {len(dataset)} utterances of {dataset.source}")
-        FeatureBank.build(dataset, student.featurizer, student.vocabulary, bank_dir,
-                          (lambda d, t: ctx.bar("featurizing", d, t)) if ctx.bar else None)
-
-    if not (bank_dir / "index.json").is_file() and rank == 0:
-        build_bank()
-    if world > 1:
-        torch.distributed.barrier()  # the others read the bank process 0 wrote
-    bank = FeatureBank.load(bank_dir)
+    bank = method_bank(config, student, progress_dir, ctx.log, ctx.bar)
     schedule = None
     if config.prune_to is not None:
         schedule = PruneSchedule(config.prune_to, config.prune_from,
@@ -515,10 +503,7 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
             hypotheses = {int(k): [(list(t), float(w)) for t, w in v]
                           for k, v in json.loads(cache.read_text()).items()}
         teacher = LiveTeacher(model, objective, hypotheses)
-    train_config = TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup,
-                               max_frames=config.max_frames, max_batch=config.max_batch, seed=config.seed,
-                               checkpoint_every=config.checkpoint_every, log_every=10,
-                               spec_augment=config.spec_augment, device=device)
+    train_config = method_train_config(config, device)
 
     def on_log(step: int, m: dict) -> None:
         if ctx.bar:

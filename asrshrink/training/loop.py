@@ -238,6 +238,33 @@ def train(model: nn.Module, loss_fn: LossFn, bank: FeatureBank, config: TrainCon
     return {**metrics, "step": step, "interrupted": interrupted}
 
 
+def method_bank(config, model: nn.Module, progress_dir: Path, log: Callable[[str], None] = lambda line: None,
+                bar: Callable[[str, int, int], None] | None = None) -> FeatureBank:
+    """A training-time method's featurized ``config.data`` (at most ``config.max_duration`` seconds per
+    utterance), built once in ``progress_dir/bank`` by process 0 (a resumed run reuses it) and read by all."""
+    from asrshrink.audio.datasets import open_dataset
+
+    bank_dir = progress_dir / "bank"
+    rank, world = process_rank()
+    if not (bank_dir / "index.json").is_file() and rank == 0:
+        dataset = open_dataset(config.data, vocabulary=model.vocabulary, sample_rate=model.feature_config.sample_rate,
+                               max_duration=config.max_duration)
+        log(f"featurizing {len(dataset)} utterances of {dataset.source}")
+        FeatureBank.build(dataset, model.featurizer, model.vocabulary, bank_dir,
+                          (lambda d, t: bar("featurizing", d, t)) if bar else None)
+    if world > 1:
+        torch.distributed.barrier()  # the others read the bank process 0 wrote
+    return FeatureBank.load(bank_dir)
+
+
+def method_train_config(config, device: str) -> TrainConfig:
+    """The loop's options from a training-time method's config (steps, lr, warmup, batch sizes, seed,
+    checkpoint interval, SpecAugment)."""
+    return TrainConfig(steps=config.steps, lr=config.lr, warmup_steps=config.warmup, max_frames=config.max_frames,
+                       max_batch=config.max_batch, seed=config.seed, checkpoint_every=config.checkpoint_every,
+                       log_every=10, spec_augment=config.spec_augment, device=device)
+
+
 def read_training_progress(progress_dir: Path) -> dict | None:
     """The resumable progress of a run of a training-time method (``Method.read_progress``): its options
     (options.json, written by the pipeline) once a training checkpoint exists; None before that."""
