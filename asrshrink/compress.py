@@ -87,7 +87,7 @@ def process_shard(device: str = "cpu") -> tuple[int, int] | None:
     process on its own GPU for ``device`` cuda), else None."""
     if not distributed() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         if device.startswith("cuda"):
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % max(torch.cuda.device_count(), 1))
         # process 0 alone featurizes the training data and runs the teacher's beams while the others wait at a
         # barrier: allow that hours, not the default 30 minutes
         torch.distributed.init_process_group("nccl" if device.startswith("cuda") else "gloo",

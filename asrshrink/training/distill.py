@@ -431,10 +431,13 @@ def _teacher_fingerprint(config: DistillConfig, ctx: Context, student: Transduce
 
 def _device(config: DistillConfig, rank: int, world: int) -> str:
     """The run's device: under torchrun, --device cuda is each process's own GPU (LOCAL_RANK)."""
-    if config.device == "cuda" and world > 1:
+    if config.device.startswith("cuda") and world > 1:
         import os
 
-        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+        if config.device != "cuda":
+            raise AsrshrinkError(f"--device {config.device} under torchrun: use --device cuda (each process takes "
+                                 f"its own GPU, LOCAL_RANK)")
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', rank)) % torch.cuda.device_count()}"
     return config.device
 
 
@@ -482,7 +485,9 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
             torch.distributed.barrier()  # the others read the cache process 0 wrote
         meta = teacher_cache.complete_cache(directory, fingerprint)
         if meta is None:
-            raise AsrshrinkError(f"{directory}: the teacher cache was not finished; run again to rebuild it")
+            raise AsrshrinkError(f"{directory}: the teacher cache was not finished; run again to rebuild it (under "
+                                 f"torchrun on several machines every process must see DIR: use a shared file "
+                                 f"system)")
         ctx.log(f"teacher from its cache {directory} ({meta['bytes'] / 1e6:.0f} MB of posteriors"
                 + (", beams" if objective.uses_beams else "") + "); the teacher model is not loaded")
         teacher = CachedTeacher(teacher_cache.CacheReader(directory, meta) if objective.uses_posteriors else None,

@@ -31,7 +31,7 @@ def transducer_ctc_loss(model: Transducer, batch: dict[str, torch.Tensor], *, ct
     finally:
         for hook in hooks:
             hook.remove()
-    start = torch.full((labels.shape[0], 1), blank, dtype=labels.dtype)
+    start = torch.full((labels.shape[0], 1), blank, dtype=labels.dtype, device=labels.device)
     pred, _ = model.predict(torch.cat([start, labels], 1), model.initial_state(labels.shape[0]))
     logits = model.joint(enc.unsqueeze(2), pred.unsqueeze(1))           # (B, T', U+1, V)
     tokens = label_lengths.sum().clamp(min=1).to(logits.dtype)

@@ -40,8 +40,9 @@ def _ours(name: str) -> bool:
 
 
 def bank_fingerprint(bank_dir: Path) -> str:
-    """The training bank's identity: the sha256 of its index (utterance ids, labels and frame counts)."""
-    return sha256_file(Path(bank_dir) / "index.json")
+    """The training bank's identity: the sha256 of its index (utterance ids, labels and frame counts) and of
+    its features (other audio with the same ids and lengths is other data)."""
+    return sha256_file(Path(bank_dir) / "index.json") + sha256_file(Path(bank_dir) / "features.f16")
 
 
 def fingerprint_difference(found: dict, wanted: dict) -> list[str]:
