@@ -469,9 +469,7 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
         return teacher.to(device).eval()
 
     teacher = None
-    if not needs_teacher:
-        pass
-    elif config.teacher_cache:
+    if needs_teacher and config.teacher_cache:
         directory = Path(config.teacher_cache)
         fingerprint = _teacher_fingerprint(config, ctx, student, bank_dir, objective)
         meta = teacher_cache.complete_cache(directory, fingerprint)
@@ -492,7 +490,7 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
                 + (", beams" if objective.uses_beams else "") + "); the teacher model is not loaded")
         teacher = CachedTeacher(teacher_cache.CacheReader(directory, meta) if objective.uses_posteriors else None,
                                 teacher_cache.read_beams(directory) if objective.uses_beams else None)
-    else:
+    elif needs_teacher:
         model = load_teacher()
         hypotheses = None
         if objective.uses_beams:
