@@ -32,6 +32,7 @@ from asrshrink.models.base import Transducer
 from asrshrink.models.checkpoint import load_model
 from asrshrink.models.layers import dense_parameter, matrices, with_pruned_weights
 from asrshrink.models.targets import WeightTarget
+from asrshrink.output import OutputLock
 from asrshrink.training.loop import (CHECKPOINT, method_bank, method_train_config, process_rank,
                                      read_training_progress, train)
 from asrshrink.training.rnnt_loss import rnnt_loss
@@ -269,7 +270,7 @@ def teacher_hypotheses(teacher: Transducer, bank, lattice: str, beam: int, *, ba
 def build_teacher_cache(directory: Path, teacher: Transducer, bank, objective: DistillObjective, beam: int,
                         fingerprint: dict, *, log=lambda line: None, progress=None) -> dict:
     """Compute the teacher's beams and KD distributions on every bank utterance into ``directory``."""
-    from asrshrink.training.teacher_cache import build_cache
+    from asrshrink.training.teacher_cache import build_cache, groups_within
 
     teacher.eval()
     hypotheses = None
@@ -307,8 +308,15 @@ def build_teacher_cache(directory: Path, teacher: Transducer, bank, objective: D
             t = int(lengths[b])
             yield key, t, len(toks), log_probs[k, :t, :len(toks) + 1].cpu()
 
-    return build_cache(directory, fingerprint, utterances=sorted(range(len(bank)), key=lambda i: int(bank.lengths[i])),
-                       lattices=lattices, hypotheses=hypotheses, width=width, estimate=estimate,
+    def size(i: int) -> tuple[int, int, int]:  # (lattice rows, encoder frames, labels + 1 x joint width)
+        frames = -(-int(bank.lengths[i]) // reduction)
+        if objective.lattice == "truth" or not objective.uses_posteriors:
+            return 1, frames, (len(bank.labels[i]) + 1) * teacher.vocabulary.size
+        hyps = hypotheses[i]
+        return max(1, len(hyps)), frames, (max((len(t) for t, _ in hyps), default=0) + 1) * teacher.vocabulary.size
+
+    order = sorted(range(len(bank)), key=lambda i: int(bank.lengths[i]))
+    return build_cache(directory, fingerprint, groups=groups_within(order, size), lattices=lattices, hypotheses=hypotheses, width=width, estimate=estimate,
                        collapsed=objective.collapsed,
                        progress=(lambda d, t: progress("teacher cache", d, t)) if progress else None)
 
@@ -474,11 +482,13 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
         fingerprint = _teacher_fingerprint(config, ctx, student, bank_dir, objective)
         meta = teacher_cache.complete_cache(directory, fingerprint)
         if meta is None and rank == 0:
-            model = load_teacher()
-            build_teacher_cache(directory, model, bank, objective, config.beam, fingerprint, log=ctx.log,
-                                progress=ctx.bar)
-            model.cpu()  # MODEL itself when there is no --teacher
-            del model
+            with OutputLock(directory, option="--teacher-cache"):  # one builder per folder
+                if teacher_cache.complete_cache(directory, fingerprint) is None:
+                    model = load_teacher()
+                    build_teacher_cache(directory, model, bank, objective, config.beam, fingerprint, log=ctx.log,
+                                        progress=ctx.bar)
+                    model.cpu()  # MODEL itself when there is no --teacher
+                    del model
         if world > 1:
             torch.distributed.barrier()  # the others read the cache process 0 wrote
         meta = teacher_cache.complete_cache(directory, fingerprint)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,9 @@ FORMAT = 1
 META = "meta.json"
 BEAMS = "beams.json"
 SHARD_BYTES = 128 * 2 ** 20
+GROUP_ELEMENTS = 2 ** 25  # joint outputs (rows x frames x labels x width) computed at once while building
+GROUP_UTTERANCES = 16
+OPEN_SHARDS = 32          # shard files a reader keeps open at once
 
 
 def _shard_name(k: int) -> str:
@@ -134,33 +138,44 @@ class ShardWriter:
 
 
 class CacheReader:
-    """Reads a finished cache's tensors by key (shards memory-mapped, opened once)."""
+    """Reads a finished cache's tensors by key. Shards are memory-mapped when first read, and at most
+    ``OPEN_SHARDS`` stay open (the least recently read is closed first), so a cache of thousands of shards
+    does not exhaust file descriptors."""
 
     def __init__(self, directory: Path, meta: dict):
-        from safetensors import safe_open
-
         self.directory = Path(directory)
         self.shard_of: dict[str, int] = {}
         self.frames: dict[int, int] = {int(k): int(v) for k, v in meta["frames"].items()}
         self.lattice_lengths: dict[str, int] = dict(meta["lengths"])
         self.width = int(meta["width"])
-        self.handles = []
+        self.handles: OrderedDict[int, object] = OrderedDict()
         for k, keys in enumerate(meta["shards"]):
-            path = self.directory / _shard_name(k)
-            try:
-                self.handles.append(safe_open(str(path), framework="pt"))
-            except Exception as exc:  # a missing or damaged shard: say which and what to do
-                raise AsrshrinkError(f"{path}: cannot read this teacher cache shard ({type(exc).__name__}); remove "
-                                     f"{self.directory} to rebuild the cache") from None
             for key in keys:
                 self.shard_of[key] = k
+
+    def _handle(self, k: int):
+        from safetensors import safe_open
+
+        if k in self.handles:
+            self.handles.move_to_end(k)
+            return self.handles[k]
+        path = self.directory / _shard_name(k)
+        try:
+            handle = safe_open(str(path), framework="pt")
+        except Exception as exc:  # a missing or damaged shard: say which and what to do
+            raise AsrshrinkError(f"{path}: cannot read this teacher cache shard ({type(exc).__name__}); remove "
+                                 f"{self.directory} to rebuild the cache") from None
+        self.handles[k] = handle
+        while len(self.handles) > OPEN_SHARDS:
+            self.handles.popitem(last=False)
+        return handle
 
     def get(self, key: str) -> torch.Tensor:
         """The (T', U+1, K) float32 log-probabilities stored under ``key``, checked against the meta."""
         if key not in self.shard_of:
             raise AsrshrinkError(f"{self.directory}: the teacher cache has no lattice {key!r}; remove it to rebuild")
         k = self.shard_of[key]
-        tensor = self.handles[k].get_tensor(key)
+        tensor = self._handle(k).get_tensor(key)
         utt = int(key.split("/")[0])
         expected = (self.frames[utt], self.lattice_lengths[key] + 1, self.width)
         if tuple(tensor.shape) != expected or tensor.dtype != torch.float16:
@@ -169,11 +184,37 @@ class CacheReader:
         return tensor.float()
 
 
-def build_cache(directory: Path, fingerprint: dict, *, utterances: list[int], lattices: Callable,
+def groups_within(utterances: list[int], size: Callable[[int], tuple[int, int, int]],
+                  elements: int | None = None, most: int | None = None) -> list[list[int]]:
+    """Consecutive groups of ``utterances`` whose padded joint output stays within ``elements`` numbers:
+    ``size(i)`` is (lattice rows, frames, labels + 1 x width) of utterance i, and a group costs its rows times
+    its longest frames times its largest label width (the batch is padded to both). An utterance over the
+    budget on its own forms a group alone. At most ``most`` utterances per group (defaults: the module's
+    ``GROUP_ELEMENTS`` and ``GROUP_UTTERANCES``)."""
+    elements = GROUP_ELEMENTS if elements is None else elements
+    most = GROUP_UTTERANCES if most is None else most
+    groups: list[list[int]] = []
+    current: list[int] = []
+    rows = frames = width = 0
+    for i in utterances:
+        r, t, w = size(i)
+        cost = (rows + r) * max(frames, t) * max(width, w)
+        if current and (cost > elements or len(current) >= most):
+            groups.append(current)
+            current, rows, frames, width = [], 0, 0, 0
+        current.append(i)
+        rows, frames, width = rows + r, max(frames, t), max(width, w)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def build_cache(directory: Path, fingerprint: dict, *, groups: list[list[int]], lattices: Callable,
                 hypotheses: dict | None, width: int, estimate: int, collapsed: bool,
                 progress: Callable[[int, int], None] | None = None) -> dict:
-    """Write a new cache: ``lattices(group)`` yields (key, frames, label count, log-probs) for a group of bank
-    positions; ``hypotheses`` (or None) go to beams.json. Returns the meta (written last)."""
+    """Write a new cache: ``lattices(group)`` yields (key, frames, label count, log-probs) for each group of
+    bank positions in ``groups``; ``hypotheses`` (or None) go to beams.json. Returns the meta (written last).
+    The caller holds the folder's lock (``OutputLock``)."""
     directory = Path(directory)
     _prepare_folder(directory)
     check_space(directory, estimate, collapsed)
@@ -182,14 +223,16 @@ def build_cache(directory: Path, fingerprint: dict, *, utterances: list[int], la
     writer = ShardWriter(directory)
     frames: dict[str, int] = {}
     lengths: dict[str, int] = {}
-    step = 16
-    for start in range(0, len(utterances), step):
-        for key, t, u, log_probs in lattices(utterances[start:start + step]):
+    utterances = [i for group in groups for i in group]
+    done = 0
+    for group in groups:
+        for key, t, u, log_probs in lattices(group):
             frames[key.split("/")[0]] = t
             lengths[key] = u
             writer.add(key, log_probs)
+        done += len(group)
         if progress:
-            progress(min(start + step, len(utterances)), len(utterances))
+            progress(done, len(utterances))
     writer.flush()
     for i in utterances:
         frames.setdefault(str(i), -1)

@@ -237,6 +237,54 @@ def test_distill_with_a_teacher_cache_reuses_it_without_the_teacher_and_refuses_
     assert (tmp_path / "other" / "notes.txt").read_text() == "mine"
 
 
+def test_cache_groups_stay_within_their_budget_and_keep_every_utterance_once():
+    from asrshrink.training.teacher_cache import groups_within
+
+    sizes = {0: (1, 10, 4), 1: (1, 12, 8), 2: (2, 20, 4), 3: (1, 30, 30), 4: (1, 31, 2)}
+    groups = groups_within(list(sizes), sizes.__getitem__, elements=500, most=3)
+    assert [i for g in groups for i in g] == list(sizes)
+    for g in groups:
+        rows = sum(sizes[i][0] for i in g)
+        cost = rows * max(sizes[i][1] for i in g) * max(sizes[i][2] for i in g)
+        assert cost <= 500 or len(g) == 1  # utterance 3 alone is over the budget
+        assert len(g) <= 3
+    assert [3] in groups
+    assert groups_within(list(sizes), sizes.__getitem__, elements=10 ** 9, most=2) == [[0, 1], [2, 3], [4]]
+
+
+def test_a_cache_in_many_small_shards_reads_the_same_with_few_files_open(speech, tmp_path, monkeypatch):
+    from asrshrink.training import teacher_cache
+    from asrshrink.training.data import FeatureBank
+    from asrshrink.training.distill import DistillObjective, build_teacher_cache
+
+    teacher = tiny()
+    bank = FeatureBank.build(__import__("asrshrink").audio.datasets.open_dataset(
+        str(speech), vocabulary=teacher.vocabulary), teacher.featurizer, teacher.vocabulary, tmp_path / "bank")
+    obj = DistillObjective(rnnt_weight=0.0, lattice_weight=1.0, temperature=1.0, collapsed=True, lattice="truth")
+    whole = build_teacher_cache(tmp_path / "whole", teacher, bank, obj, 2, {"x": 1})
+    monkeypatch.setattr(teacher_cache, "SHARD_BYTES", 1)       # one lattice per shard
+    monkeypatch.setattr(teacher_cache, "GROUP_ELEMENTS", 1)    # one utterance per teacher batch
+    monkeypatch.setattr(teacher_cache, "OPEN_SHARDS", 2)
+    split = build_teacher_cache(tmp_path / "split", teacher, bank, obj, 2, {"x": 1})
+    assert len(split["shards"]) == len(bank) > 2 and len(whole["shards"]) == 1
+    a, b = teacher_cache.CacheReader(tmp_path / "whole", whole), teacher_cache.CacheReader(tmp_path / "split", split)
+    for key in sorted(a.shard_of):
+        assert torch.allclose(a.get(key), b.get(key), atol=2e-3), key  # batch padding aside, the same numbers
+        assert len(b.handles) <= 2
+
+
+def test_a_teacher_cache_being_built_by_another_run_is_refused(speech, tmp_path):
+    from asrshrink.errors import AsrshrinkError
+    from asrshrink.output import OutputLock
+
+    teacher = save_model(tiny(), tmp_path / "teacher")
+    with OutputLock(tmp_path / "cache", option="--teacher-cache"):  # another run building this cache
+        with pytest.raises(AsrshrinkError, match="in use by another asrshrink run"):
+            compress.run_method("distill", config(speech, teacher_cache=str(tmp_path / "cache"), steps=2),
+                                model=str(teacher), out=tmp_path / "d")
+    assert not (tmp_path / "cache" / "meta.json").exists()
+
+
 def test_an_unfinished_teacher_cache_is_rebuilt(speech, tmp_path):
     teacher = save_model(tiny(), tmp_path / "teacher")
     cache = tmp_path / "cache"
