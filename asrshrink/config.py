@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import Any, ClassVar
 
 from asrshrink.errors import AsrshrinkError
 
@@ -171,14 +171,11 @@ DISTILL_OBJECTIVES = ("truth", "top-beam", "beam")
 
 
 @dataclass(frozen=True)
-class DistillConfig:
-    """``asrshrink distill``: fine-tune the student (MODEL, or with ``student_config`` a fresh model of MODEL's
-    family with those config fields changed) on ``data`` against the ground truth and the teacher's lattice
-    distributions, optionally pruning it gradually; ``teacher`` None is MODEL itself (with a fresh student)."""
+class TrainingOptions:
+    """The options every training-time method shares: the speech it trains on and the training loop's steps,
+    schedule, batches, seed, checkpoint interval, SpecAugment and device, with their checks."""
 
     data: str = ""
-    teacher: str | None = None
-    student_config: str | None = None          # JSON object of config fields, e.g. '{"encoder_hidden": 128}'
     steps: int = 300
     lr: float = 5e-4
     warmup: int = 30
@@ -188,6 +185,32 @@ class DistillConfig:
     seed: int = 0
     checkpoint_every: int = 50
     spec_augment: bool = True
+    device: str = "cpu"                        # "cpu", "cuda" or "cuda:N"
+
+    #: What --data is for, in the error that asks for it.
+    data_purpose: ClassVar[str] = "to train on"
+
+    def check_training(self, *counts: str) -> None:
+        """The shared checks; ``counts`` names the method's own options that must be at least 1."""
+        check_device(self.device)
+        if not self.data:
+            raise AsrshrinkError(f"--data is required: the speech (any --data layout) {self.data_purpose}")
+        for name in ("steps", "max_frames", "max_batch", "checkpoint_every", *counts):
+            if getattr(self, name) < 1:
+                raise AsrshrinkError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise AsrshrinkError(f"--lr must be positive, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class DistillConfig(TrainingOptions):
+    """``asrshrink distill``: fine-tune the student (MODEL, or with ``student_config`` a fresh model of MODEL's
+    family with those config fields changed) on ``data`` against the ground truth and the teacher's lattice
+    distributions, optionally pruning it gradually; ``teacher`` None is MODEL itself (with a fresh student)."""
+
+    data_purpose: ClassVar[str] = "to distill on"
+    teacher: str | None = None
+    student_config: str | None = None          # JSON object of config fields, e.g. '{"encoder_hidden": 128}'
     rnnt_weight: float = 1.0
     kd_weight: float = 1.0
     temperature: float = 1.0
@@ -204,17 +227,9 @@ class DistillConfig:
     components: tuple[str, ...] = ("encoder",)
     #: A folder for the teacher's beams and lattice posteriors, computed once (the teacher is then not loaded).
     teacher_cache: str | None = None
-    device: str = "cpu"                        # "cpu", "cuda" or "cuda:N"
 
     def check(self) -> None:
-        check_device(self.device)
-        if not self.data:
-            raise AsrshrinkError("--data is required: the speech (any --data layout) to distill on")
-        for name in ("steps", "max_frames", "max_batch", "checkpoint_every", "prune_every"):
-            if getattr(self, name) < 1:
-                raise AsrshrinkError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise AsrshrinkError(f"--lr must be positive, got {self.lr}")
+        self.check_training("prune_every")
         if self.student_config is None and self.teacher is None:
             raise AsrshrinkError("--teacher is required when MODEL is the student (or give --student-config to "
                                  "distill MODEL into a fresh, smaller model)")
@@ -244,12 +259,12 @@ AMNET_PAPER = {"mf": (0.35, 0.60), "sparse": (0.15, 0.80)}
 
 
 @dataclass(frozen=True)
-class AmnetConfig:
+class AmnetConfig(TrainingOptions):
     """``asrshrink amnet-finetune``: turn MODEL's encoder into an AmNet (a slow and a fast branch made from its
     weights, an arbitrator choosing per encoder output frame) and fine-tune it on ``data`` with the transducer
     loss + a compute loss (L_avg, L_amr or L_avg then a short L_amr stage)."""
 
-    data: str = ""
+    data_purpose: ClassVar[str] = "to fine-tune the AmNet on"
     branches: str = "mf"
     #: The share of each matrix removed on the slow / fast branch: MF parameters (rank r = (1 - c) m n / (m + n)),
     #: sparse weights (the sparsity); None: the paper's (mf 0.35 / 0.60, sparse 0.15 / 0.80).
@@ -259,15 +274,6 @@ class AmnetConfig:
     sparse_schedule: str = "gradual"           # sparse: "gradual" (cubic, during the fine-tune) or "magnitude"
     prune_until: int | None = None             # gradual: step at which both masks reach their sparsity
     prune_every: int = 20
-    steps: int = 300
-    lr: float = 5e-4
-    warmup: int = 30
-    max_frames: int = 3000
-    max_batch: int = 32
-    max_duration: float = 15.0
-    seed: int = 0
-    checkpoint_every: int = 50
-    spec_augment: bool = True
     arbitrator_hidden: int | None = None       # None: the paper's 128, shrunk to fit max_arbitrator_share
     arbitrator_layers: int = 2
     arbitrator_feedback: bool = True           # the arbitrator also reads its previous decision d_{t-1}
@@ -286,7 +292,6 @@ class AmnetConfig:
     latency_weight: float = 1.0                # lambda of L_amr (seconds of modelled response delay)
     mu: float | None = None                    # device FLOPs/s (2 per multiply-add); None: 45 % of real time dense
     rho: float | None = None                   # decision frames per second; None: the model's encoder frame rate
-    device: str = "cpu"
 
     def compressions(self) -> tuple[float, float]:
         paper = AMNET_PAPER[self.branches] if self.branches in AMNET_PAPER else (0.0, 0.0)
@@ -307,9 +312,7 @@ class AmnetConfig:
         return self.prune_until if self.prune_until is not None else max(1, int(0.3 * self.steps))
 
     def check(self) -> None:
-        check_device(self.device)
-        if not self.data:
-            raise AsrshrinkError("--data is required: the speech (any --data layout) to fine-tune the AmNet on")
+        self.check_training("prune_every", "arbitrator_layers")
         if self.branches not in AMNET_BRANCHES:
             raise AsrshrinkError(f"--branches must be one of {', '.join(AMNET_BRANCHES)}, got {self.branches!r}")
         if self.loss not in AMNET_LOSSES:
@@ -322,14 +325,10 @@ class AmnetConfig:
                                  f"more compressed one), got {slow:g} and {fast:g}")
         if self.data_aware and self.branches != "mf":
             raise AsrshrinkError("--data-aware makes data-aware SVD factors: it needs --branches mf")
-        for name in ("steps", "max_frames", "max_batch", "checkpoint_every", "prune_every", "arbitrator_layers"):
-            if getattr(self, name) < 1:
-                raise AsrshrinkError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.arbitrator_hidden is not None and self.arbitrator_hidden < 1:
             raise AsrshrinkError(f"--arbitrator-hidden must be at least 1, got {self.arbitrator_hidden}")
-        if not self.lr > 0 or not 0 < self.max_arbitrator_share <= 1:
-            raise AsrshrinkError(f"--lr must be positive and --max-arbitrator-share in (0, 1], got {self.lr}, "
-                                 f"{self.max_arbitrator_share}")
+        if not 0 < self.max_arbitrator_share <= 1:
+            raise AsrshrinkError(f"--max-arbitrator-share must be in (0, 1], got {self.max_arbitrator_share}")
         if not 0 < self.tau_end <= self.tau_start:
             raise AsrshrinkError(f"need 0 < --tau-end <= --tau-start, got {self.tau_end:g}, {self.tau_start:g}")
         if self.compute_weight < 0 or self.latency_weight < 0:
