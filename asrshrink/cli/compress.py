@@ -46,6 +46,10 @@ TargetParams = Annotated[Optional[int], typer.Option(help="Per-layer ranks under
                                                           "keeps at most this many parameters.")]
 
 
+TrainingData = Annotated[Optional[Path], typer.Option(help="Training speech (any --data layout). Required.",
+                                                     show_default=False)]
+
+
 def _explicit(ctx: typer.Context, name: str) -> bool:
     """Whether the user gave option ``name`` (on the command line or through the environment)."""
     source = ctx.get_parameter_source(name)  # compared by name: Typer may bring its own copy of click's enum
@@ -310,13 +314,30 @@ def prune_command(
          evaluation=_evaluation(eval_data, eval_limit, seed))
 
 
+def _resume_training(ctx: typer.Context, command: str, out: Path, resume: Path, json_out: bool, model, *,
+                     options: dict, paths: dict) -> None:
+    """``--resume`` of a training-time command: the options given on the command line (``options``, config
+    field -> value; ``paths``, config field -> Path or None) must agree with the resumed run's, and -o, if
+    given, must be the folder it resumes."""
+    given = _given_options(ctx, {name: (f"--{name.replace('_', '-')}", command, name, value)
+                                 for name, value in options.items()})
+    for name, path in paths.items():
+        if path is not None:
+            given[f"--{name.replace('_', '-')}"] = (command, name, str(path.resolve()))
+    if _explicit(ctx, "out") and out.resolve() != resume.resolve():
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
+                             f"resumes; drop -o")
+    _run(command, json_out, out=resume, resume_run=True, given=given, model=model)
+
+
 @app.command("distill")
 @handle_errors
 def distill_command(
     ctx: typer.Context,
     model: ModelArg = None, out: Out = Path("distill-out"),
-    data: Annotated[Optional[Path], typer.Option(help="Training speech (any --data layout). Required.",
-                                                 show_default=False)] = None,
+    data: TrainingData = None,
     teacher: Annotated[Optional[Path], typer.Option(help="The teacher model; default MODEL itself (with "
                                                          "--student-config).", show_default=False)] = None,
     student_config: Annotated[Optional[str], typer.Option(
@@ -376,23 +397,10 @@ def distill_command(
     from asrshrink.config import DistillConfig
 
     if resume is not None:
-        given = _given_options(ctx, {
-            name: (f"--{name.replace('_', '-')}", "distill", name, value) for name, value in (
-                ("steps", steps), ("lr", lr), ("kd_weight", kd_weight), ("rnnt_weight", rnnt_weight),
-                ("objective", objective), ("prune_to", prune_to), ("max_frames", max_frames),
-                ("max_batch", max_batch), ("device", device))})
-        if teacher_cache is not None:
-            given["--teacher-cache"] = ("distill", "teacher_cache", str(teacher_cache.resolve()))
-        if data is not None:
-            given["--data"] = ("distill", "data", str(data.resolve()))
-        if teacher is not None:
-            given["--teacher"] = ("distill", "teacher", str(teacher.resolve()))
-        if _explicit(ctx, "out") and out.resolve() != resume.resolve():
-            from asrshrink.errors import AsrshrinkError
-
-            raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
-                                 f"resumes; drop -o")
-        _run("distill", json_out, out=resume, resume_run=True, given=given, model=model)
+        _resume_training(ctx, "distill", out, resume, json_out, model, options=dict(
+            steps=steps, lr=lr, kd_weight=kd_weight, rnnt_weight=rnnt_weight, objective=objective, prune_to=prune_to,
+            max_frames=max_frames, max_batch=max_batch, device=device),
+            paths=dict(teacher_cache=teacher_cache, data=data, teacher=teacher))
         return
     config = DistillConfig(data=str(data) if data else "", teacher=str(teacher) if teacher else None,
                            student_config=student_config, steps=steps, lr=lr, max_frames=max_frames,
@@ -425,8 +433,7 @@ SUMMARIES["amnet-finetune"] = _amnet_summary
 def amnet_command(
     ctx: typer.Context,
     model: ModelArg = None, out: Out = Path("amnet-out"),
-    data: Annotated[Optional[Path], typer.Option(help="Training speech (any --data layout). Required.",
-                                                 show_default=False)] = None,
+    data: TrainingData = None,
     branches: Annotated[str, typer.Option(help="mf: slow and fast branches from one SVD of each matrix (the fast "
                                                "one uses the first ranks of the slow one's factors); sparse: two "
                                                "nested magnitude masks over the same weights.")] = "mf",
@@ -500,19 +507,9 @@ def amnet_command(
     from asrshrink.config import AmnetConfig
 
     if resume is not None:
-        given = _given_options(ctx, {
-            name: (f"--{name.replace('_', '-')}", "amnet-finetune", name, value) for name, value in (
-                ("steps", steps), ("lr", lr), ("branches", branches), ("loss", loss), ("mu", mu),
-                ("max_frames", max_frames), ("max_batch", max_batch), ("device", device),
-                ("compute_weight", compute_weight), ("latency_weight", latency_weight))})
-        if data is not None:
-            given["--data"] = ("amnet-finetune", "data", str(data.resolve()))
-        if _explicit(ctx, "out") and out.resolve() != resume.resolve():
-            from asrshrink.errors import AsrshrinkError
-
-            raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
-                                 f"resumes; drop -o")
-        _run("amnet-finetune", json_out, out=resume, resume_run=True, given=given, model=model)
+        _resume_training(ctx, "amnet-finetune", out, resume, json_out, model, options=dict(
+            steps=steps, lr=lr, branches=branches, loss=loss, mu=mu, max_frames=max_frames, max_batch=max_batch,
+            device=device, compute_weight=compute_weight, latency_weight=latency_weight), paths=dict(data=data))
         return
     config = AmnetConfig(
         data=str(data) if data else "", branches=branches, slow_compression=slow_compression,

@@ -104,36 +104,27 @@ def _cmdline(proc) -> bytes:
         return b""
 
 
-@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the run's processes in /proc")
-@pytest.mark.parametrize("processes", [1, 2])
-def test_distillation_killed_with_sigkill_resumes_to_the_uninterrupted_parameters(processes, tmp_path):
-    """kill -9 (no checkpoint on the way out) after the first checkpoint, then --resume (under torchrun for two
-    processes): the final parameters equal an uninterrupted run's."""
+def _killed_run_resumes_to_the_uninterrupted_parameters(command: list[str], tmp_path, steps: int):
+    """Run ``command`` to the end (-o straight); run it again (-o killed), kill -9 every process of it (the
+    launcher and, under torchrun, its workers, which start sessions of their own) once its first checkpoint is
+    written, then --resume it: the final parameters equal the uninterrupted run's. Returns both models."""
     import os
     import signal
     import time
 
-    data = _training_speech(tmp_path, seed=2)
-    teacher = save_model(tiny_rnnt(), tmp_path / "teacher")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-              "-m", "asrshrink"] if processes > 1 else [sys.executable, "-m", "asrshrink"]
-    common = ["distill", str(teacher), "--data", str(data), "--student-config", '{"encoder_hidden": 16}',
-              "--kd-weight", "0.5", "--steps", "60", "--lr", "3e-3", "--checkpoint-every", "3", "--max-batch", "2",
-              "--max-frames", "2000"]
     env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
 
     def run(*extra):
-        done = subprocess.run([*launch, *common, *extra], capture_output=True, text=True, timeout=300, env=env)
+        done = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     run("-o", str(tmp_path / "straight"))
-    killed = subprocess.Popen([*launch, *common, "-o", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+    killed = subprocess.Popen([*command, "-o", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
                               stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     checkpoint = tmp_path / "killed" / ".progress" / "train_state.pt"
     deadline = time.monotonic() + 240
     while not checkpoint.is_file() and killed.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    # torchrun starts its workers in sessions of their own: kill every process of the run, the launcher first
     mine = [killed.pid] + [int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit() and int(p.name) !=
                            killed.pid and str(tmp_path / "killed").encode() in _cmdline(p)]
     for pid in mine:
@@ -145,13 +136,29 @@ def test_distillation_killed_with_sigkill_resumes_to_the_uninterrupted_parameter
     while any(Path(f"/proc/{pid}").exists() and _cmdline(Path(f"/proc/{pid}")) for pid in mine[1:]):
         time.sleep(0.02)
     assert checkpoint.is_file() and not (tmp_path / "killed" / "model.safetensors").exists()
-    state = torch.load(checkpoint, weights_only=True)
-    assert 0 < state["step"] < 60
+    assert 0 < torch.load(checkpoint, weights_only=True)["step"] < steps
     run("--resume", str(tmp_path / "killed"))
     a, _ = load_model(tmp_path / "straight" / "model.safetensors")
     b, _ = load_model(tmp_path / "killed" / "model.safetensors")
+    assert a.state_dict().keys() == b.state_dict().keys()
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+    return a, b
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the run's processes in /proc")
+@pytest.mark.parametrize("processes", [1, 2])
+def test_distillation_killed_with_sigkill_resumes_to_the_uninterrupted_parameters(processes, tmp_path):
+    """kill -9 (no checkpoint on the way out) after the first checkpoint, then --resume (under torchrun for two
+    processes): the final parameters equal an uninterrupted run's."""
+    data = _training_speech(tmp_path, seed=2)
+    teacher = save_model(tiny_rnnt(), tmp_path / "teacher")
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
+              "-m", "asrshrink"] if processes > 1 else [sys.executable, "-m", "asrshrink"]
+    _killed_run_resumes_to_the_uninterrupted_parameters(
+        [*launch, "distill", str(teacher), "--data", str(data), "--student-config", '{"encoder_hidden": 16}',
+         "--kd-weight", "0.5", "--steps", "60", "--lr", "3e-3", "--checkpoint-every", "3", "--max-batch", "2",
+         "--max-frames", "2000"], tmp_path, steps=60)
 
 
 @pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds the run's processes in /proc")
@@ -159,42 +166,12 @@ def test_amnet_finetune_killed_with_sigkill_resumes_to_the_uninterrupted_paramet
     """kill -9 an amnet-finetune run (sparse branches on the gradual schedule, random then Gumbel phases, an
     L_amr stage) after its first checkpoint, then --resume: the final parameters and masks equal an
     uninterrupted run's."""
-    import os
-    import signal
-    import time
-
-    rng = np.random.default_rng(3)
-    data = tmp_path / "speech"
-    data.mkdir()
-    for i, text in enumerate(["a b c", "ab ba", "cab", "a a b", "bac ca", "c", "abc", "ba"]):
-        sf.write(data / f"u{i}.wav", (0.1 * rng.standard_normal(3000 + 500 * i)).astype(np.float32), 16000)
-        (data / f"u{i}.txt").write_text(text)
+    data = _training_speech(tmp_path, seed=3)
     source = save_model(tiny_rnnt(), tmp_path / "source")
-    common = [sys.executable, "-m", "asrshrink", "amnet-finetune", str(source), "--data", str(data),
-              "--branches", "sparse", "--prune-until", "20", "--prune-every", "5", "--random-steps", "20",
-              "--entropy-threshold", "2.0", "--amr-steps", "15", "--steps", "60", "--lr", "3e-3",
-              "--checkpoint-every", "3", "--max-batch", "2", "--max-frames", "2000", "--arbitrator-hidden", "8"]
-    env = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
-
-    def run(*extra):
-        done = subprocess.run([*common, *extra], capture_output=True, text=True, timeout=300, env=env)
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-
-    run("-o", str(tmp_path / "straight"))
-    killed = subprocess.Popen([*common, "-o", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL, env=env, start_new_session=True)
-    checkpoint = tmp_path / "killed" / ".progress" / "train_state.pt"
-    deadline = time.monotonic() + 240
-    while not checkpoint.is_file() and killed.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.kill(killed.pid, signal.SIGKILL)
-    killed.wait()
-    assert checkpoint.is_file() and not (tmp_path / "killed" / "model.safetensors").exists()
-    state = torch.load(checkpoint, weights_only=True)
-    assert 0 < state["step"] < 60
-    run("--resume", str(tmp_path / "killed"))
-    a, _ = load_model(tmp_path / "straight" / "model.safetensors")
-    b, _ = load_model(tmp_path / "killed" / "model.safetensors")
-    assert a.arbitrator is not None and a.state_dict().keys() == b.state_dict().keys()
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), name
+    a, _ = _killed_run_resumes_to_the_uninterrupted_parameters(
+        [sys.executable, "-m", "asrshrink", "amnet-finetune", str(source), "--data", str(data),
+         "--branches", "sparse", "--prune-until", "20", "--prune-every", "5", "--random-steps", "20",
+         "--entropy-threshold", "2.0", "--amr-steps", "15", "--steps", "60", "--lr", "3e-3",
+         "--checkpoint-every", "3", "--max-batch", "2", "--max-frames", "2000", "--arbitrator-hidden", "8"],
+        tmp_path, steps=60)
+    assert a.arbitrator is not None

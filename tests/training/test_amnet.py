@@ -3,9 +3,7 @@ argmax path, the saved model, exact resume, and the command."""
 
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
@@ -21,6 +19,7 @@ from asrshrink.models.branched import BranchedLSTMLayer
 from asrshrink.models.checkpoint import load_model, save_model
 from asrshrink.models.layers import lstm_side_weights
 from asrshrink.training.amnet import build_amnet, mf_rank, nested_masks, temperature_at
+from tests.helpers import assert_interrupted_run_resumes
 from tests.methods.test_psvd import tiny
 
 runner = CliRunner()
@@ -223,17 +222,6 @@ def test_sparse_masks_that_are_not_nested_are_refused(tmp_path):
 
 # --- the method -------------------------------------------------------------------------------------------------
 
-@pytest.fixture()
-def speech(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "speech"
-    folder.mkdir()
-    for i, text in enumerate(["hello world", "a b c", "shrink me", "tiny model", "more words", "last one"]):
-        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 800 * i)).astype(np.float32), 16000)
-        (folder / f"u{i}.txt").write_text(text)
-    return folder
-
-
 def config(speech, **changes):
     base = dict(data=str(speech), steps=8, lr=3e-3, warmup=2, max_frames=2000, checkpoint_every=2,
                 arbitrator_hidden=8, amr_steps=3)
@@ -285,27 +273,9 @@ def test_gradual_sparse_branches_reach_their_sparsities(speech, tmp_path):
 def test_interrupted_amnet_finetune_resumes_to_identical_parameters(speech, tmp_path, monkeypatch):
     source = save_model(tiny(), tmp_path / "source")
     cfg = config(speech, branches="sparse", prune_until=4, prune_every=2, random_steps=4, entropy_threshold=2.0)
-    compress.run_method("amnet-finetune", cfg, model=str(source), out=tmp_path / "straight")
     import asrshrink.training.amnet as amnet_module
 
-    real_train = amnet_module.train
-
-    def stop_after_five(*args, **kwargs):
-        return real_train(*args, **{**kwargs, "stop_after": 5})
-
-    monkeypatch.setattr(amnet_module, "train", stop_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        compress.run_method("amnet-finetune", cfg, model=str(source), out=tmp_path / "resumed")
-    monkeypatch.setattr(amnet_module, "train", real_train)
-    refused = runner.invoke(app, ["amnet-finetune", "--resume", str(tmp_path / "resumed"), "--steps", "9"])
-    assert refused.exit_code == 2 and "--steps 9 contradicts the interrupted run" in refused.output
-    result = runner.invoke(app, ["amnet-finetune", "--resume", str(tmp_path / "resumed")])
-    assert result.exit_code == 0, result.output
-    a, _ = load_model(tmp_path / "straight")
-    b, _ = load_model(tmp_path / "resumed")
-    assert a.state_dict().keys() == b.state_dict().keys()
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), name
+    assert_interrupted_run_resumes("amnet-finetune", amnet_module, cfg, source, tmp_path, monkeypatch)
 
 
 def test_options_are_checked_before_any_work(speech, tmp_path):

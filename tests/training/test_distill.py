@@ -2,9 +2,7 @@
 
 import json
 
-import numpy as np
 import pytest
-import soundfile as sf
 import torch
 from typer.testing import CliRunner
 
@@ -14,6 +12,7 @@ from asrshrink.config import DistillConfig
 from asrshrink.models.checkpoint import load_model, save_model
 from asrshrink.models.layers import matrices
 from asrshrink.training.distill import PruneSchedule, collapse, lattice_kl
+from tests.helpers import assert_interrupted_run_resumes
 from tests.methods.test_psvd import tiny
 
 runner = CliRunner()
@@ -73,17 +72,6 @@ def test_cubic_schedule():
         round(0.8 * (1 - 0.25 ** 3), 4), 0.8, 0.8]
 
 
-@pytest.fixture()
-def speech(tmp_path):
-    rng = np.random.default_rng(0)
-    folder = tmp_path / "speech"
-    folder.mkdir()
-    for i, text in enumerate(["hello world", "a b c", "shrink me", "tiny model", "more words", "last one"]):
-        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 800 * i)).astype(np.float32), 16000)
-        (folder / f"u{i}.txt").write_text(text)
-    return folder
-
-
 def config(speech, **changes):
     base = dict(data=str(speech), student_config=json.dumps({"encoder_hidden": 16}), steps=8, lr=3e-3, warmup=2,
                 max_frames=2000, checkpoint_every=2)
@@ -125,27 +113,9 @@ def test_gradual_pruning_reaches_its_sparsity_and_keeps_zeros(speech, tmp_path):
 def test_interrupted_distillation_resumes_to_identical_parameters(speech, tmp_path, monkeypatch):
     teacher = save_model(tiny(), tmp_path / "teacher")
     cfg = config(speech, prune_to=0.5, prune_from=2, prune_until=6, prune_every=2)
-    compress.run_method("distill", cfg, model=str(teacher), out=tmp_path / "straight")
     import asrshrink.training.distill as distill_module
 
-    real_train = distill_module.train
-
-    def stop_after_five(*args, **kwargs):
-        return real_train(*args, **{**kwargs, "stop_after": 5})
-
-    monkeypatch.setattr(distill_module, "train", stop_after_five)
-    with pytest.raises(KeyboardInterrupt):
-        compress.run_method("distill", cfg, model=str(teacher), out=tmp_path / "resumed")
-    monkeypatch.setattr(distill_module, "train", real_train)
-    refused = runner.invoke(app, ["distill", "--resume", str(tmp_path / "resumed"), "--steps", "9"])
-    assert refused.exit_code == 2 and "--steps 9 contradicts the interrupted run" in refused.output
-    result = runner.invoke(app, ["distill", "--resume", str(tmp_path / "resumed")])
-    assert result.exit_code == 0, result.output
-    a, _ = load_model(tmp_path / "straight")
-    b, _ = load_model(tmp_path / "resumed")
-    assert a.state_dict().keys() == b.state_dict().keys()
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
-        assert torch.equal(x, y), name
+    assert_interrupted_run_resumes("distill", distill_module, cfg, teacher, tmp_path, monkeypatch)
 
 
 def test_distill_command_needs_a_teacher_for_a_given_student(speech, tmp_path):
