@@ -2,15 +2,22 @@
 factorization (F), distillation (D) and sparsity (S), alone or combined, gives the lowest WER.
 
     python benchmarks/distill_table.py --data PATH [--test PATH] [--steps 300] [--threshold 0.2] \\
-        [--out runs/distill-table]
+        [--tables 3,1] [--out runs/distill-table]
 
-Rows, every one fine-tuned for the same ``--steps`` on the same ``--data`` (the teacher is the bundled model):
+Rows, every one fine-tuned for the same ``--steps`` on the same ``--data`` (the teacher is the bundled model).
+Table 3 (which of F, D and S at one budget):
   base       a fresh model with the encoder narrowed to about the F row's parameters, ground truth only
   F          svd at ``--threshold`` (no fine-tuning)
   F+GT       F fine-tuned on the ground truth alone (the objective "none" of the paper's Table 1)
   F+D        F distilled: ground truth + lattice KD (TRUTH-KD)
   S+D        the dense model pruned gradually to the F row's encoder size (sparse storage) while distilled
   F+D+S      F distilled while its dense matrices are pruned gradually to 30 %
+Table 1 (the distillation objectives, on the F student; "none" and "truth" are F+GT and F+D):
+  F+top-beam         lattice KD on the teacher's top beam hypothesis, plus the transducer loss on it (TOP-KD)
+  F+beam             lattice KD on all ``--beam`` hypotheses, weighted by their normalised probabilities (BEAM-KD)
+  F+GT+top-beam      TOP-KD from the F+GT row's model ("top beam + student init": a student first trained on
+                     the ground truth); with its own ``--steps``, so it has had twice the steps of the others
+The two top-beam rows share one teacher cache (the teacher's beam search over --data runs once for them).
 Prints WER, parameters (non-zero), encoder storage and wall time per row. Every run goes through
 ``asrshrink.compress.run_method`` (the code behind ``asrshrink svd`` and ``asrshrink distill``).
 """
@@ -37,6 +44,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--threshold", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--tables", default="3,1", help="which tables' rows to run: 3, 1 or 3,1")
     parser.add_argument("--out", type=Path, default=Path("runs/distill-table"))
     args = parser.parse_args()
     teacher = str(DEFAULT_MODEL)
@@ -65,11 +74,20 @@ def main() -> None:
     f_model = str(args.out / "F")
     budget = rows["F"]["encoder_mb"] / (sum(p.numel() for p in original.encoder.parameters()) * 4 / 1e6)
     width = max(16, int(original.config.encoder_hidden * budget ** 0.5))
-    distill("base", teacher, student_config=json.dumps({"encoder_hidden": width}), kd_weight=0.0)
+    tables = {t.strip() for t in args.tables.split(",")}
+    if "3" in tables:
+        distill("base", teacher, student_config=json.dumps({"encoder_hidden": width}), kd_weight=0.0)
     distill("F+GT", f_model, teacher=teacher, kd_weight=0.0)
     distill("F+D", f_model, teacher=teacher)
-    distill("S+D", teacher, teacher=teacher, prune_to=round(1 - budget, 3))
-    distill("F+D+S", f_model, teacher=teacher, prune_to=0.3)
+    if "3" in tables:
+        distill("S+D", teacher, teacher=teacher, prune_to=round(1 - budget, 3))
+        distill("F+D+S", f_model, teacher=teacher, prune_to=0.3)
+    if "1" in tables:
+        beams = dict(beam=args.beam, teacher_cache=str(args.out / "cache-top-beam"))
+        distill("F+top-beam", f_model, teacher=teacher, objective="top-beam", pseudo_weight=1.0, **beams)
+        distill("F+beam", f_model, teacher=teacher, objective="beam", beam=args.beam)
+        distill("F+GT+top-beam", str(args.out / "F+GT"), teacher=teacher, objective="top-beam", pseudo_weight=1.0,
+                **beams)
     print(f"\nOriginal WER {base.wer:.2f} % on {test.source}; {args.steps} steps per fine-tuned row; total "
           f"{time.perf_counter() - started:.0f} s.\n")
     print("| row | WER % | non-zero params | encoder MB (sparse storage) | s |")
