@@ -46,6 +46,9 @@ class BranchedLSTMLayer(nn.Module):
     ``ranks[side]`` = (r_0, ..., r_{N-1}) for "mf" (non-increasing); for "sparse" the masks (N, 4H, in) are
     buffers ``mask_ih`` / ``mask_hh``."""
 
+    #: Its forward takes the decisions (as the encoder's AmNet path checks; so does its ONNX export form).
+    takes_decisions = True
+
     def __init__(self, input_size: int, hidden_size: int, kind: str, *, ranks: dict[str, tuple[int, ...]] | None = None,
                  branches: int = 2):
         super().__init__()
