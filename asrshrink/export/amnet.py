@@ -105,8 +105,11 @@ class ExportBranchedLSTM(nn.Module):
         self.input_size, self.output_size = layer.input_size, layer.hidden_size
         self.ranks = tuple(tuple(layer.ranks[s]) for s in SIDES) if layer.kind == "mf" \
             else tuple((0,) * layer.branches for _ in SIDES)
-        if layer.kind == "sparse" and layer.branches != 2:
-            raise ValueError("the sparse export form has a slow and a fast branch")
+        if layer.branches != 2:
+            from asrshrink.export.onnx import ExportError
+
+            raise ExportError(f"ONNX export switches between two branches (slow, fast); this AmNet layer has "
+                              f"{layer.branches}")
         with torch.no_grad():
             self.register_buffer("bias", (layer.bias_ih + layer.bias_hh).detach().clone())
             for s in SIDES:
@@ -209,8 +212,8 @@ def export_form(module: nn.Module) -> nn.Module | None:
 class _Builder:
     """Nodes of one (sub)graph, named under a prefix unique in the model."""
 
-    def __init__(self, prefix: str):
-        self.prefix, self.nodes = prefix, []
+    def __init__(self, prefix: str, opset: int = 0):
+        self.prefix, self.nodes, self.opset = prefix, [], opset
 
     def op(self, kind: str, inputs: list[str], outputs: int = 1, **attrs) -> str | list[str]:
         names = [f"{self.prefix}{kind.lower()}{len(self.nodes)}" + (f"_{k}" if outputs > 1 else "")
@@ -228,6 +231,14 @@ class _Builder:
         rows = self.op("Slice", [self.op("Shape", [like_rows]), self.const([0]), self.const([1])])
         return self.op("ConstantOfShape", [self.op("Concat", [rows, self.const([width])], axis=0)],
                        value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0.0]))
+
+    def reduce(self, kind: str, x: str, axes: list[int] | None) -> str:
+        """ReduceMin / ReduceMax over ``axes`` (None: all), dimensions dropped, in either opset's form."""
+        if axes is None:
+            return self.op(kind, [x], keepdims=0)
+        if self.opset >= 18:
+            return self.op(kind, [x, self.const(axes)], keepdims=0)
+        return self.op(kind, [x], axes=axes, keepdims=0)
 
     def split4(self, gates: str, opset: int) -> list[str]:
         extra = {"num_outputs": 4} if opset >= 18 else {}
@@ -267,7 +278,7 @@ def branched_nodes(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
     x, chosen, h0, c0, bias, *weights = node.input
     kind, hidden, branches = _attr(node, "kind").decode(), _attr(node, "hidden"), _attr(node, "branches")
     ranks = list(_attr(node, "ranks"))
-    b = _Builder(f"{node.output[0]}/amnet/")
+    b = _Builder(f"{node.output[0]}/amnet/", opset)
     half = len(weights) // 2
     matrices = []                                            # [side][branch] -> matmul chain (weight names)
     for k in range(2):
@@ -296,36 +307,41 @@ def branched_nodes(node: onnx.NodeProto, opset: int) -> list[onnx.NodeProto]:
     pre = b.op("Add", [_by_rows(b, x_flat, k_flat, out, branches, project(0)), bias])
     pre = b.op("Reshape", [pre, b.op("Concat", [b.op("Shape", [chosen]), b.const([out])], axis=0)])  # (T, B, 4H)
 
-    # the recurrence: a Scan over (pre_t, chosen_t)
-    body = _Builder(f"{node.output[0]}/amnet/scan/")
-    h, c, xt, kt = (f"{body.prefix}{n}" for n in ("h", "c", "x", "k"))
-    hh = project(1)
+    # the recurrence: when every frame's utterances agree on a branch (always so at batch 1) a Scan whose body
+    # runs one If on the frame's branch; otherwise a Scan whose body gathers the state's rows by branch
+    lo, hi = (b.reduce(kind, chosen, [1]) for kind in ("ReduceMin", "ReduceMax"))          # (T,)
+    agree = b.reduce("ReduceMin", b.op("Cast", [b.op("Equal", [lo, hi])], to=TensorProto.INT32), None)
+    fast = b.op("Equal", [lo, b.const(1)])                                                 # (T,) bool
 
-    def only(n: int) -> onnx.GraphProto:
-        g = _Builder(f"{body.prefix}only{n}/")
-        return g.graph("branch", [], [_value(hh(g, h, n), [None, out])])
+    def scan(tag: str, per_frame: str, frame_type, recurrent) -> onnx.GraphProto:
+        body = _Builder(f"{node.output[0]}/amnet/{tag}/")
+        h, c, xt, kt = (f"{body.prefix}{n}" for n in ("h", "c", "x", "k"))
+        h_next, c_next = body.cell(body.op("Add", [xt, recurrent(body, h, kt)]), c, opset)
+        y = body.op("Identity", [h_next])
+        graph = body.graph("body", [_value(h, [None, hidden]), _value(c, [None, hidden]), _value(xt, [None, out]),
+                                    _value(kt, *frame_type)],
+                           [_value(h_next, [None, hidden]), _value(c_next, [None, hidden]), _value(y, [None, hidden])])
+        outer = _Builder(f"{node.output[0]}/amnet/{tag}_run/")
+        names = [f"{outer.prefix}{n}" for n in ("h", "c", "y")]
+        outer.nodes.append(helper.make_node("Scan", [h0, c0, pre, per_frame], names, name=f"{outer.prefix}scan",
+                                            body=graph, num_scan_inputs=2))
+        return outer.graph("run", [], [_value(names[0], [None, hidden]), _value(names[1], [None, hidden]),
+                                       _value(names[2], [None, None, hidden])])
 
-    def pick(n: int, lo: str) -> onnx.GraphProto:
-        """Every row on one branch, lo, known to be >= n: an If per branch, one matmul chain run."""
-        if n == branches - 1:
-            return only(n)
-        g = _Builder(f"{body.prefix}pick{n}/")
-        result = g.op("If", [g.op("Equal", [lo, g.const(n)])], then_branch=only(n), else_branch=pick(n + 1, lo))
-        return g.graph("branch", [], [_value(result, [None, out])])
+    def one_branch(body: _Builder, h: str, is_fast: str) -> str:
+        graphs = []
+        for n in (1, 0):
+            g = _Builder(f"{body.prefix}only{n}/")
+            graphs.append(g.graph("branch", [], [_value(project(1)(g, h, n), [None, out])]))
+        return body.op("If", [is_fast], then_branch=graphs[0], else_branch=graphs[1])
 
-    lo = body.op("ReduceMin", [kt], keepdims=0)
-    hi = body.op("ReduceMax", [kt], keepdims=0)
-    mixed = _Builder(f"{body.prefix}mixed/")
-    mixed_out = _by_rows(mixed, h, kt, out, branches, hh)
-    rec = body.op("If", [body.op("Equal", [lo, hi])], then_branch=pick(0, lo),
-                  else_branch=mixed.graph("rows", [], [_value(mixed_out, [None, out])]))
-    h_next, c_next = body.cell(body.op("Add", [xt, rec]), c, opset)
-    y = body.op("Identity", [h_next])
-    graph = body.graph("body", [_value(h, [None, hidden]), _value(c, [None, hidden]), _value(xt, [None, out]),
-                                _value(kt, [None], TensorProto.INT64)],
-                       [_value(h_next, [None, hidden]), _value(c_next, [None, hidden]), _value(y, [None, hidden])])
-    b.nodes.append(helper.make_node("Scan", [h0, c0, pre, chosen], [node.output[1], node.output[2], node.output[0]],
-                                    name=f"{b.prefix}scan", body=graph, num_scan_inputs=2))
+    def by_branch(body: _Builder, h: str, k: str) -> str:
+        return _by_rows(body, h, k, out, branches, project(1))
+
+    b.nodes.append(helper.make_node(
+        "If", [b.op("Equal", [agree, b.const(1, np.int32)])], [node.output[1], node.output[2], node.output[0]],
+        name=f"{b.prefix}switch", then_branch=scan("agree", fast, ([], TensorProto.BOOL), one_branch),
+        else_branch=scan("rows", chosen, ([None], TensorProto.INT64), by_branch)))
     return b.nodes
 
 
