@@ -29,8 +29,8 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
     """Largest absolute difference between ``runtime`` and ``model`` for each part ("encoder", "decoder",
     "joiner") on random inputs ("random") and on ``speech`` (waveforms at the model's sample rate; "speech"),
     and whether greedy decoding of ``speech`` gives the same tokens (None without speech). An AmNet (PyTorch
-    with hard switching against its export) adds ``decisions_equal``: per input kind, whether every frame of
-    every utterance chose the same branch."""
+    with hard switching against its export) adds the kind "one utterance" (the first speech utterance alone)
+    and ``decisions_equal``: per input kind, whether every frame of every utterance chose the same branch."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, float]] = {"encoder": {}, "decoder": {}, "joiner": {}}
     amnet = getattr(runtime, "amnet", None) is not None
@@ -82,6 +82,9 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
     tokens_equal = None
     if speech:
         features, lengths = featurize(model, speech)
+        if amnet:  # one utterance alone: every frame's batch agrees on a branch, which the graph runs apart
+            one = featurize(model, speech[:1])
+            encoder("one utterance", *one)
         enc, enc_lengths, enc_part = encoder("speech", features, lengths)
         with torch.no_grad():
             tokens = greedy_decode(model, enc, enc_lengths)
