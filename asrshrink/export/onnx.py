@@ -35,6 +35,9 @@ hidden state by the recurrent factors, so the exported model costs what the comp
 number of frames. A projected LSTM layer (``nn.LSTM(proj_size=r)``) is a Scan in the same way, its body
 computing m_t = W_hr h_t after the cell: ONNX's LSTM op has no projection (its h and c are one size), and the
 op with R = W_hh W_hr (4H x H) would compute the same but store and multiply the dense matrix.
+
+An AmNet's encoder (``amnet-finetune``) switches branches per frame inside the graph and has two more outputs,
+branch (B, T') int64 and branch_log_probs (B, T', N); see ``asrshrink.export.amnet``.
 """
 
 from __future__ import annotations
