@@ -190,7 +190,9 @@ def eval_command(
     err.print(table)
     err.print("search: greedy" if beam is None else f"search: beam, width {beam}")
     figures = None
-    if getattr(net, "arbitrator", None) is not None:  # an AmNet: its branch ratios, FLOPs and modelled delay
+    from asrshrink.evaluate.amnet import amnet_costs
+
+    if amnet_costs(net) is not None:  # an AmNet, or its export: branch ratios, FLOPs and modelled delay
         from asrshrink.evaluate.amnet import amnet_figures, figure_lines
 
         options = (info.extra.get("method") or {}).get("options") or {}

@@ -78,27 +78,42 @@ def dense_equivalent(model: Transducer) -> int:
                for name, rate in model.branch_layer_rates().items() for m in [model.get_submodule(name)])
 
 
+def amnet_costs(model) -> dict[str, int] | None:
+    """What the figures need of an AmNet, for a PyTorch model or an ONNX export (which stores it in its
+    metadata, ``OnnxTransducer.amnet``): encoder FLOPs of a decision frame on each branch (``branch_flops``),
+    the arbitrator's FLOPs per decision and parameters, and the dense equivalent's FLOPs per frame. None for a
+    model that is not an AmNet."""
+    if not isinstance(model, Transducer):
+        return getattr(model, "amnet", None)
+    if model.arbitrator is None:
+        return None
+    return {"branch_flops": model.branch_flops(), "arbitrator_flops": model.arbitrator.flops_per_step(),
+            "arbitrator_params": sum(p.numel() for p in model.arbitrator.parameters()),
+            "dense_flops": dense_equivalent(model)}
+
+
 def _percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values, dtype=np.float64), q)) if values else 0.0
 
 
 @torch.no_grad()
-def amnet_figures(model: Transducer, dataset, *, mu: float | None = None, rho: float | None = None,
+def amnet_figures(model, dataset, *, mu: float | None = None, rho: float | None = None,
                   dense: Transducer | None = None, dense_flops: int | None = None,
                   progress: Callable[[int, int], None] | None = None) -> dict:
     """Run the AmNet ``model`` with hard switching on every utterance of ``dataset`` alone (batch 1, as a
     device streams it) and return: branch ratios (slow/fast), encoder FLOPs per frame (over all frames; and the
     distribution of each utterance's mean), the modelled delay l_T / mu per utterance (mean, p90) against the
     dense encoder's at the same mu, and the encoder's wall time against ``dense`` (the original model) on the
-    same features. ``dense_flops`` (default: ``dense``'s encoder FLOPs) sets the default mu."""
+    same features. ``dense_flops`` (default: ``dense``'s encoder FLOPs) sets the default mu. ``model`` may be
+    an AmNet's ONNX export (``OnnxTransducer``), ``dense`` any model with ``encode``."""
     from asrshrink.evaluate.decoding import single_thread
     from asrshrink.evaluate.transcribe import featurize
 
     model.eval()
-    costs = model.branch_flops()
-    arb = model.arbitrator.flops_per_step()
+    known = amnet_costs(model)
+    costs, arb = known["branch_flops"], known["arbitrator_flops"]
     if dense_flops is None:
-        dense_flops = dense.flops()["encoder"] if dense is not None else dense_equivalent(model)
+        dense_flops = dense.flops()["encoder"] if isinstance(dense, Transducer) else known["dense_flops"]
     rho = rho if rho is not None else decision_rate(model)
     mu = mu if mu is not None else default_mu(dense_flops, rho)
     frames = [0] * len(costs)
@@ -132,7 +147,7 @@ def amnet_figures(model: Transducer, dataset, *, mu: float | None = None, rho: f
     mean_flops = sum(f * c for f, c in zip(frames, costs)) / total + arb
     out = {
         "mu": mu, "rho": rho, "branch_flops": costs, "arbitrator_flops": arb, "dense_flops": dense_flops,
-        "arbitrator_params": sum(p.numel() for p in model.arbitrator.parameters()),
+        "arbitrator_params": known["arbitrator_params"],
         "branch_ratios": [f / total for f in frames], "frames": total,
         "flops_per_frame": {"mean": mean_flops, "relative_to_dense": mean_flops / max(dense_flops, 1),
                             "utterance_p10": _percentile(per_utt_flops, 10),

@@ -28,9 +28,13 @@ def _diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndarray], *, seed: int = 0) -> dict:
     """Largest absolute difference between ``runtime`` and ``model`` for each part ("encoder", "decoder",
     "joiner") on random inputs ("random") and on ``speech`` (waveforms at the model's sample rate; "speech"),
-    and whether greedy decoding of ``speech`` gives the same tokens (None without speech)."""
+    and whether greedy decoding of ``speech`` gives the same tokens (None without speech). An AmNet (PyTorch
+    with hard switching against its export) adds the kind "one utterance" (the first speech utterance alone)
+    and ``decisions_equal``: per input kind, whether every frame of every utterance chose the same branch."""
     g = torch.Generator().manual_seed(seed)
     out: dict[str, dict[str, float]] = {"encoder": {}, "decoder": {}, "joiner": {}}
+    amnet = getattr(runtime, "amnet", None) is not None
+    decisions: dict[str, bool] = {}
 
     def encoder(kind: str, features: torch.Tensor, lengths: torch.Tensor
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,7 +42,13 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
         with torch.no_grad():
             enc, enc_lengths = model.encode(features, lengths)
             enc_part = model.joint_encoder(enc) if runtime.projects_joint else enc
-        got, got_lengths = runtime.encode(features, lengths)
+        if amnet:
+            with torch.no_grad():
+                trace = model.encode_amortized(features, lengths, sampling="hard")[2]
+            got, got_lengths, got_trace = runtime.encode_amortized(features, lengths)
+            decisions[kind] = torch.equal(trace.decisions.argmax(-1), got_trace.decisions.argmax(-1))
+        else:
+            got, got_lengths = runtime.encode(features, lengths)
         out["encoder"][kind] = _diff(enc_part, got) if torch.equal(enc_lengths, got_lengths) else float("inf")
         return enc, enc_lengths, enc_part
 
@@ -72,6 +82,9 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
     tokens_equal = None
     if speech:
         features, lengths = featurize(model, speech)
+        if amnet:  # one utterance alone: every frame's batch agrees on a branch, which the graph runs apart
+            one = featurize(model, speech[:1])
+            encoder("one utterance", *one)
         enc, enc_lengths, enc_part = encoder("speech", features, lengths)
         with torch.no_grad():
             tokens = greedy_decode(model, enc, enc_lengths)
@@ -89,7 +102,10 @@ def compare(model: Transducer, runtime: OnnxTransducer, speech: Sequence[np.ndar
             if runtime.projects_joint:
                 start = model.joint_prediction(start)
         joiner("speech", enc_part, start)
-    return {"max_abs_diff": out, "greedy_tokens_equal": tokens_equal}
+    result = {"max_abs_diff": out, "greedy_tokens_equal": tokens_equal}
+    if amnet:
+        result["decisions_equal"] = decisions
+    return result
 
 
 def worst(diffs: dict[str, dict[str, float]]) -> tuple[str, float]:

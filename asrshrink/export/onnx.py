@@ -35,6 +35,9 @@ hidden state by the recurrent factors, so the exported model costs what the comp
 number of frames. A projected LSTM layer (``nn.LSTM(proj_size=r)``) is a Scan in the same way, its body
 computing m_t = W_hr h_t after the cell: ONNX's LSTM op has no projection (its h and c are one size), and the
 op with R = W_hh W_hr (4H x H) would compute the same but store and multiply the dense matrix.
+
+An AmNet's encoder (``amnet-finetune``) switches branches per frame inside the graph and has two more outputs,
+branch (B, T') int64 and branch_log_probs (B, T', N); see ``asrshrink.export.amnet``.
 """
 
 from __future__ import annotations
@@ -175,10 +178,15 @@ class _ScanProjectedLSTM(nn.Module):
 
 def exportable(model: Transducer) -> Transducer:
     """A copy of ``model`` in eval mode with every factorised LSTM layer (an LSTM layer whose sides are
-    separate modules) in its export form."""
+    separate modules), and an AmNet's branched layers and arbitrator, in their export forms."""
+    from asrshrink.export.amnet import export_form
+
     model = copy.deepcopy(model).eval()
     for name, module in list(model.named_modules()):
-        if is_lstm_layer(module) and hasattr(module, "ih"):
+        amnet_form = export_form(module)
+        if amnet_form is not None:
+            model.set_submodule(name, amnet_form)
+        elif is_lstm_layer(module) and hasattr(module, "ih"):
             model.set_submodule(name, _ScanLSTM(module))
         elif isinstance(module, ProjectedLSTMLayer) and module.proj_size:
             model.set_submodule(name, _ScanProjectedLSTM(module))
@@ -241,6 +249,8 @@ class _Encoder(nn.Module):
         self.model, self.factor = model, factor
 
     def forward(self, features: torch.Tensor, feature_lengths: torch.Tensor):
+        """-> encoder_out (B, T', J), encoder_out_lens (B,); an AmNet also its decisions: branch (B, T') int64
+        and branch_log_probs (B, T', N)."""
         if self.factor > 1:
             # Zero frames up to a multiple of the time reduction: frames past an utterance's length never change
             # its output (batched decoding equals batch-1), and the model's own end padding, whose presence
@@ -248,6 +258,9 @@ class _Encoder(nn.Module):
             frames = features.shape[1]
             pad = features.new_zeros(features.shape[0], self.factor - 1, features.shape[2])
             features = torch.cat([features, pad], 1)[:, :(frames + self.factor - 1) // self.factor * self.factor]
+        if self.model.arbitrator is not None:
+            enc, lengths, trace = self.model.encode_amortized(features, feature_lengths, sampling="hard")
+            return self.model.joint_encoder(enc), lengths, trace.decisions.argmax(-1), trace.log_pi
         enc, lengths = self.model.encode(features, feature_lengths)
         return self.model.joint_encoder(enc), lengths
 
@@ -311,8 +324,15 @@ def _trace(module: nn.Module, args: tuple, inputs: dict[str, dict[int, str]], ou
         warnings.simplefilter("ignore")  # the tracer's notes on shape-dependent Python branches; parity decides
         torch.onnx.export(module, args, buffer, dynamo=False, opset_version=opset, input_names=list(inputs),
                           output_names=list(outputs), dynamic_axes={**inputs, **outputs})
+    from asrshrink.export.amnet import replace
+
     proto = onnx.load_from_string(buffer.getvalue())
-    nodes = [_scan(n, opset) if n.domain == _DOMAIN and n.op_type == _RECURRENCE else n for n in proto.graph.node]
+    nodes = []
+    for n in proto.graph.node:
+        if n.domain == _DOMAIN and n.op_type == _RECURRENCE:
+            nodes.append(_scan(n, opset))
+        else:
+            nodes.extend(replace(n, opset) or [n])
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     kept = [o for o in proto.opset_import if o.domain != _DOMAIN]
@@ -383,10 +403,12 @@ def _asrshrink_parts(net: Transducer, state: tuple, factor: int, opset: int) -> 
         enc_part = _Encoder(net, factor)(features, lengths)[0][:, 0]
         pred_part = _Decoder(net)(targets, *state)[0][:, 0]
     batch, timed, labels, layers = {0: "B"}, {0: "B", 1: "T"}, {0: "B", 1: "U"}, {1: "B"}
+    encoder_outputs = {"encoder_out": {0: "B", 1: "T_out"}, "encoder_out_lens": batch}
+    if net.arbitrator is not None:
+        encoder_outputs.update(branch={0: "B", 1: "T_out"}, branch_log_probs={0: "B", 1: "T_out"})
     parts = {
         "encoder": _trace(_Encoder(net, factor), (features, lengths),
-                          {"features": timed, "feature_lengths": batch},
-                          {"encoder_out": {0: "B", 1: "T_out"}, "encoder_out_lens": batch}, opset),
+                          {"features": timed, "feature_lengths": batch}, encoder_outputs, opset),
         "decoder": _trace(_Decoder(net), (targets, *state), {"targets": labels, "h": layers, "c": layers},
                           {"decoder_out": labels, "next_h": layers, "next_c": layers}, opset),
         "joiner": _trace(_Joiner(net), (enc_part, pred_part), {"encoder_out": {0: "N"}, "decoder_out": {0: "N"}},
@@ -424,7 +446,23 @@ def metadata(model: Transducer, source: dict | None = None) -> dict[str, str]:
                                    **(source or {})}),
         "asrshrink_version": asrshrink.__version__,
         **layout,
+        **_amnet_metadata(model),
     }
+
+
+def _amnet_metadata(model: Transducer) -> dict[str, str]:
+    """An AmNet's entry: its branch and arbitrator costs (what ``asrshrink eval`` reports from), the branch
+    kind, and the encoder's decision outputs."""
+    from asrshrink.evaluate.amnet import amnet_costs
+    from asrshrink.models.branched import BranchedLSTMLayer
+
+    costs = amnet_costs(model)
+    if costs is None:
+        return {}
+    kinds = sorted({m.kind for m in model.modules() if isinstance(m, BranchedLSTMLayer)})
+    return {"amnet": json.dumps({**costs, "kind": "+".join(kinds), "branches": ["slow", "fast"],
+                                 "decisions": "per encoder output frame",
+                                 "outputs": ["branch", "branch_log_probs"]})}
 
 
 # --- the export directory -------------------------------------------------------------------------------------
@@ -494,9 +532,6 @@ def export_model(model: Transducer, out: str | Path, *, info: ModelInfo | None =
     started = time.perf_counter()
     out = Path(out)
     check_export_options(out, opset)
-    if model.arbitrator is not None:
-        raise ExportError("ONNX export of AmNet models (amnet-finetune outputs: per-frame branch switching) is not "
-                          "implemented yet; evaluate them with asrshrink eval, or export the model they were made from")
     source = None if info is None else {"path": str(info.path), "sha256": info.sha256,
                                         "source_sha256": info.source_sha256, "method": info.extra.get("method")}
     if speech is None:
@@ -512,6 +547,11 @@ def export_model(model: Transducer, out: str | Path, *, info: ModelInfo | None =
         log(f"checking against PyTorch on random inputs and {len(speech)} utterance(s)")
         parity = compare(model, OnnxTransducer(tmp, threads=1), speech)
         where, value = worst(parity["max_abs_diff"])
+        differing = [kind for kind, same in (parity.get("decisions_equal") or {}).items() if not same]
+        if differing:
+            raise ExportError(f"{out}: the ONNX AmNet encoder chooses other branches than PyTorch on the "
+                              f"{' and '.join(differing)} input, so nothing was written; a frame where both branches "
+                              f"score alike can flip by rounding: try another --data, or report the model as a bug")
         if not value <= ATOL:
             raise ExportError(f"{out}: the ONNX {where} differs from PyTorch by {value:.3g} (more than {ATOL:g}), "
                               f"so nothing was written; try another --opset, or report the model as a bug")

@@ -19,6 +19,7 @@ from asrshrink.audio.text import vocabulary_from_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.io import sha256_file
 from asrshrink.models.base import State, Transducer
+from asrshrink.models.branched import BranchTrace
 from asrshrink.models.checkpoint import ModelInfo
 
 PARTS = ("encoder", "decoder", "joiner")
@@ -83,6 +84,25 @@ class OnnxTransducer:
                                  f"asrshrink or export the model again")
         self.projects_joint = self.layout == "asrshrink"
         self.featurizer = self.feature_config.featurizer().eval()
+        #: An AmNet export's branch and arbitrator costs (``asrshrink.evaluate.amnet.amnet_costs``), else None.
+        self.amnet = self._amnet_costs()
+
+    def _amnet_costs(self) -> dict | None:
+        if "amnet" not in self.metadata:
+            return None
+        outputs = [o.name for o in self.sessions["encoder"].get_outputs()]
+        try:
+            costs = json.loads(self.metadata["amnet"])
+            ok = (isinstance(costs, dict) and len(outputs) == 4 and self.layout == "asrshrink"
+                  and all(isinstance(v, int) and v >= 0 for v in [*costs["branch_flops"], costs["arbitrator_flops"],
+                                                                  costs["arbitrator_params"], costs["dense_flops"]])
+                  and len(costs["branch_flops"]) >= 2)
+        except (KeyError, TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise AsrshrinkError(f"{self.paths['encoder']}: its AmNet metadata or encoder outputs are invalid "
+                                 f"(expected the branch costs and 4 outputs, got {outputs}); export the model again")
+        return costs
 
     def eval(self) -> "OnnxTransducer":
         return self
@@ -100,8 +120,22 @@ class OnnxTransducer:
             enc, enc_lengths = self._run("encoder", audio_signal=features.float().transpose(1, 2),
                                          length=lengths.long())
             return enc.transpose(1, 2), enc_lengths
-        enc, enc_lengths = self._run("encoder", features=features.float(), feature_lengths=lengths.long())
+        enc, enc_lengths = self._run("encoder", features=features.float(), feature_lengths=lengths.long())[:2]
         return enc, enc_lengths
+
+    def encode_amortized(self, features: torch.Tensor, lengths: torch.Tensor, *, sampling: str = "hard"
+                         ) -> tuple[torch.Tensor, torch.Tensor, BranchTrace]:
+        """An AmNet export: features (B, T, F), lengths (B,) -> encoder_out (B, T', J), lengths (B,), and the
+        graph's decisions (one-hot, as ``Transducer.encode_amortized`` returns them) with the arbitrator's log pi.
+        The graph switches hard: ``sampling`` must be "hard"."""
+        if self.amnet is None:
+            raise AsrshrinkError(f"{self.directory}: not an AmNet export")
+        if sampling != "hard":
+            raise AsrshrinkError(f"an ONNX AmNet switches hard; sampling={sampling!r} needs the PyTorch model")
+        enc, enc_lengths, branch, log_pi = self._run("encoder", features=features.float(),
+                                                     feature_lengths=lengths.long())
+        decisions = torch.nn.functional.one_hot(branch, log_pi.shape[-1]).to(log_pi.dtype)
+        return enc, enc_lengths, BranchTrace(decisions, log_pi, enc_lengths)
 
     def joint_encoder(self, enc: torch.Tensor) -> torch.Tensor:
         return enc
@@ -150,4 +184,7 @@ def load_export(path: str | Path, *, threads: int | None = None) -> tuple[OnnxTr
     net = OnnxTransducer(directory, int8=path.name == f"encoder{INT8}.onnx", threads=threads)
     compression = json.loads(net.metadata.get("compression", "{}"))
     digest = sha256_file(net.paths["encoder"])
-    return net, ModelInfo(directory, "onnx", digest, compression.get("source_sha256", digest), extra=net.metadata)
+    extra = dict(net.metadata)
+    if isinstance(compression.get("method"), dict):  # the method and options the model was made with, as known
+        extra["method"] = compression["method"]
+    return net, ModelInfo(directory, "onnx", digest, compression.get("source_sha256", digest), extra=extra)

@@ -46,6 +46,9 @@ class BranchedLSTMLayer(nn.Module):
     ``ranks[side]`` = (r_0, ..., r_{N-1}) for "mf" (non-increasing); for "sparse" the masks (N, 4H, in) are
     buffers ``mask_ih`` / ``mask_hh``."""
 
+    #: Its forward takes the decisions (as the encoder's AmNet path checks; so does its ONNX export form).
+    takes_decisions = True
+
     def __init__(self, input_size: int, hidden_size: int, kind: str, *, ranks: dict[str, tuple[int, ...]] | None = None,
                  branches: int = 2):
         super().__init__()
@@ -101,6 +104,14 @@ class BranchedLSTMLayer(nn.Module):
                 total += 2 * self.nonzeros(side, branch)
         return total
 
+    def recurrent_chain(self, branch: int) -> list[torch.Tensor]:
+        """The recurrent side of ``branch`` as matrices to multiply h (B, H) by in turn: [down^T (H, r), up^T
+        (r, 4H)] for "mf", [W^T (H, 4H)] for "sparse"."""
+        if self.kind == "mf":
+            r = self.ranks["hh"][branch]
+            return [self.hh_down[:r].t().contiguous(), self.hh_up[:, :r].t().contiguous()]
+        return [self.weight("hh", branch).t().contiguous()]
+
     # --- computation ---------------------------------------------------------------------------------------
     def _cell(self, pre: torch.Tensor, h: torch.Tensor, c: torch.Tensor, branch: int
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,6 +139,12 @@ class BranchedLSTMLayer(nn.Module):
                 where = chosen == n
                 if bool(where.any()):
                     pre[where] = self.project("ih", x[where], n) + self.bias_ih
+            if batch == 1 and steps and not torch.is_grad_enabled():
+                # one utterance (as a device streams it): the steps run in TorchScript over each branch's
+                # matrices, transposed once, so no Python runs per frame
+                chains = [self.recurrent_chain(n) for n in range(self.branches)]
+                y, h, c = _scripted(_steps)(pre, chosen[:, 0].tolist(), h, c, chains, self.bias_hh)
+                return y, (h.unsqueeze(0), c.unsqueeze(0))
             for t in range(steps):
                 if batch == 1:
                     h, c = self._cell(pre[t], h, c, int(chosen[t, 0]))
@@ -166,6 +183,66 @@ class BranchedLSTMLayer(nn.Module):
                                       f"prunes (the masks must be nested); {REWRITE}")
 
 
+def _steps(pre: torch.Tensor, chosen: list[int], h: torch.Tensor, c: torch.Tensor,
+           chains: list[list[torch.Tensor]], bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Hard-switched LSTM steps: pre (T, B, 4H) the input side, chosen[t] frame t's branch, h, c (B, H), chains[n]
+    branch n's recurrent matrices -> y (T, B, H), h, c. The same operations, in the same order, as
+    ``BranchedLSTMLayer._cell``."""
+    outputs: list[torch.Tensor] = []
+    for t in range(pre.shape[0]):
+        rec = h
+        for w in chains[chosen[t]]:
+            rec = torch.mm(rec, w)
+        i, f, g, o = (pre[t] + rec + bias).chunk(4, dim=-1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        outputs.append(h)
+    return torch.stack(outputs), h, c
+
+
+def _arbitrator_steps(first: torch.Tensor, w_ih: list[torch.Tensor], w_hh: list[torch.Tensor],
+                      bias: list[torch.Tensor], w_proj: torch.Tensor, b_proj: torch.Tensor
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arbitrator's argmax steps with feedback: first (T, B, 4A) the first layer's input side of x_t with
+    both its biases, w_ih[0] (N, 4A) that layer's matrix for d_{t-1}, w_ih[k] / w_hh[k] the other matrices
+    transposed, bias[k] the summed biases (bias[0] already in ``first``), w_proj (A, N) -> one-hot decisions and
+    log pi, each (T, B, N)."""
+    batch, hidden, branches = first.shape[1], w_hh[0].shape[0], w_proj.shape[1]
+    hs = [first.new_zeros(batch, hidden) for _ in w_hh]
+    cs = [first.new_zeros(batch, hidden) for _ in w_hh]
+    d = first.new_zeros(batch, branches)
+    decisions: list[torch.Tensor] = []
+    log_pis: list[torch.Tensor] = []
+    for t in range(first.shape[0]):
+        z = first[t] + torch.mm(d, w_ih[0])
+        for k in range(len(w_hh)):
+            if k > 0:
+                z = torch.mm(z, w_ih[k]) + bias[k]
+            i, f, g, o = (z + torch.mm(hs[k], w_hh[k])).chunk(4, dim=-1)
+            cs[k] = torch.sigmoid(f) * cs[k] + torch.sigmoid(i) * torch.tanh(g)
+            hs[k] = torch.sigmoid(o) * torch.tanh(cs[k])
+            z = hs[k]
+        log_pi = torch.log_softmax(torch.mm(z, w_proj) + b_proj, -1)
+        d = torch.nn.functional.one_hot(log_pi.argmax(-1), branches).to(first.dtype)
+        decisions.append(d)
+        log_pis.append(log_pi)
+    return torch.stack(decisions), torch.stack(log_pis)
+
+
+_SCRIPTED: dict = {}
+
+
+def _scripted(function):
+    """``function`` compiled by TorchScript (once, on first use)."""
+    if function not in _SCRIPTED:
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # TorchScript still runs; nothing here needs more
+            _SCRIPTED[function] = torch.jit.script(function)
+    return _SCRIPTED[function]
+
+
 class Arbitrator(nn.Module):
     """The AmNet arbitrator: an LSTM over the decision-rate input x_t, optionally with the previous decision
     d_{t-1} appended (``feedback``), and a projection to N branch logits; log pi_t = log_softmax(logits)."""
@@ -188,7 +265,8 @@ class Arbitrator(nn.Module):
     def forward(self, x: torch.Tensor, *, sampling: str = "hard", temperature: float = 1.0
                 ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (T, B, F) -> decisions d (T, B, N) and log pi (T, B, N). "gumbel" draws soft samples (eq. 1) from
-        the global generator; "random" one-hot 50/50 samples; "argmax" / "hard" the one-hot argmax."""
+        the global generator; "random" one-hot 50/50 samples; "argmax" / "hard" the one-hot argmax (without
+        autograd, with feedback: both by ``_argmax_steps``, so they decide alike)."""
         if sampling not in SAMPLING:
             raise ValueError(f"sampling={sampling!r} is not one of {SAMPLING}")
         if not self.feedback:
@@ -196,6 +274,8 @@ class Arbitrator(nn.Module):
             log_pi = F.log_softmax(self.proj(y), -1)
             return self._sample(log_pi, sampling, temperature), log_pi
         steps, batch = x.shape[:2]
+        if sampling in ("argmax", "hard") and steps and not torch.is_grad_enabled():
+            return self._argmax_steps(x)
         d = x.new_zeros(batch, self.branches)
         state = None
         decisions, log_pis = [], []
@@ -209,6 +289,19 @@ class Arbitrator(nn.Module):
             empty = x.new_zeros(0, batch, self.branches)
             return empty, empty
         return torch.stack(decisions), torch.stack(log_pis)
+
+    def _argmax_steps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Argmax decisions with feedback, without autograd: the first layer's input side for all frames at once,
+        then the steps in TorchScript (no Python per frame). x (T, B, F) -> decisions, log pi (T, B, N)."""
+        rnn, width = self.rnn, self.input_size
+        w_ih0 = rnn.weight_ih_l0
+        first = F.linear(x, w_ih0[:, :width], rnn.bias_ih_l0 + rnn.bias_hh_l0)        # (T, B, 4A)
+        w_ih = [getattr(rnn, f"weight_ih_l{k}").t().contiguous() for k in range(self.num_layers)]
+        w_hh = [getattr(rnn, f"weight_hh_l{k}").t().contiguous() for k in range(self.num_layers)]
+        bias = [getattr(rnn, f"bias_ih_l{k}") + getattr(rnn, f"bias_hh_l{k}") for k in range(self.num_layers)]
+        w_ih[0] = w_ih0[:, width:].t().contiguous()                                    # (N, 4A): d_{t-1}'s
+        return _scripted(_arbitrator_steps)(first, w_ih, w_hh, bias, self.proj.weight.t().contiguous(),
+                                            self.proj.bias)
 
     def _sample(self, log_pi: torch.Tensor, sampling: str, temperature: float) -> torch.Tensor:
         if sampling == "gumbel":

@@ -105,7 +105,7 @@ class Encoder(nn.Module):
 
         def run(stack: LSTMStack, x: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
             for layer in stack.layers:
-                x = layer(x, d, hard=hard)[0] if isinstance(layer, BranchedLSTMLayer) else layer(x)[0]
+                x = layer(x, d, hard=hard)[0] if getattr(layer, "takes_decisions", False) else layer(x)[0]
                 x = stack.dropout(x)
             return x
 

@@ -290,11 +290,3 @@ def test_options_are_checked_before_any_work(speech, tmp_path):
 def test_the_command_has_help_with_an_example():
     result = runner.invoke(app, ["amnet-finetune", "--help"])
     assert result.exit_code == 0 and "Example: asrshrink amnet-finetune" in result.output
-
-
-def test_onnx_export_of_an_amnet_is_refused_in_one_line(tmp_path):
-    from asrshrink.export.onnx import ExportError, export_model
-
-    with pytest.raises(ExportError, match="not implemented yet"):
-        export_model(amnet(), tmp_path / "onnx")
-    assert not (tmp_path / "onnx").exists()
