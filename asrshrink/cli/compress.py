@@ -526,3 +526,84 @@ def amnet_command(
     _run("amnet-finetune", json_out, model=model, out=out, config=config,
          calib=_calib(calib, num_utterances, seed) if data_aware else None,
          evaluation=_evaluation(eval_data, eval_limit, seed))
+
+
+def _share_summary(report: dict) -> None:
+    _summary(report)
+    plan = (report.get("figures") or {}).get("plan")
+    if plan:
+        physical = ", ".join(f"{kind} {n}" for kind, n in plan["physical"].items())
+        err.print(f"{plan['virtual_layers']} virtual layers; physical modules {physical}", markup=False,
+                  highlight=False)
+
+
+SUMMARIES["share"] = _share_summary
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip()) if value else ()
+
+
+@app.command("share")
+@handle_errors
+def share_command(
+    model: ModelArg = None, out: Out = Path("share-out"),
+    repeat: Annotated[Optional[str], typer.Option(
+        help="R: adjacent groups of R layers share their weights (N = L / R physical blocks, each used R times in "
+             "order); or one physical index per layer, e.g. 0,0,1,1,2,2. Default 2.", show_default=False)] = None,
+    groups: Annotated[Optional[str], typer.Option(
+        help="Groups of layers that share, as ranges, e.g. 0-1,2-3 (layers in no group keep their own "
+             "weights); instead of --repeat.", show_default=False)] = None,
+    share_modules: Annotated[Optional[str], typer.Option(
+        help="The module kinds that share, e.g. ff1,attn,conv,ff2 (a Conformer) or lstm; default all.",
+        show_default=False)] = None,
+    unshare: Annotated[Optional[str], typer.Option(
+        help="Sub-components that stay per layer, e.g. conv.depthwise,attn.key,misc (misc: norms, biases, batch "
+             "norm, position biases).", show_default=False)] = None,
+    init: Annotated[str, typer.Option(help="The shared weights: pick (the first member's), mean, or ls (the "
+                                           "least-squares merge on the calibration inputs each member "
+                                           "sees).")] = "ls",
+    low_rank: Annotated[Optional[int], typer.Option(
+        help="Factorise the --low-rank-parts at rank K (data-aware SVD of the merged weight; factors shared "
+             "across the group).", show_default=False)] = None,
+    low_rank_parts: Annotated[str, typer.Option(help="What --low-rank factorises: module kinds or kind.sub, "
+                                                     "comma separated.")] = "ff1,ff2",
+    residual_rank: Annotated[Optional[int], typer.Option(
+        help="A per-layer low-rank residual of rank r from the SVD of each member's difference to the shared "
+             "weight.", show_default=False)] = None,
+    refit_iterations: Annotated[int, typer.Option(
+        help="Layer-sequential least-squares refits of the per-layer parts (unshared matrices, per-layer biases, "
+             "residuals) on the shared model's own activations.")] = 0,
+    damping: Annotated[float, typer.Option(help="ls: damping towards the members' own weights, times the mean "
+                                                "diagonal of each member's Gram matrix.")] = 0.01,
+    compression_ratio: Annotated[Optional[float], typer.Option(
+        help="Choose the repeat factor: the encoder shrinks by this factor; the plan with the least calibration "
+             "error that meets it wins.", show_default=False)] = None,
+    target_params: Annotated[Optional[int], typer.Option(
+        help="Choose the repeat factor: the whole model keeps at most this many parameters.",
+        show_default=False)] = None,
+    calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
+    eval_limit: EvalLimit = None, json_out: Json = False,
+) -> None:
+    """Weight sharing across layers of a trained model (the four levels of "Sharing low rank Conformer
+    weights"): repeated blocks (--repeat), shared modules (--share-modules), per-layer sub-components
+    (--unshare), low rank on the shared matrices (--low-rank, --residual-rank). The shared weights come from
+    the calibration data in closed form (--init ls); the output stores each shared tensor once and loads back
+    with its sharing intact. Conformer encoder layers, or the MLPerf encoder's post-stack LSTM layers of equal
+    shape.
+
+    Example: asrshrink share model.nemo --repeat 2 --unshare conv.depthwise,misc -o shared/ --eval dev/
+
+    Example: asrshrink share model.nemo --compression-ratio 2.5 --low-rank 64 --refit-iterations 1 -o shared/
+    """
+    from asrshrink.config import ShareConfig
+
+    config = ShareConfig(repeat=repeat, groups=groups, share_modules=_names(share_modules), unshare=_names(unshare),
+                         init=init, damping=damping, low_rank=low_rank, low_rank_parts=_names(low_rank_parts),
+                         residual_rank=residual_rank, refit_iterations=refit_iterations,
+                         compression_ratio=compression_ratio, target_params=target_params)
+    from asrshrink.methods.share import _calibrated
+
+    _run("share", json_out, model=model, out=out, config=config,
+         calib=_calib(calib, num_utterances, seed) if _calibrated(config) or calib else None,
+         evaluation=_evaluation(eval_data, eval_limit, seed))

@@ -251,6 +251,33 @@ class LowRankLinear(nn.Module):
         return 2 * (self.groups * self.rank * self.in_features + self.out_features * self.rank)
 
 
+class ResidualLinear(nn.Module):
+    """y = base(x) + residual(x): a Linear (dense or low-rank) whose weights a sharing plan may share across
+    layers, plus a per-layer low-rank correction ``residual`` (a LowRankLinear without bias) that is never
+    shared. Parameters: the base's + r (I + O)."""
+
+    def __init__(self, base: nn.Module, residual: LowRankLinear):
+        super().__init__()
+        self.base, self.residual = base, residual
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.residual(x)
+
+    def weight(self) -> torch.Tensor:
+        """The (O, I) matrix this module stands for."""
+        base = self.base.weight() if isinstance(self.base, LowRankLinear) else self.base.weight
+        return base + self.residual.weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def flops(self) -> int:
+        base = self.base.flops() if isinstance(self.base, LowRankLinear) else 2 * self.in_features * self.out_features
+        return base + self.residual.flops()
+
+
 class SparseLinear(nn.Linear):
     """An nn.Linear whose pruned weights are exact zeros; computes as nn.Linear. Like SparseLSTMLayer, the
     class marks the weight as pruned for the structure spec and the sparse storage size."""
@@ -352,6 +379,9 @@ def layer_spec(module: nn.Module) -> dict | None:
 
         return {"type": "sparse_lstm", "hidden_size": module.hidden_size, "ih": side(module.weight_ih),
                 "hh": side(module.weight_hh)}
+    if isinstance(module, ResidualLinear):
+        return {"type": "residual", "in": module.in_features, "out": module.out_features,
+                "base": _side_spec(module.base), "rank": module.residual.rank}
     if isinstance(module, (LowRankLinear, SparseLinear)):
         return _side_spec(module)
     from asrshrink.models.branched import branched_spec
@@ -369,6 +399,9 @@ def build_layer(spec: dict) -> nn.Module:
         return ProjectedLSTMLayer(spec["input_size"], spec["hidden_size"], spec["proj_size"])
     if spec["type"] == "projected_input_linear":
         return ProjectedInputLinear(spec["in"], spec["out"], bias=spec["bias"])
+    if spec["type"] == "residual":
+        return ResidualLinear(_build_side(spec["base"]), LowRankLinear(spec["in"], spec["out"], spec["rank"],
+                                                                       bias=False))
     if spec["type"] in ("branched_lstm", "arbitrator"):
         from asrshrink.models.branched import build_branched
 
@@ -412,7 +445,8 @@ class Matrix:
     """One compressible weight matrix as methods and exports see it, whatever module holds it.
 
     ``weight`` (O, I) is the effective matrix (for low-rank factors, up @ down), ``bias`` (O,) its bias (zeros
-    if the module has none); ``kind`` is "dense", "lowrank" or "sparse"; ``factors`` the low-rank module, and
+    if the module has none); ``kind`` is "dense", "lowrank", "sparse" or "residual" (a shared base plus a
+    per-layer low-rank correction, ``ResidualLinear``); ``factors`` the low-rank module, and
     ``mask`` (O, I) bool the kept entries of a pruned matrix."""
 
     weight: torch.Tensor
@@ -450,6 +484,8 @@ def matrices(module: nn.Module) -> dict[str, Matrix]:
         return {side: _linear_matrix(getattr(module, side)) for side in ("ih", "hh")}
     if isinstance(module, (nn.Linear, LowRankLinear)):
         return {"linear": _linear_matrix(module)}
+    if isinstance(module, ResidualLinear):  # a shared base plus a per-layer correction: no method refactors it
+        return {"linear": Matrix(module.weight().detach(), module.bias.detach(), "residual")}
     return {}
 
 

@@ -553,4 +553,4 @@ def _options(config: DistillConfig) -> dict:
 
 
 register(Method("distill", DistillConfig, _distill_core, calibrated=lambda config: False, options=_options,
-                resumable=True, checkpoint_file=CHECKPOINT, read_progress=read_training_progress))
+                resumable=True, checkpoint_file=CHECKPOINT, read_progress=read_training_progress, shared_models=True))
