@@ -165,20 +165,30 @@ def _module_name(layer: str, rel: str) -> str:
     return f"{layer}.{rel}" if rel else layer
 
 
-def _write_linear(model, name: str, weight: torch.Tensor, bias: torch.Tensor, *, factors=None, residual=None) -> None:
-    """Replace the Linear ``name`` by one computing ``weight`` (or low-rank ``factors`` (up, down)) + ``bias``,
-    plus a per-layer residual (up, down)."""
+def _without_bias(gram: torch.Tensor) -> torch.Tensor:
+    """An augmented Gram whose constant row is decoupled from the inputs, so a merged bias stays 0."""
+    out = gram.clone()
+    out[:-1, -1] = 0
+    out[-1, :-1] = 0
+    return out
+
+
+def _write_linear(model, name: str, weight: torch.Tensor, bias: torch.Tensor | None, *, factors=None,
+                  residual=None) -> None:
+    """Replace the Linear ``name`` by one computing ``weight`` (or low-rank ``factors`` (up, down)) + ``bias``
+    (None: no bias), plus a per-layer residual (up, down)."""
     out, inp = weight.shape
     if factors is not None:
-        base = LowRankLinear(inp, out, factors[0].shape[1])
+        base = LowRankLinear(inp, out, factors[0].shape[1], bias=bias is not None)
         with torch.no_grad():
             base.up.copy_(factors[0].unsqueeze(0))
             base.down.copy_(factors[1])
-            base.bias.copy_(bias)
     else:
-        base = nn.Linear(inp, out)
+        base = nn.Linear(inp, out, bias=bias is not None)
         with torch.no_grad():
             base.weight.copy_(weight)
+    if bias is not None:
+        with torch.no_grad():
             base.bias.copy_(bias)
     if residual is not None:
         res = LowRankLinear(inp, out, residual[0].shape[1], bias=False)
@@ -234,6 +244,10 @@ def share_model(original, plan: SharingPlan, construction: Construction,
             mats = [matrices(original.get_submodule(n))[side] for n in names]
             ws, bs = [m.weight for m in mats], [m.bias for m in mats]
             gs = [grams[(n, side)] for n in names] if grams is not None else None
+            has_bias = side != "linear" or original.get_submodule(names[0]).bias is not None
+            if not has_bias:  # no bias to merge: the weight alone, on the inputs' uncentred second moment
+                shared_b = True
+                gs = [_without_bias(g) for g in gs] if gs is not None else None
             if len(group) == 1 and low is None:
                 continue
             if len(group) == 1:
@@ -262,7 +276,8 @@ def share_model(original, plan: SharingPlan, construction: Construction,
                           for w, b, e, g in zip(ws, bs, effective, gs)]
             for i, name in enumerate(names):
                 if side == "linear":
-                    _write_linear(model, name, base, new_bs[i], factors=factors, residual=residuals[i])
+                    _write_linear(model, name, base, new_bs[i] if has_bias else None, factors=factors,
+                                  residual=residuals[i])
                 elif low is not None or residuals[i] is not None:
                     raise AsrshrinkError(f"--low-rank and --residual-rank factorise Linear matrices; {name} is an "
                                          f"LSTM layer")
@@ -369,7 +384,8 @@ def refit(original, model, plan: SharingPlan, batches: list, iterations: int, lo
     """``iterations`` layer-sequential passes over the per-layer parts of ``model``'s shared layers' Linears
     (in place); one report row per refitted matrix and pass."""
     layout = model.sharing_layout(plan.component)
-    aliases = set(plan_aliases(plan, layout, model.state_dict(keep_vars=True).keys()))
+    tied = plan_aliases(plan, layout, model.state_dict(keep_vars=True).keys())
+    aliases = set(tied) | set(tied.values())  # every key of a shared tensor, its physical layer's included
     parts = {}
     for layer in plan.layers:
         for (kind, sub), (rel, side) in layout.matrices.items():
@@ -378,11 +394,11 @@ def refit(original, model, plan: SharingPlan, batches: list, iterations: int, lo
             name = _module_name(layer, rel)
             module = model.get_submodule(name)
             if isinstance(module, ResidualLinear):
-                parts[name] = (False, f"{name}.base.bias" not in aliases)
+                parts[name] = (False, module.bias is not None and f"{name}.base.bias" not in aliases)
                 continue
             weight_key = f"{name}.weight" if isinstance(module, nn.Linear) else f"{name}.down"
             own_weight = weight_key not in aliases and isinstance(module, nn.Linear)
-            own_bias = f"{name}.bias" not in aliases
+            own_bias = module.bias is not None and f"{name}.bias" not in aliases
             if own_weight or own_bias and weight_key in aliases:
                 parts[name] = (own_weight, own_bias)
     targets = [t for t in walked(model, model.weight_targets([plan.component])) if t.layer in parts]

@@ -485,7 +485,8 @@ def matrices(module: nn.Module) -> dict[str, Matrix]:
     if isinstance(module, (nn.Linear, LowRankLinear)):
         return {"linear": _linear_matrix(module)}
     if isinstance(module, ResidualLinear):  # a shared base plus a per-layer correction: no method refactors it
-        return {"linear": Matrix(module.weight().detach(), module.bias.detach(), "residual")}
+        bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_features)
+        return {"linear": Matrix(module.weight().detach(), bias, "residual")}
     return {}
 
 
