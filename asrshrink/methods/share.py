@@ -502,9 +502,8 @@ def _share_core(config: ShareConfig, ctx: Context) -> Outcome:
         raise AsrshrinkError("the model already shares weights; run share on the unshared model")
     layout = original.sharing_layout(config.component)
     build = construction(config, layout)
-    need_grams = config.init == "ls" or config.low_rank is not None or config.residual_rank is not None
     grams = None
-    if need_grams:
+    if ctx.batches:  # ls and data-aware low rank solve from them; every init reports its calibration error
         keys = {(_module_name(layer, rel), side) for layer in layout.layers for rel, side in layout.matrices.values()}
         ctx.log(f"input statistics of {len(keys)} matrices on {len(ctx.batches)} calibration batches")
         grams = member_grams(original, ctx.batches, keys)
@@ -562,10 +561,10 @@ def _budget(original, config: ShareConfig) -> int:
 
 
 def _calibrated(config: ShareConfig) -> bool:
-    return (config.init == "ls" or config.low_rank is not None or config.residual_rank is not None
-            or config.refit_iterations > 0 or config.budgeted)
+    """Every share run reads calibration data: ls and data-aware low rank solve from it, refits and budgets
+    run on it, and every init's calibration output error is reported."""
+    return True
 
 
 register(Method("share", ShareConfig, _share_core, calibrated=_calibrated, options=to_json,
-                check_model=check_options, unused_calib="--calib is read by --init ls, --low-rank, --residual-rank, --refit-iterations and "
-                             "budgets; drop it (or use one of them)"))
+                check_model=check_options))
