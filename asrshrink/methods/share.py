@@ -26,7 +26,8 @@ from asrshrink.calibrate.walk import Capture, Solution, shift, walk, walked
 from asrshrink.config import ShareConfig, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.methods.registry import Context, Method, Outcome, register
-from asrshrink.models.layers import LowRankLinear, ResidualLinear, matrices
+from asrshrink.models.layers import (LowRankLinear, ResidualLinear, channel_features, channel_map, matrices,
+                                     set_channel_map)
 from asrshrink.models.sharing import (ShareLayout, SharingPlan, apply_plan, build_plan, get_tensor,
                                       layer_shapes_match, plan_aliases)
 
@@ -98,6 +99,50 @@ def group_error(weights: list[torch.Tensor], biases: list[torch.Tensor], grams: 
     return num / max(den, 1e-300)
 
 
+def merge_channels(weights: list[torch.Tensor], biases: list[torch.Tensor], grams: list[torch.Tensor], *,
+                   shared_bias: bool = True, damping: float = 0.01) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``merge_least_squares`` for per-channel affine maps (norms, depthwise convolutions): weights[l] (C, F),
+    biases[l] (C,), grams[l] (C, F+1, F+1) the per-channel augmented Gram of member l's features; each channel
+    is merged on its own. Returns the merged weight (C, F) and each member's bias (C,)."""
+    dtype = weights[0].dtype
+
+    def damp(g: torch.Tensor) -> torch.Tensor:  # (C, k, k) -> per channel damping x mean diagonal
+        k = g.shape[-1]
+        size = g.diagonal(dim1=-2, dim2=-1)[:, : max(k - 1, 1)].mean(-1).clamp(min=1e-12)
+        return damping * size[:, None, None] * torch.eye(k, dtype=torch.float64)
+
+    if shared_bias:
+        lhs = sum(g.double() + damp(g.double()) for g in grams)
+        rhs = sum((g.double() + damp(g.double())) @ torch.cat([w.double(), b.double()[:, None]], 1)[..., None]
+                  for w, b, g in zip(weights, biases, grams))
+        merged = torch.linalg.solve(lhs, rhs)[..., 0]                                   # (C, F+1)
+        return merged[:, :-1].to(dtype), [merged[:, -1].to(dtype)] * len(weights)
+    stats = []
+    for g in grams:
+        g = g.double()
+        n = g[:, -1, -1].clamp(min=1.0)
+        mu = g[:, :-1, -1] / n[:, None]                                                 # (C, F)
+        stats.append((g[:, :-1, :-1] - n[:, None, None] * mu[:, :, None] * mu[:, None, :], mu))
+    lhs = sum(c + damp(c) for c, _ in stats)
+    rhs = sum((c + damp(c)) @ w.double()[..., None] for w, (c, _) in zip(weights, stats))
+    merged = torch.linalg.solve(lhs, rhs)[..., 0]
+    return merged.to(dtype), [(b.double() + ((w.double() - merged) * mu).sum(-1)).to(dtype)
+                              for w, b, (_, mu) in zip(weights, biases, stats)]
+
+
+def channel_error(weights: list[torch.Tensor], biases: list[torch.Tensor], grams: list[torch.Tensor],
+                  new_weights: list[torch.Tensor], new_biases: list[torch.Tensor]) -> float:
+    """``group_error`` of per-channel maps (C, F) with per-channel Grams (C, F+1, F+1)."""
+    num = den = 0.0
+    for w, b, g, nw, nb in zip(weights, biases, grams, new_weights, new_biases):
+        a = torch.cat([w.double(), b.double()[:, None]], 1)
+        d = torch.cat([nw.double(), nb.double()[:, None]], 1) - a
+        g = g.double()
+        num += float(torch.einsum("cf,cfg,cg->", d, g, d))
+        den += float(torch.einsum("cf,cfg,cg->", a, g, a))
+    return num / max(den, 1e-300)
+
+
 def lowrank_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-aware rank-K factors up (O, K), down (K, I) of ``weight`` for inputs with Gram ``gram`` (I, I) (the
@@ -136,14 +181,67 @@ class GramSolver:
         self.moments = {}
 
 
+class ChannelGramSolver:
+    """Walk solver that keeps the per-channel augmented Gram (C, F+1, F+1) of a per-channel affine module's
+    features (``layers.channel_features``: a norm's normalised input, a depthwise convolution's windows)."""
+
+    needs_original = False
+    needs_compressed_output = False
+
+    def __init__(self, module: nn.Module, layer: str, found: dict[tuple[str, str], torch.Tensor]):
+        self.module, self.layer, self.found = module, layer, found
+        weight, _ = channel_map(module)
+        channels, features = weight.shape
+        self.gram = torch.zeros(channels, features + 1, features + 1, dtype=torch.float64)
+
+    def add_batch(self, capture: Capture) -> None:
+        f = channel_features(self.module, capture.compressed_input)                   # (B, T, C, F)
+        rows = capture.rows(f.flatten(2)).view(-1, f.shape[2], f.shape[3]).double()   # (N, C, F)
+        rows = torch.cat([rows, rows.new_ones(rows.shape[0], rows.shape[1], 1)], -1)
+        self.gram += torch.einsum("ncf,ncg->cfg", rows, rows)
+
+    def solve(self) -> Solution:
+        from asrshrink.calibrate.stats import all_reduce
+
+        all_reduce(self.gram)
+        self.found[(self.layer, "channels")] = self.gram
+        return Solution(None)
+
+    def free(self) -> None:
+        pass
+
+
+def statistics_keys(model, layout: ShareLayout) -> set[tuple[str, str]]:
+    """(module name, side) of every matrix and per-channel map of ``layout``'s layers that the merges read."""
+    keys = {(_module_name(layer, rel), side) for layer in layout.layers for rel, side in layout.matrices.values()}
+    keys |= {(_module_name(layer, rel), "channels") for layer in layout.layers for rel in layout.channels.values()
+             if channel_map(model.get_submodule(_module_name(layer, rel))) is not None}
+    return keys
+
+
 def member_grams(model, batches: list, keys: set[tuple[str, str]]) -> dict[tuple[str, str], torch.Tensor]:
-    """Augmented input Grams (I+1, I+1) of the matrices ``keys`` ((module name, side)) in ``model``, streamed
-    block by block over the calibration batches."""
+    """Augmented input Grams of ``keys`` ((module name, side)) in ``model``, streamed block by block over the
+    calibration batches: (I+1, I+1) for a matrix, (C, F+1, F+1) for a per-channel map (side "channels")."""
+    from asrshrink.methods.svd import _component
+    from asrshrink.models.targets import WeightTarget
+
     found: dict[tuple[str, str], torch.Tensor] = {}
     components = list(model.components())
     targets = [t for t in walked(model, model.weight_targets(components)) if t.key in keys]
-    walk(model, model, batches, targets, lambda layer, group, o, c, position: GramSolver(group, found),
-         original_inputs=False)
+    channel_targets = []
+    for name, side in sorted(keys):
+        if side == "channels":  # features laid out (B, T, C, F): rows select as a batch-first input's
+            weight, _ = channel_map(model.get_submodule(name))
+            channel_targets.append(WeightTarget(name, "channels", weight.shape[0], weight.shape[1],
+                                                _component(model, name), "dense", "batch_first"))
+    targets += walked(model, channel_targets)
+
+    def make_solver(layer, group, o, c, position):
+        if group[0].side == "channels":
+            return ChannelGramSolver(o, layer, found)
+        return GramSolver(group, found)
+
+    walk(model, model, batches, targets, make_solver, original_inputs=False)
     return found
 
 
@@ -171,6 +269,38 @@ def _without_bias(gram: torch.Tensor) -> torch.Tensor:
     out[:-1, -1] = 0
     out[-1, :-1] = 0
     return out
+
+
+def _merge_channel_maps(original, model, plan: SharingPlan, layout: ShareLayout, c: "Construction",
+                        grams: dict) -> list[dict]:
+    """Every shared per-channel map (norms, batch norms, depthwise convolutions) merged as a map (pick, mean, or
+    per channel by least squares), written into each member of ``model``; one report row per group."""
+    rows = []
+    for (kind, sub), rel in layout.channels.items():
+        if channel_map(original.get_submodule(_module_name(plan.layers[0], rel))) is None:
+            continue
+        shared_w, shared_b = plan.shared(kind, sub, sub in layout.misc_parts), plan.shared(kind, sub, True)
+        if not shared_w:
+            continue
+        for group in plan.groups(kind):
+            if len(group) < 2:
+                continue
+            names = [_module_name(plan.layers[l], rel) for l in group]
+            maps = [channel_map(original.get_submodule(n)) for n in names]
+            ws, bs = [m[0] for m in maps], [m[1] for m in maps]
+            gs = [grams[(n, "channels")] for n in names]
+            if c.init == "ls":
+                merged, new_bs = merge_channels(ws, bs, gs, shared_bias=shared_b, damping=c.damping)
+            else:
+                merged, new_bs = (merge_mean if c.init == "mean" else merge_pick)(ws, bs, shared_bias=shared_b)
+            for name, bias in zip(names, new_bs):
+                set_channel_map(model.get_submodule(name), merged, bias)
+            error = channel_error(ws, bs, gs, [merged] * len(ws), new_bs)
+            rows.append({"layer": names[0], "side": "channels", "shape": list(ws[0].shape), "groups": 1,
+                         "rank": None, "status": f"shared by {len(group)} layers ({c.init}, per channel); calibration "
+                                                 f"output error {error:.4g}", "module": kind, "part": sub,
+                         "members": names, "init": c.init, "error": error, "residual_rank": None})
+    return rows
 
 
 def _write_linear(model, name: str, weight: torch.Tensor, bias: torch.Tensor | None, *, factors=None,
@@ -219,6 +349,10 @@ def share_model(original, plan: SharingPlan, construction: Construction,
     rows: list[dict] = []
     keys = list(original.state_dict(keep_vars=True))
     matrix_modules = {(kind, sub) for kind, sub in layout.matrices}
+    if grams is not None:  # per-channel maps merged as maps below (and their calibration error reported)
+        matrix_modules |= {part for part, rel in layout.channels.items()
+                           if channel_map(original.get_submodule(_module_name(plan.layers[0], rel))) is not None}
+        rows += _merge_channel_maps(original, model, plan, layout, c, grams)
     # tensors that are not matrices (norms, batch norm, depthwise convolutions, position biases): pick or mean
     for kind in layout.modules:
         for group in plan.groups(kind):
@@ -504,8 +638,8 @@ def _share_core(config: ShareConfig, ctx: Context) -> Outcome:
     build = construction(config, layout)
     grams = None
     if ctx.batches:  # ls and data-aware low rank solve from them; every init reports its calibration error
-        keys = {(_module_name(layer, rel), side) for layer in layout.layers for rel, side in layout.matrices.values()}
-        ctx.log(f"input statistics of {len(keys)} matrices on {len(ctx.batches)} calibration batches")
+        keys = statistics_keys(original, layout)
+        ctx.log(f"input statistics of {len(keys)} matrices and per-channel maps on {len(ctx.batches)} calibration batches")
         grams = member_grams(original, ctx.batches, keys)
     figures: dict = {}
     if config.budgeted:

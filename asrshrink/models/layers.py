@@ -490,6 +490,61 @@ def matrices(module: nn.Module) -> dict[str, Matrix]:
     return {}
 
 
+# --- per-channel affine maps: normalisations and depthwise convolutions, as a merge sees them --------------------
+
+def channel_map(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel affine map y_c = w_c . f_c + b_c that ``module`` computes in eval mode, as (weight (C, F),
+    bias (C,)) over the per-channel features of ``channel_features``: a LayerNorm over one dimension (F = 1,
+    the normalised input), a BatchNorm1d (F = 1, the raw input), a depthwise Conv1d (F = the kernel, the input
+    window); None for any other module."""
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.weight is not None:
+        return module.weight.detach().unsqueeze(1), module.bias.detach()
+    if isinstance(module, nn.BatchNorm1d) and module.affine and module.running_var is not None:
+        scale = module.weight.detach() / torch.sqrt(module.running_var + module.eps)
+        return scale.unsqueeze(1), module.bias.detach() - module.running_mean * scale
+    if _depthwise(module):
+        bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_channels)
+        return module.weight.detach()[:, 0, :], bias
+    return None
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv1d) and module.groups == module.in_channels == module.out_channels
+            and module.stride == (1,) and module.dilation == (1,) and isinstance(module.padding, tuple))
+
+
+def channel_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The per-channel features (B, T, C, F) of ``module``'s input ``x`` (a LayerNorm's (B, T, C); a BatchNorm1d's
+    or depthwise Conv1d's (B, C, T)), time on dim 1, so rows select like a batch-first input."""
+    if isinstance(module, nn.LayerNorm):
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        return ((x - mean) / torch.sqrt(var + module.eps)).unsqueeze(-1)
+    if isinstance(module, nn.BatchNorm1d):
+        return x.transpose(1, 2).unsqueeze(-1)
+    pad = module.padding[0]
+    windows = nn.functional.pad(x, (pad, pad)).unfold(2, module.kernel_size[0], 1)   # (B, C, T, K)
+    return windows.transpose(1, 2)
+
+
+@torch.no_grad()
+def set_channel_map(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Make ``module`` compute the per-channel map (weight (C, F), bias (C,)) of ``channel_map``, in place (a
+    BatchNorm1d gets running mean 0 and running variance 1 - eps, its affine parameters the map)."""
+    if isinstance(module, nn.LayerNorm):
+        module.weight.copy_(weight[:, 0])
+        module.bias.copy_(bias)
+    elif isinstance(module, nn.BatchNorm1d):
+        module.running_mean.zero_()
+        module.running_var.fill_(1.0 - module.eps)
+        module.weight.copy_(weight[:, 0])
+        module.bias.copy_(bias)
+    else:
+        module.weight.copy_(weight.unsqueeze(1))
+        if module.bias is not None:
+            module.bias.copy_(bias)
+
+
 def dense_parameter(module: nn.Module, side: str) -> nn.Parameter | None:
     """The parameter that stores matrix ``side`` of ``module`` element by element (dense or pruned), which
     training may mask in place; None for low-rank factors."""

@@ -408,7 +408,9 @@ class NemoConformerTransducer(Transducer):
                     if part[1] not in ("norm", "norm_out", "pos_bias", "batch_norm", "depthwise")}
         return ShareLayout("encoder", tuple(f"encoder.layers.{i}" for i in range(len(self.encoder.layers))),
                            ("ff1", "attn", "conv", "ff2"), parts, ("norm", "norm_out", "pos_bias", "batch_norm"),
-                           matrices, low_rank_parts=tuple(matrices))
+                           matrices, low_rank_parts=tuple(matrices),
+                           channels={part: name for name, part in parts.items()
+                                     if part[1] in ("norm", "norm_out", "batch_norm", "depthwise")})
 
     def weight_targets(self, components: list[str] | tuple[str, ...]) -> list:
         """Registration order except that each attention's ``linear_pos`` comes before its ``linear_out`` (the

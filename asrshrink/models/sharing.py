@@ -49,6 +49,9 @@ class ShareLayout:
     matrices: dict[tuple[str, str], tuple[str, str]] = field(default_factory=dict)
     #: Sub-components --low-rank may factorise (Linear weights); empty: none (e.g. LSTM layers).
     low_rank_parts: tuple[tuple[str, str], ...] = ()
+    #: (module kind, sub-component) -> relative module name of a per-channel affine map (a norm, a batch norm,
+    #: a depthwise convolution: ``layers.channel_map``), which the least-squares merge fits per channel.
+    channels: dict[tuple[str, str], str] = field(default_factory=dict)
 
     def classify(self, name: str) -> tuple[str, str, bool] | None:
         """(module kind, sub-component, misc) of a tensor named relative to its layer; None for a per-layer

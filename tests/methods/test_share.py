@@ -18,7 +18,8 @@ from asrshrink.errors import AsrshrinkError, CheckpointError
 from asrshrink.export.onnx import dedupe_initializers, export_model
 from asrshrink.methods.registry import Context, get_method
 from asrshrink.methods.share import (Construction, encoder_error, group_error, member_grams, merge_least_squares,
-                                     merge_mean, merge_pick, params, share_model)
+                                     merge_channels, merge_mean, merge_pick, params, share_model,
+                                     statistics_keys)
 from asrshrink.models.checkpoint import load_model, save_model
 from asrshrink.models.mlperf_rnnt import MlperfRnnt, MlperfRnntConfig
 from asrshrink.models.sharing import SharingPlan, build_plan
@@ -42,10 +43,7 @@ def conformer(seed=0, layers=4):
 
 
 def all_grams(model, data):
-    layout = model.sharing_layout()
-    keys = {(f"{layer}.{rel}" if rel else layer, side) for layer in layout.layers
-            for rel, side in layout.matrices.values()}
-    return member_grams(model, data, keys)
+    return member_grams(model, data, statistics_keys(model, model.sharing_layout()))
 
 
 def encode(model, data):
@@ -87,6 +85,33 @@ def test_least_squares_merge_has_the_least_calibration_error_of_the_three():
         errors["ls"] = ls[shared_bias] = group_error(ws, bs, grams, [w] * 3, new_bs)
         assert errors["ls"] < errors["mean"] and errors["ls"] < errors["pick"], errors
     assert ls[False] <= ls[True] + 1e-12  # per-layer biases absorb each member's mean: never worse
+
+
+def test_per_channel_merge_of_identical_members_returns_them_and_maps_round_trip():
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    grams = []
+    for _ in range(2):
+        x = torch.cat([torch.randn(30, 4, 3, generator=g, dtype=torch.float64) + 2,
+                       torch.ones(30, 4, 1, dtype=torch.float64)], -1)
+        grams.append(torch.einsum("ncf,ncg->cfg", x, x))
+    for shared_bias in (True, False):
+        merged, biases = merge_channels([w, w], [b, b], grams, shared_bias=shared_bias)
+        assert torch.allclose(merged, w, atol=1e-12) and all(torch.allclose(x, b, atol=1e-12) for x in biases)
+    from asrshrink.models.layers import channel_features, channel_map, set_channel_map
+
+    norm = torch.nn.BatchNorm1d(4).eval()
+    with torch.no_grad():
+        norm.running_mean.normal_()
+        norm.running_var.uniform_(0.5, 2)
+        norm.weight.normal_()
+    x = torch.randn(2, 4, 7)
+    weight, bias = channel_map(norm)
+    mapped = (channel_features(norm, x)[..., 0] * weight[:, 0] + bias).transpose(1, 2)
+    assert torch.allclose(mapped, norm(x), atol=1e-5)
+    copy = torch.nn.BatchNorm1d(4).eval()
+    set_channel_map(copy, weight, bias)
+    assert torch.allclose(copy(x), norm(x), atol=1e-5)
 
 
 # --- plans --------------------------------------------------------------------------------------------------------
