@@ -133,7 +133,7 @@ def main() -> None:
     rows.append({"table": "5-handcrafted", "row": "data-aware svd, every matrix", "wer": api.evaluate(svd_model, test).wer,
                  "encoder_params": encoder_params(svd_model), "mb": (out / "model.safetensors").stat().st_size / 1e6,
                  "calib_error": encoder_error(model, svd_model, batches), "seconds": time.perf_counter() - t0,
-                 "rank": None, "init": None})
+                 "rank": "per matrix", "init": None})
     print(f"\nOriginal WER {base.wer:.2f} %; encoder budget {budget:,} parameters ({args.budget:g} of "
           f"{encoder_params(model):,}). WER after the closed-form construction, no repair.\n")
     print("| table | row | ff rank | encoder params | MB | calib. error | WER % | WER after repair % | seconds |")

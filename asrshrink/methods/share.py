@@ -603,8 +603,11 @@ def candidate_plans(layout: ShareLayout, config: ShareConfig) -> list[tuple[str,
 # --- the registered method ------------------------------------------------------------------------------------
 
 def construction(config: ShareConfig, layout: ShareLayout) -> Construction:
+    for option, value in (("--low-rank", config.low_rank), ("--residual-rank", config.residual_rank)):
+        if value is not None and not layout.low_rank_parts:
+            raise AsrshrinkError(f"{option} factorises Linear matrices; this family's shared layers have none")
     parts = []
-    for name in config.low_rank_parts:
+    for name in config.low_rank_parts if config.low_rank is not None else ():
         kind, _, sub = name.partition(".")
         chosen = [p for p in layout.low_rank_parts if p[0] == kind and (not sub or p[1] == sub)]
         if not chosen:
@@ -612,8 +615,6 @@ def construction(config: ShareConfig, layout: ShareLayout) -> Construction:
             raise AsrshrinkError(f"--low-rank-parts {name}: not a Linear sub-component of this model; choose from "
                                  f"{', '.join(known) or 'none (this family has no Linear sub-components)'}")
         parts += chosen
-    if config.low_rank is not None and not layout.low_rank_parts:
-        raise AsrshrinkError("--low-rank factorises Linear matrices; this family's shared layers have none")
     return Construction(config.init, config.damping, config.low_rank, tuple(dict.fromkeys(parts)),
                         config.residual_rank)
 

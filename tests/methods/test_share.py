@@ -350,6 +350,10 @@ def test_lstm_post_stack_layers_of_equal_shape_share(tmp_path):
     assert loaded.encoder.post_rnn.layers[2].lstm.weight_hh_l0.data_ptr() == \
         loaded.encoder.post_rnn.layers[1].lstm.weight_hh_l0.data_ptr()
     assert all(torch.equal(a, b) for a, b in zip(encode(shared, data), encode(loaded, data)))
+    outcome = get_method("share").core(ShareConfig(repeat="0,1,1"), Context(model, data))  # default options
+    assert params(outcome.model) == params(shared)
+    with pytest.raises(AsrshrinkError, match="--low-rank factorises Linear matrices"):
+        get_method("share").core(ShareConfig(repeat="0,1,1", low_rank=4), Context(model, data))
     nothing, _ = share_model(model, build_plan(layout, repeat="1"), Construction("ls"), grams)
     assert all(torch.equal(a, b) for a, b in zip(encode(model, data), encode(nothing, data)))
 
@@ -386,3 +390,49 @@ def test_share_command_writes_a_shared_model_and_refuses_bad_options(tmp_path, t
 def test_share_help_has_an_example():
     result = runner.invoke(app, ["share", "--help"])
     assert result.exit_code == 0 and "Example:" in result.output
+
+
+# --- repair: distill fine-tunes a shared model with its ties, resumably --------------------------------------------
+
+@pytest.fixture()
+def speech(tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "speech"
+    folder.mkdir()
+    for i, text in enumerate(["hello world", "a b c", "shrink me", "tiny model"]):
+        sf.write(folder / f"u{i}.wav", (0.1 * rng.standard_normal(4000 + 800 * i)).astype(np.float32), 16000)
+        (folder / f"u{i}.txt").write_text(text)
+    return folder
+
+
+def test_distill_repairs_a_shared_model_keeping_its_ties_and_resumes_exactly(speech, tmp_path, monkeypatch):
+    from asrshrink import compress
+    from asrshrink.config import DistillConfig
+    import asrshrink.training.distill as distill_module
+
+    original = lstm_model()
+    teacher = save_model(original, tmp_path / "teacher")
+    shared, _ = share_model(original, build_plan(original.sharing_layout(), repeat="0,1,1"), Construction("mean"),
+                            None)
+    student = save_model(shared, tmp_path / "student")
+    cfg = DistillConfig(data=str(speech), teacher=str(teacher), steps=6, lr=3e-3, warmup=2, max_frames=2000,
+                        checkpoint_every=2)
+    compress.run_method("distill", cfg, model=str(student), out=tmp_path / "straight")
+    real_train = distill_module.train
+    monkeypatch.setattr(distill_module, "train", lambda *a, **k: real_train(*a, **{**k, "stop_after": 3}))
+    with pytest.raises(KeyboardInterrupt):
+        compress.run_method("distill", cfg, model=str(student), out=tmp_path / "resumed")
+    monkeypatch.setattr(distill_module, "train", real_train)
+    compress.resume(tmp_path / "resumed")
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(tmp_path / "resumed")
+    for net in (a, b):
+        post = net.encoder.post_rnn.layers
+        assert post[2].lstm.weight_ih_l0 is post[1].lstm.weight_ih_l0 and params(net) == params(shared)
+    assert not torch.equal(a.encoder.post_rnn.layers[1].lstm.weight_ih_l0,
+                           shared.encoder.post_rnn.layers[1].lstm.weight_ih_l0)  # it trained
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
