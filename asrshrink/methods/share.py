@@ -603,6 +603,8 @@ def candidate_plans(layout: ShareLayout, config: ShareConfig) -> list[tuple[str,
 # --- the registered method ------------------------------------------------------------------------------------
 
 def construction(config: ShareConfig, layout: ShareLayout) -> Construction:
+    if config.refit_iterations and not any(side == "linear" for _, side in layout.matrices.values()):
+        raise AsrshrinkError("--refit-iterations refits Linear matrices; this family's shared layers have none")
     for option, value in (("--low-rank", config.low_rank), ("--residual-rank", config.residual_rank)):
         if value is not None and not layout.low_rank_parts:
             raise AsrshrinkError(f"{option} factorises Linear matrices; this family's shared layers have none")

@@ -354,6 +354,8 @@ def test_lstm_post_stack_layers_of_equal_shape_share(tmp_path):
     assert params(outcome.model) == params(shared)
     with pytest.raises(AsrshrinkError, match="--low-rank factorises Linear matrices"):
         get_method("share").core(ShareConfig(repeat="0,1,1", low_rank=4), Context(model, data))
+    with pytest.raises(AsrshrinkError, match="--refit-iterations refits Linear matrices"):
+        get_method("share").check_model(ShareConfig(repeat="0,1,1", refit_iterations=1), model)
     nothing, _ = share_model(model, build_plan(layout, repeat="1"), Construction("ls"), grams)
     assert all(torch.equal(a, b) for a, b in zip(encode(model, data), encode(nothing, data)))
 
