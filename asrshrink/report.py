@@ -23,7 +23,12 @@ Schema ``asrshrink.report/1`` (every key always present; null where not measured
                  error_after (relative squared error of the layer's output against the uncompressed model's on
                  the calibration data, measured by running the layer), step (0 to 1: how far towards the
                  least-squares fit the layer moved), seconds] (empty if none),
-  eval {data, num_utterances, num_words, before {wer, cer}, after {wer, cer}} or null.
+  eval {data, num_utterances, num_words, before {wer, cer}, after {wer, cer}} or null;
+  and, only for a method that reports its own figures, figures {...}: ``share`` gives plan {component,
+  virtual_layers, physical {kind: N}, indices {kind: [...]}, unshare}, calibration_encoder_error (relative
+  error of the encoder output against the original's on the calibration data) and, with a budget, candidates
+  [plan, params, error, status, chosen]; its layers rows also carry module, part, members, init, error (the
+  group's relative output error on its members' calibration inputs) and residual_rank.
 """
 
 from __future__ import annotations

@@ -339,8 +339,9 @@ def _write_lstm_side(model, name: str, side: str, weight: torch.Tensor, bias: to
 def share_model(original, plan: SharingPlan, construction: Construction,
                 grams: dict[tuple[str, str], torch.Tensor] | None) -> tuple[object, list[dict]]:
     """A copy of ``original`` sharing its weights by ``plan``, the shared values chosen by ``construction``
-    (``grams``: each matrix's augmented input Gram in the original model, needed by ls and data-aware low
-    rank). Returns the model and one report row per matrix group."""
+    (``grams``: ``member_grams`` of ``statistics_keys``, each matrix's and per-channel map's augmented input
+    Grams in the original model, needed by ls and data-aware low rank; None: pick and mean tensor by tensor,
+    plain SVD). Returns the model and one report row per matrix (or per-channel map) group."""
     c = construction
     layout: ShareLayout = original.sharing_layout(plan.component)
     plan.check(layout)
