@@ -197,7 +197,8 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
     ctx = Context(original, batches, log, progress=state,
                   resumed_model=load_model(progress_dir / MODEL_FILENAME)[0] if resumed else None,
                   checkpoint=checkpoint if method.resumable and folder is not None else None,
-                  progress_dir=progress_dir, resume=state is not None, bar=progress, source_sha256=info.sha256)
+                  progress_dir=progress_dir, resume=state is not None, bar=progress, source_sha256=info.sha256,
+                  source_path=info.path)
     outcome = method.core(config, ctx)
     if folder is None:
         return None

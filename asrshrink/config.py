@@ -178,10 +178,23 @@ class ShareConfig:
     target_params: int | None = None
     compression_ratio: float | None = None
     component: str = "encoder"
+    #: Repair: ``finetune_steps`` of distillation (``asrshrink distill``'s loop and losses) on ``data`` with
+    #: MODEL as the teacher; 0: none.
+    finetune_steps: int = 0
+    data: str | None = None
+    finetune_lr: float = 5e-4
+    checkpoint_every: int = 50
+    seed: int = 0
 
     @property
     def budgeted(self) -> bool:
         return self.target_params is not None or self.compression_ratio is not None
+
+    def distill_config(self, teacher: str) -> "DistillConfig":
+        """The repair's distillation options (MODEL as the teacher)."""
+        return DistillConfig(data=self.data or "", teacher=teacher, steps=self.finetune_steps, lr=self.finetune_lr,
+                             warmup=max(1, min(30, self.finetune_steps // 10)), seed=self.seed,
+                             checkpoint_every=self.checkpoint_every, components=(self.component,))
 
     def check(self) -> None:
         if self.init not in SHARE_INITS:
@@ -205,6 +218,16 @@ class ShareConfig:
                 raise AsrshrinkError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
         if self.refit_iterations < 0:
             raise AsrshrinkError(f"--refit-iterations must be >= 0, got {self.refit_iterations}")
+        if self.finetune_steps < 0:
+            raise AsrshrinkError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        if self.finetune_steps and not self.data:
+            raise AsrshrinkError("--finetune-steps distils the shared model on speech: give --data PATH (any "
+                                 "--data layout)")
+        if self.data and not self.finetune_steps:
+            raise AsrshrinkError("--data is the repair's training speech: give --finetune-steps N too")
+        if self.finetune_steps and (not self.finetune_lr > 0 or self.checkpoint_every < 1):
+            raise AsrshrinkError(f"--finetune-lr must be positive and --checkpoint-every at least 1, got "
+                                 f"{self.finetune_lr}, {self.checkpoint_every}")
 
 
 @dataclass(frozen=True)

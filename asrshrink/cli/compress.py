@@ -547,6 +547,7 @@ def _names(value: str | None) -> tuple[str, ...]:
 @app.command("share")
 @handle_errors
 def share_command(
+    ctx: typer.Context,
     model: ModelArg = None, out: Out = Path("share-out"),
     repeat: Annotated[Optional[str], typer.Option(
         help="R: adjacent groups of R layers share their weights (N = L / R physical blocks, each used R times in "
@@ -582,6 +583,15 @@ def share_command(
     target_params: Annotated[Optional[int], typer.Option(
         help="Choose the repeat factor: the whole model keeps at most this many parameters.",
         show_default=False)] = None,
+    finetune_steps: Annotated[int, typer.Option(
+        help="Repair: distillation steps (distill's loop and losses) on --data with MODEL as the teacher; "
+             "resumable with --resume OUT.")] = 0,
+    data: Annotated[Optional[Path], typer.Option(help="The repair's training speech (any --data layout).",
+                                                 show_default=False)] = None,
+    finetune_lr: Annotated[float, typer.Option(help="The repair's peak learning rate.")] = 5e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="Repair steps between training checkpoints.")] = 50,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted repair in this output directory "
+                                                        "(its options are reused).", show_default=False)] = None,
     calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
     eval_limit: EvalLimit = None, json_out: Json = False,
 ) -> None:
@@ -595,13 +605,32 @@ def share_command(
     Example: asrshrink share model.nemo --repeat 2 --unshare conv.depthwise,misc -o shared/ --eval dev/
 
     Example: asrshrink share model.nemo --compression-ratio 2.5 --low-rank 64 --refit-iterations 1 -o shared/
+
+    Example: asrshrink share model.nemo --repeat 2 --finetune-steps 300 --data train/ -o shared/ --eval dev/
     """
     from asrshrink.config import ShareConfig
 
+    if resume is not None:
+        given = _given_options(ctx, {
+            name: (f"--{name.replace('_', '-')}", "share", name, value) for name, value in (
+                ("repeat", repeat), ("groups", groups), ("init", init), ("low_rank", low_rank),
+                ("residual_rank", residual_rank), ("refit_iterations", refit_iterations),
+                ("finetune_steps", finetune_steps), ("finetune_lr", finetune_lr))})
+        if data is not None:
+            given["--data"] = ("share", "data", str(data.resolve()))
+        if _explicit(ctx, "out") and out.resolve() != resume.resolve():
+            from asrshrink.errors import AsrshrinkError
+
+            raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
+                                 f"resumes; drop -o")
+        _run("share", json_out, out=resume, resume_run=True, given=given, model=model)
+        return
     config = ShareConfig(repeat=repeat, groups=groups, share_modules=_names(share_modules), unshare=_names(unshare),
                          init=init, damping=damping, low_rank=low_rank, low_rank_parts=_names(low_rank_parts),
                          residual_rank=residual_rank, refit_iterations=refit_iterations,
-                         compression_ratio=compression_ratio, target_params=target_params)
+                         compression_ratio=compression_ratio, target_params=target_params,
+                         finetune_steps=finetune_steps, data=str(data) if data else None, finetune_lr=finetune_lr,
+                         checkpoint_every=checkpoint_every, seed=seed)
     from asrshrink.methods.share import _calibrated
 
     _run("share", json_out, model=model, out=out, config=config,

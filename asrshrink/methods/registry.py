@@ -34,8 +34,9 @@ class Context:
     resume: bool = False
     #: Progress of long steps: bar(description, done, total).
     bar: Callable[[str, int, int], None] | None = None
-    #: The sha256 of the file MODEL was loaded from.
+    #: The sha256 of the file MODEL was loaded from, and its path.
     source_sha256: str | None = None
+    source_path: Path | None = None
 
 
 @dataclass

@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -28,6 +29,7 @@ from asrshrink.errors import AsrshrinkError
 from asrshrink.methods.registry import Context, Method, Outcome, register
 from asrshrink.models.layers import (LowRankLinear, ResidualLinear, channel_features, channel_map, matrices,
                                      set_channel_map)
+from asrshrink.training.loop import CHECKPOINT, read_training_progress
 from asrshrink.models.sharing import (ShareLayout, SharingPlan, apply_plan, build_plan, get_tensor,
                                       layer_shapes_match, plan_aliases)
 
@@ -626,6 +628,8 @@ def check_options(config: ShareConfig, model) -> None:
     """Refuse options that do not fit ``model`` (its layout, the plan, the low-rank parts) before calibration."""
     if model.sharing is not None:
         raise AsrshrinkError("the model already shares weights; run share on the unshared model")
+    if config.data is not None and not Path(config.data).exists():
+        raise AsrshrinkError(f"--data {config.data}: no such file or folder; pass the repair's training speech")
     layout = model.sharing_layout(config.component)
     construction(config, layout)
     if not config.budgeted:
@@ -682,6 +686,16 @@ def _share_core(config: ShareConfig, ctx: Context) -> Outcome:
         model, rows = share_model(original, plan, build, grams)
     post = refit(original, model, plan, ctx.batches, config.refit_iterations, ctx.log) \
         if config.refit_iterations else None
+    if config.finetune_steps:
+        from asrshrink.training.distill import repair
+
+        if ctx.source_path is None:
+            raise AsrshrinkError("--finetune-steps needs MODEL's file as the teacher; run share through run_method")
+        if ctx.batches:
+            figures["calibration_encoder_error_before_repair"] = encoder_error(original, model, ctx.batches)
+        ctx.log(f"repair: {config.finetune_steps} distillation steps on {config.data}, MODEL as the teacher"
+                + (" (resumed)" if ctx.resume else ""))
+        model = repair(model, config.distill_config(str(ctx.source_path)), ctx).model
     if ctx.batches:
         figures["calibration_encoder_error"] = encoder_error(original, model, ctx.batches)
         ctx.log(f"encoder output error on the calibration data: {figures['calibration_encoder_error']:.4f}")
@@ -704,5 +718,15 @@ def _calibrated(config: ShareConfig) -> bool:
     return True
 
 
-register(Method("share", ShareConfig, _share_core, calibrated=_calibrated, options=to_json,
-                check_model=check_options))
+def _options(config: ShareConfig) -> dict:
+    data = to_json(config)
+    if config.data:
+        data["data"] = str(Path(config.data).resolve())
+    return data
+
+
+# resumable: the repair (--finetune-steps) checkpoints distill's training state; a resumed run builds the same
+# shared model again from the same calibration data, then training continues from the checkpoint
+register(Method("share", ShareConfig, _share_core, calibrated=_calibrated, options=_options,
+                check_model=check_options, resumable=True, checkpoint_file=CHECKPOINT,
+                read_progress=read_training_progress))

@@ -438,3 +438,41 @@ def test_distill_repairs_a_shared_model_keeping_its_ties_and_resumes_exactly(spe
                            shared.encoder.post_rnn.layers[1].lstm.weight_ih_l0)  # it trained
     for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
         assert torch.equal(x, y), name
+
+
+def test_share_with_a_repair_resumes_to_the_parameters_of_an_uninterrupted_run(speech, tmp_path, monkeypatch):
+    from asrshrink import compress
+    from asrshrink.compress import PROGRESS
+    from asrshrink.config import CalibConfig
+    import asrshrink.training.distill as distill_module
+
+    original = lstm_model()
+    source = save_model(original, tmp_path / "model")
+    cfg = ShareConfig(repeat="0,1,1", finetune_steps=6, data=str(speech), finetune_lr=3e-3, checkpoint_every=2)
+    calib = CalibConfig(path=str(speech))
+    report = compress.run_method("share", cfg, model=str(source), out=tmp_path / "straight", calib=calib)
+    figures = report["figures"]
+    assert figures["calibration_encoder_error"] != figures["calibration_encoder_error_before_repair"]
+    real_train = distill_module.train
+    monkeypatch.setattr(distill_module, "train", lambda *a, **k: real_train(*a, **{**k, "stop_after": 3}))
+    with pytest.raises(KeyboardInterrupt):
+        compress.run_method("share", cfg, model=str(source), out=tmp_path / "resumed", calib=calib)
+    monkeypatch.setattr(distill_module, "train", real_train)
+    assert (tmp_path / "resumed" / PROGRESS).is_dir() and not (tmp_path / "resumed" / "model.safetensors").exists()
+    refused = runner.invoke(app, ["share", "--resume", str(tmp_path / "resumed"), "--finetune-steps", "9"])
+    assert_one_line_error(refused, "--finetune-steps 9 contradicts the interrupted run")
+    result = runner.invoke(app, ["share", "--resume", str(tmp_path / "resumed")])
+    assert result.exit_code == 0, result.output
+    a, _ = load_model(tmp_path / "straight")
+    b, _ = load_model(tmp_path / "resumed")
+    post = b.encoder.post_rnn.layers
+    assert post[2].lstm.weight_ih_l0 is post[1].lstm.weight_ih_l0 and params(b) < params(original)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_repair_options_are_checked():
+    with pytest.raises(AsrshrinkError, match="give --data PATH"):
+        ShareConfig(repeat="2", finetune_steps=5).check()
+    with pytest.raises(AsrshrinkError, match="give --finetune-steps N too"):
+        ShareConfig(repeat="2", data="x").check()
