@@ -158,6 +158,12 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
         raise AsrshrinkError(f"{info.path}: an AmNet model (branched encoder layers and an arbitrator); "
                              f"{method.name} compresses models without branches: run it on the model before "
                              f"amnet-finetune, then amnet-finetune its output")
+    if original.sharing is not None and not method.shared_models:
+        raise AsrshrinkError(f"{info.path}: a model that shares weights across layers (asrshrink share); "
+                             f"{method.name} would replace shared modules one layer at a time: run {method.name} "
+                             f"on the model before sharing, or repair the shared model with distill")
+    if method.check_model is not None:
+        method.check_model(config, original)
     eval_set = _open_eval(original, evaluation) if folder is not None else None  # process 0 evaluates
     progress_dir = out / PROGRESS
     calibrated = method.calibrated(config)
@@ -191,7 +197,8 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
     ctx = Context(original, batches, log, progress=state,
                   resumed_model=load_model(progress_dir / MODEL_FILENAME)[0] if resumed else None,
                   checkpoint=checkpoint if method.resumable and folder is not None else None,
-                  progress_dir=progress_dir, resume=state is not None, bar=progress, source_sha256=info.sha256)
+                  progress_dir=progress_dir, resume=state is not None, bar=progress, source_sha256=info.sha256,
+                  source_path=info.path)
     outcome = method.core(config, ctx)
     if folder is None:
         return None
@@ -203,11 +210,12 @@ def _run_method(method, config, folder: OutputFolder | None, *, model: str | Non
         evaluated["figures"] = method.evaluate(config, original, outcome.model, eval_set, log, progress)
     return _publish(folder, method.name, outcome.model, info, original, options=options, layers=outcome.layers,
                     post_training=outcome.post_training, seconds=earlier_seconds + time.perf_counter() - started,
-                    evaluated=evaluated)
+                    evaluated=evaluated, figures=outcome.figures)
 
 
 def _publish(folder: OutputFolder, command: str, compressed, info, original, *, options: dict, layers: list,
-             seconds: float, evaluated: dict | None, post_training: list | None = None) -> dict:
+             seconds: float, evaluated: dict | None, post_training: list | None = None,
+             figures: dict | None = None) -> dict:
     """Stage model.safetensors, report.json and report.md, then publish them together into ``folder.out``
     (which drops any progress checkpoint there)."""
     staged = save_model(compressed, folder.staging, source_sha256=info.source_sha256,
@@ -215,7 +223,7 @@ def _publish(folder: OutputFolder, command: str, compressed, info, original, *, 
     report = build_report(
         command, source={"path": str(info.path), "sha256": info.sha256, "family": original.family},
         output=staged, options=options, before=describe(original), after=describe(compressed),
-        layers=layers, post_training=post_training, seconds=seconds, evaluation=evaluated)
+        layers=layers, post_training=post_training, seconds=seconds, evaluation=evaluated, figures=figures)
     report["output"]["path"] = str(folder.out / MODEL_FILENAME)
     write_report(folder.staging, report)
     folder.publish()

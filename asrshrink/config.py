@@ -152,6 +152,84 @@ class PruneConfig:
                 raise AsrshrinkError(f"--pattern {self.pattern} fixes every matrix's sparsity; drop --global")
 
 
+SHARE_INITS = ("pick", "mean", "ls")
+
+
+@dataclass(frozen=True)
+class ShareConfig:
+    """``asrshrink share``: the layers of ``component`` grouped by ``repeat`` ("R": adjacent groups of R, or an
+    index list "0,0,1,1") or ``groups`` ("0-1,2-3"), the ``share_modules`` (empty: all of the family's) sharing
+    each group's weights except the ``unshare`` sub-components; shared values by ``init`` (pick: the first
+    member's, mean, ls: the least-squares merge on calibration inputs, damped by ``damping``); ``low_rank`` K
+    factorises the ``low_rank_parts`` (default the feed-forward modules), ``residual_rank`` r adds a per-layer
+    correction; ``refit_iterations`` layer-sequential refits of the per-layer parts. A budget
+    (``target_params`` / ``compression_ratio`` of the component) chooses the repeat factor instead."""
+
+    repeat: str | None = None
+    groups: str | None = None
+    share_modules: tuple[str, ...] = ()
+    unshare: tuple[str, ...] = ()
+    init: str = "ls"
+    damping: float = 0.01
+    low_rank: int | None = None
+    low_rank_parts: tuple[str, ...] = ("ff1", "ff2")
+    residual_rank: int | None = None
+    refit_iterations: int = 0
+    target_params: int | None = None
+    compression_ratio: float | None = None
+    component: str = "encoder"
+    #: Repair: ``finetune_steps`` of distillation (``asrshrink distill``'s loop and losses) on ``data`` with
+    #: MODEL as the teacher; 0: none.
+    finetune_steps: int = 0
+    data: str | None = None
+    finetune_lr: float = 5e-4
+    checkpoint_every: int = 50
+    seed: int = 0
+
+    @property
+    def budgeted(self) -> bool:
+        return self.target_params is not None or self.compression_ratio is not None
+
+    def distill_config(self, teacher: str) -> "DistillConfig":
+        """The repair's distillation options (MODEL as the teacher)."""
+        return DistillConfig(data=self.data or "", teacher=teacher, steps=self.finetune_steps, lr=self.finetune_lr,
+                             warmup=max(1, min(30, self.finetune_steps // 10)), seed=self.seed,
+                             checkpoint_every=self.checkpoint_every, components=(self.component,))
+
+    def check(self) -> None:
+        if self.init not in SHARE_INITS:
+            raise AsrshrinkError(f"--init must be one of {', '.join(SHARE_INITS)}, got {self.init!r}")
+        if not self.damping > 0:
+            raise AsrshrinkError(f"--damping must be positive, got {self.damping}")
+        if self.repeat is not None and self.groups is not None:
+            raise AsrshrinkError("give either --repeat or --groups, not both")
+        if self.budgeted and (self.repeat is not None or self.groups is not None):
+            raise AsrshrinkError("a budget (--target-params / --compression-ratio) chooses the repeat factor; drop "
+                                 "--repeat and --groups")
+        if self.target_params is not None and self.compression_ratio is not None:
+            raise AsrshrinkError("give either --compression-ratio or --target-params, not both")
+        if self.compression_ratio is not None and not self.compression_ratio > 1:
+            raise AsrshrinkError(f"--compression-ratio must be above 1, got {self.compression_ratio}")
+        if self.target_params is not None and self.target_params <= 0:
+            raise AsrshrinkError(f"--target-params must be positive, got {self.target_params}")
+        for name in ("low_rank", "residual_rank"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise AsrshrinkError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+        if self.refit_iterations < 0:
+            raise AsrshrinkError(f"--refit-iterations must be >= 0, got {self.refit_iterations}")
+        if self.finetune_steps < 0:
+            raise AsrshrinkError(f"--finetune-steps must be >= 0, got {self.finetune_steps}")
+        if self.finetune_steps and not self.data:
+            raise AsrshrinkError("--finetune-steps distils the shared model on speech: give --data PATH (any "
+                                 "--data layout)")
+        if self.data and not self.finetune_steps:
+            raise AsrshrinkError("--data is the repair's training speech: give --finetune-steps N too")
+        if self.finetune_steps and (not self.finetune_lr > 0 or self.checkpoint_every < 1):
+            raise AsrshrinkError(f"--finetune-lr must be positive and --checkpoint-every at least 1, got "
+                                 f"{self.finetune_lr}, {self.checkpoint_every}")
+
+
 @dataclass(frozen=True)
 class CalibConfig:
     """Calibration utterances: ``path`` None means the bundled calibration sample."""

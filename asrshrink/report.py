@@ -23,7 +23,12 @@ Schema ``asrshrink.report/1`` (every key always present; null where not measured
                  error_after (relative squared error of the layer's output against the uncompressed model's on
                  the calibration data, measured by running the layer), step (0 to 1: how far towards the
                  least-squares fit the layer moved), seconds] (empty if none),
-  eval {data, num_utterances, num_words, before {wer, cer}, after {wer, cer}} or null.
+  eval {data, num_utterances, num_words, before {wer, cer}, after {wer, cer}} or null;
+  and, only for a method that reports its own figures, figures {...}: ``share`` gives plan {component,
+  virtual_layers, physical {kind: N}, indices {kind: [...]}, unshare}, calibration_encoder_error (relative
+  error of the encoder output against the original's on the calibration data) and, with a budget, candidates
+  [plan, params, error, status, chosen]; its layers rows also carry module, part, members, init, error (the
+  group's relative output error on its members' calibration inputs) and residual_rank.
 """
 
 from __future__ import annotations
@@ -43,7 +48,7 @@ SCHEMA = "asrshrink.report/1"
 
 def build_report(command: str, *, source: dict, output: Path, options: dict, before: dict, after: dict,
                  layers: list[dict], seconds: float, post_training: list[dict] | None = None,
-                 evaluation: dict | None = None) -> dict[str, Any]:
+                 evaluation: dict | None = None, figures: dict | None = None) -> dict[str, Any]:
     def sizes(d: dict) -> dict:
         return {k: d[k] for k in ("params", "bytes", "params_by_component", "bytes_by_component", "flops",
                                   "nonzero_params", "nonzero_params_by_component", "sparse_bytes",
@@ -70,6 +75,7 @@ def build_report(command: str, *, source: dict, output: Path, options: dict, bef
         "layers": layers,
         "post_training": post_training or [],
         "eval": evaluation,
+        **({"figures": figures} if figures else {}),
     }
 
 
@@ -101,6 +107,7 @@ def render_markdown(report: dict) -> str:
             from asrshrink.evaluate.amnet import figure_lines
 
             lines += figure_lines(e["figures"])
+    lines += _sharing_lines(report)
     if report["layers"] and "sparsity" in report["layers"][0]:
         lines += _pruned_layer_lines(report["layers"])
     elif report["layers"]:
@@ -118,6 +125,27 @@ def render_markdown(report: dict) -> str:
                          f"{row['error_before']:.4f} | {row['error_after']:.4f} | {row['step']:g} | "
                          f"{row['seconds']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def _sharing_lines(report: dict) -> list[str]:
+    """The sharing plan (virtual layers, physical modules per kind) and the candidate plans a budget tried."""
+    figures = report.get("figures") or {}
+    plan = figures.get("plan")
+    if not plan:
+        return []
+    physical = ", ".join(f"{kind} {n}" for kind, n in plan["physical"].items())
+    lines = [f"Sharing: {plan['virtual_layers']} virtual layers of the {plan['component']}; physical modules "
+             f"{physical}" + (f"; unshared: {', '.join(plan['unshare'])}" if plan["unshare"] else "") + ".", ""]
+    if "calibration_encoder_error" in figures:
+        lines += [f"Relative encoder output error on the calibration data: "
+                  f"{figures['calibration_encoder_error']:.4f}.", ""]
+    if figures.get("candidates"):
+        lines += ["| candidate plan | params | calibration error | status |", "| --- | ---: | ---: | --- |"]
+        for row in figures["candidates"]:
+            lines.append(f"| {row['plan']}{' (chosen)' if row.get('chosen') else ''} | {_cell(row['params'])} | "
+                         f"{'-' if row['error'] is None else format(row['error'], '.4f')} | {row['status']} |")
+        lines.append("")
+    return lines
 
 
 def _storage_lines(report: dict) -> list[str]:

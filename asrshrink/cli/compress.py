@@ -523,3 +523,113 @@ def amnet_command(
     _run("amnet-finetune", json_out, model=model, out=out, config=config,
          calib=_calib(calib, num_utterances, seed) if data_aware else None,
          evaluation=_evaluation(eval_data, eval_limit, seed))
+
+
+def _share_summary(report: dict) -> None:
+    _summary(report)
+    plan = (report.get("figures") or {}).get("plan")
+    if plan:
+        physical = ", ".join(f"{kind} {n}" for kind, n in plan["physical"].items())
+        err.print(f"{plan['virtual_layers']} virtual layers; physical modules {physical}", markup=False,
+                  highlight=False)
+
+
+SUMMARIES["share"] = _share_summary
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in value.split(",") if p.strip()) if value else ()
+
+
+@app.command("share")
+@handle_errors
+def share_command(
+    ctx: typer.Context,
+    model: ModelArg = None, out: Out = Path("share-out"),
+    repeat: Annotated[Optional[str], typer.Option(
+        help="R: adjacent groups of R layers share their weights (N = L / R physical blocks, each used R times in "
+             "order); or one physical index per layer, e.g. 0,0,1,1,2,2. Default 2.", show_default=False)] = None,
+    groups: Annotated[Optional[str], typer.Option(
+        help="Groups of layers that share, as ranges, e.g. 0-1,2-3 (layers in no group keep their own "
+             "weights); instead of --repeat.", show_default=False)] = None,
+    share_modules: Annotated[Optional[str], typer.Option(
+        help="The module kinds that share, e.g. ff1,attn,conv,ff2 (a Conformer) or lstm; default all.",
+        show_default=False)] = None,
+    unshare: Annotated[Optional[str], typer.Option(
+        help="Sub-components that stay per layer, e.g. conv.depthwise,attn.key,misc (misc: norms, biases, batch "
+             "norm, position biases).", show_default=False)] = None,
+    init: Annotated[str, typer.Option(help="The shared weights: pick (the first member's), mean, or ls (the "
+                                           "least-squares merge on the calibration inputs each member "
+                                           "sees).")] = "ls",
+    low_rank: Annotated[Optional[int], typer.Option(
+        help="Factorise the --low-rank-parts at rank K (data-aware SVD of the merged weight; factors shared "
+             "across the group).", show_default=False)] = None,
+    low_rank_parts: Annotated[str, typer.Option(help="What --low-rank factorises: module kinds or kind.sub, "
+                                                     "comma separated.")] = "ff1,ff2",
+    residual_rank: Annotated[Optional[int], typer.Option(
+        help="A per-layer low-rank residual of rank r from the SVD of each member's difference to the shared "
+             "weight.", show_default=False)] = None,
+    refit_iterations: Annotated[int, typer.Option(
+        help="Layer-sequential least-squares refits of the per-layer parts (unshared matrices, per-layer biases, "
+             "residuals) on the shared model's own activations.")] = 0,
+    damping: Annotated[float, typer.Option(help="ls: damping towards the members' own weights, times the mean "
+                                                "diagonal of each member's Gram matrix.")] = 0.01,
+    compression_ratio: Annotated[Optional[float], typer.Option(
+        help="Choose the repeat factor: the encoder shrinks by this factor; the plan with the least calibration "
+             "error that meets it wins.", show_default=False)] = None,
+    target_params: Annotated[Optional[int], typer.Option(
+        help="Choose the repeat factor: the whole model keeps at most this many parameters.",
+        show_default=False)] = None,
+    finetune_steps: Annotated[int, typer.Option(
+        help="Repair: distillation steps (distill's loop and losses) on --data with MODEL as the teacher; "
+             "resumable with --resume OUT.")] = 0,
+    data: Annotated[Optional[Path], typer.Option(help="The repair's training speech (any --data layout).",
+                                                 show_default=False)] = None,
+    finetune_lr: Annotated[float, typer.Option(help="The repair's peak learning rate.")] = 5e-4,
+    checkpoint_every: Annotated[int, typer.Option(help="Repair steps between training checkpoints.")] = 50,
+    resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted repair in this output directory "
+                                                        "(its options are reused).", show_default=False)] = None,
+    calib: Calib = None, num_utterances: NumUtts = 400, seed: Seed = 0, eval_data: Eval = None,
+    eval_limit: EvalLimit = None, json_out: Json = False,
+) -> None:
+    """Weight sharing across layers of a trained model (the four levels of "Sharing low rank Conformer
+    weights"): repeated blocks (--repeat), shared modules (--share-modules), per-layer sub-components
+    (--unshare), low rank on the shared matrices (--low-rank, --residual-rank). The shared weights come from
+    the calibration data in closed form (--init ls); the output stores each shared tensor once and loads back
+    with its sharing intact. Conformer encoder layers, or the MLPerf encoder's post-stack LSTM layers of equal
+    shape.
+
+    Example: asrshrink share model.nemo --repeat 2 --unshare conv.depthwise,misc -o shared/ --eval dev/
+
+    Example: asrshrink share model.nemo --compression-ratio 2.5 --low-rank 64 --refit-iterations 1 -o shared/
+
+    Example: asrshrink share model.nemo --repeat 2 --finetune-steps 300 --data train/ -o shared/ --eval dev/
+    """
+    from asrshrink.config import ShareConfig
+
+    if resume is not None:
+        given = _given_options(ctx, {
+            name: (f"--{name.replace('_', '-')}", "share", name, value) for name, value in (
+                ("repeat", repeat), ("groups", groups), ("init", init), ("low_rank", low_rank),
+                ("residual_rank", residual_rank), ("refit_iterations", refit_iterations),
+                ("finetune_steps", finetune_steps), ("finetune_lr", finetune_lr))})
+        if data is not None:
+            given["--data"] = ("share", "data", str(data.resolve()))
+        if _explicit(ctx, "out") and out.resolve() != resume.resolve():
+            from asrshrink.errors import AsrshrinkError
+
+            raise AsrshrinkError(f"-o {out} contradicts --resume {resume}: a resumed run writes into the folder it "
+                                 f"resumes; drop -o")
+        _run("share", json_out, out=resume, resume_run=True, given=given, model=model)
+        return
+    config = ShareConfig(repeat=repeat, groups=groups, share_modules=_names(share_modules), unshare=_names(unshare),
+                         init=init, damping=damping, low_rank=low_rank, low_rank_parts=_names(low_rank_parts),
+                         residual_rank=residual_rank, refit_iterations=refit_iterations,
+                         compression_ratio=compression_ratio, target_params=target_params,
+                         finetune_steps=finetune_steps, data=str(data) if data else None, finetune_lr=finetune_lr,
+                         checkpoint_every=checkpoint_every, seed=seed)
+    from asrshrink.methods.share import _calibrated
+
+    _run("share", json_out, model=model, out=out, config=config,
+         calib=_calib(calib, num_utterances, seed) if _calibrated(config) or calib else None,
+         evaluation=_evaluation(eval_data, eval_limit, seed))

@@ -251,6 +251,18 @@ def info_command(
     for layer in summary["encoder_layers"]:
         layers.add_row(layer["name"], f"{layer['params']:,}", f"{layer['flops_per_frame'] / 1e6:.3f}")
     out.print(layers)
+    if summary.get("sharing"):
+        sharing = summary["sharing"]
+        shared = Table(title=f"shared weights: {sharing['virtual_layers']} virtual layers of the "
+                             f"{sharing['component']}, {summary['params']:,} physical parameters "
+                             f"({sharing['virtual_params']:,} virtual)")
+        for column in ("module", "physical", "index of each virtual layer"):
+            shared.add_column(column)
+        for kind, indices in sharing["indices"].items():
+            shared.add_row(kind, str(sharing["physical"][kind]), ",".join(map(str, indices)))
+        out.print(shared)
+        if sharing["unshare"]:
+            out.print(f"per layer: {', '.join(sharing['unshare'])}", markup=False, highlight=False)
     if summary.get("amnet"):
         _print_amnet(summary["amnet"], summary["flops"]["encoder_per_frame"])
     elif summary.get("structure"):
@@ -310,6 +322,8 @@ def _side_text(side: dict | None) -> str:
         return ""
     if side["type"] == "lowrank":
         return f"{side['out']}x{side['in']} rank {side['rank']}" + (" per gate" if side["groups"] > 1 else "")
+    if side["type"] == "residual":
+        return f"{_side_text(side['base'])} + per-layer residual rank {side['rank']}"
     if side["type"] == "sparse":
         return f"{side['out']}x{side['in']} sparsity {1 - side['nonzeros'] / (side['out'] * side['in']):.1%}"
     return f"{side['out']}x{side['in']} dense"

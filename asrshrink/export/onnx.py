@@ -346,6 +346,44 @@ def time_reduction(model: Transducer) -> int:
     return model.time_reduction
 
 
+def dedupe_initializers(graph: onnx.GraphProto) -> int:
+    """Keep one initializer per distinct tensor (same type, shape and bytes) and point every use of a duplicate,
+    subgraphs included, at the one kept; returns how many were dropped. The exporter may write a parameter that
+    several modules hold (``asrshrink share``) once per module."""
+    kept: dict[tuple, str] = {}
+    renamed: dict[str, str] = {}
+    for init in list(graph.initializer):
+        if not init.raw_data:  # small tensors stored as typed fields: not worth comparing
+            continue
+        key = (init.data_type, tuple(init.dims), init.raw_data)
+        if key in kept:
+            renamed[init.name] = kept[key]
+            graph.initializer.remove(init)
+        else:
+            kept[key] = init.name
+    if not renamed:
+        return 0
+    for inp in [i for i in graph.input if i.name in renamed]:
+        graph.input.remove(inp)
+
+    def rename(g: onnx.GraphProto) -> None:
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if name in renamed:
+                    node.input[i] = renamed[name]
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    rename(attr.g)
+                for sub in attr.graphs:
+                    rename(sub)
+        for out in g.output:
+            if out.name in renamed:
+                raise ExportError(f"the initializer {out.name} is a graph output; cannot merge it")
+
+    rename(graph)
+    return len(renamed)
+
+
 def to_onnx(model: Transducer, *, opset: int = DEFAULT_OPSET, metadata: dict[str, str] | None = None
             ) -> dict[str, onnx.ModelProto]:
     """The encoder, decoder and joiner of ``model`` as ONNX models (keys "encoder", "decoder", "joiner"), each
@@ -361,6 +399,7 @@ def to_onnx(model: Transducer, *, opset: int = DEFAULT_OPSET, metadata: dict[str
     else:
         parts = _asrshrink_parts(net, state, factor, opset)
     for name, proto in parts.items():
+        dedupe_initializers(proto.graph)  # a weight shared by several layers is stored once
         proto.producer_name, proto.producer_version = "asrshrink", asrshrink.__version__
         props = {**(metadata or {}), "component": name}
         if name != "encoder":  # runtimes read the encoder's; a tokenizer need not be stored three times

@@ -34,18 +34,21 @@ class Context:
     resume: bool = False
     #: Progress of long steps: bar(description, done, total).
     bar: Callable[[str, int, int], None] | None = None
-    #: The sha256 of the file MODEL was loaded from.
+    #: The sha256 of the file MODEL was loaded from, and its path.
     source_sha256: str | None = None
+    source_path: Path | None = None
 
 
 @dataclass
 class Outcome:
-    """A method's result: the compressed model, one report row per matrix (``layers``), and the rows of a
-    post-training pass (``post_training``, e.g. PSVD's per-layer refits)."""
+    """A method's result: the compressed model, one report row per matrix (``layers``), the rows of a
+    post-training pass (``post_training``, e.g. PSVD's per-layer refits) and the method's own figures."""
 
     model: Any
     layers: list[dict]
     post_training: list[dict] | None = None
+    #: The method's own figures, recorded in the report under ``figures`` (e.g. share's plan and candidates).
+    figures: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,11 @@ class Method:
     #: The method's own figures on the --eval data beside WER: (config, original, compressed, dataset, log,
     #: progress) -> dict, recorded as the report's eval.figures (None: WER only).
     evaluate: Callable[..., dict] | None = None
+    #: Whether the method takes a model that shares weights across layers (``asrshrink share``'s outputs):
+    #: methods that replace modules would break the ties.
+    shared_models: bool = False
+    #: Checks the options against the loaded model before any calibration: (config, model) -> None.
+    check_model: Callable[[Any, Any], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -83,6 +91,7 @@ def register(method: Method) -> Method:
 def get_method(name: str) -> Method:
     import asrshrink.methods.prune  # noqa: F401  (each method module registers itself)
     import asrshrink.methods.psvd  # noqa: F401
+    import asrshrink.methods.share  # noqa: F401
     import asrshrink.methods.svd  # noqa: F401
     import asrshrink.training.amnet  # noqa: F401  (registers amnet-finetune)
     import asrshrink.training.distill  # noqa: F401  (registers distill)

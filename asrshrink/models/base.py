@@ -176,6 +176,17 @@ class Transducer(nn.Module):
         ``flops()["encoder"]``."""
         raise NotImplementedError
 
+    # --- weight sharing (``asrshrink share``; see models.sharing) -------------------------------------------
+    #: The model's sharing plan (a ``models.sharing.SharingPlan``), None when no tensors are shared.
+    sharing: Any = None
+
+    def sharing_layout(self, component: str = "encoder") -> Any:
+        """The ``models.sharing.ShareLayout`` of ``component``: its layers that may share weights and which of
+        their tensors form which module kind and sub-component. Default: none."""
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"the {self.family} family declares no layers that can share weights")
+
     # --- AmNet support (a family that has it overrides these; see mlperf_rnnt) ------------------------------
     #: The dotted name under which an AmNet's arbitrator is attached; None: the family has no AmNet encoder.
     arbitrator_slot: str | None = None

@@ -24,11 +24,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import asrshrink
-from asrshrink.errors import CheckpointError
+from asrshrink.errors import AsrshrinkError, CheckpointError
 from asrshrink.io import atomic_write, sha256_file
 from asrshrink.models.base import Transducer
 from asrshrink.models.layers import model_structure
 from asrshrink.models.registry import detect_family, get_family
+from asrshrink.models.sharing import SharingPlan, check_tied, model_aliases, plan_aliases, tie
 from asrshrink.models.validate import (REWRITE, check_config, check_dtype, check_finite, check_shape,
                                        check_structure, check_tensors)
 
@@ -322,6 +323,7 @@ def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:
         check_dtype(key, dtypes[key], source)
         check_shape(key, shapes[key], source)
     structure = meta.get("structure") or {}
+    plan = SharingPlan.from_json(meta["sharing"], source) if meta.get("sharing") is not None else None
 
     def build(device: str) -> Transducer:
         try:
@@ -341,6 +343,8 @@ def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:
 
     skeleton = build("meta")
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items() if not k.startswith("featurizer.")}
+    aliases = _sharing_aliases(plan, skeleton, expected, source) if plan is not None else {}
+    expected = {k: v for k, v in expected.items() if k not in aliases}
     del skeleton
     missing = sorted(set(expected) - set(shapes))
     unexpected = sorted(set(shapes) - set(expected))
@@ -361,10 +365,32 @@ def _load_native(path: Path) -> tuple[Transducer, dict[str, Any]]:
         check_finite(key, tensor, source)
     net = build("cpu")
     net.load_state_dict(tensors, strict=False)
+    if plan is not None:  # the tensors stored once are tied again: one storage per physical weight
+        tie(net, aliases)
+        net.sharing = plan
     for name, module in net.named_modules():
         if hasattr(module, "check_loaded"):  # layers whose buffers carry structure (an AmNet's branch masks)
             module.check_loaded(name, source)
     return net, meta
+
+
+def _sharing_aliases(plan: SharingPlan, skeleton: Transducer, shapes: dict[str, tuple], source: str
+                     ) -> dict[str, str]:
+    """The alias map of a saved sharing plan, checked against the model its config and structure build: the
+    plan's layers and kinds must be the model's, its indices in range, and every shared tensor of the shape of
+    the physical one it stands for."""
+    try:
+        layout = skeleton.sharing_layout(plan.component)
+        plan.check(layout, source, CheckpointError)
+        aliases = plan_aliases(plan, layout, shapes)
+    except (AsrshrinkError, CheckpointError) as exc:
+        raise CheckpointError(f"{source}: invalid sharing plan: {_first_line(str(exc)).removeprefix(source + ': ')}"
+                              f"; {REWRITE}") from None
+    for alias, target in aliases.items():
+        if shapes[alias] != shapes[target]:
+            raise CheckpointError(f"{source}: invalid sharing plan: {alias} {shapes[alias]} would share {target} "
+                                  f"{shapes[target]}; {REWRITE}")
+    return aliases
 
 
 def save_model(model: Transducer, path: str | Path, *, source_sha256: str = "",
@@ -385,8 +411,12 @@ def save_model(model: Transducer, path: str | Path, *, source_sha256: str = "",
         "source_sha256": source_sha256,
         **(extra or {}),
     }
+    aliases = model_aliases(model)
+    if model.sharing is not None:  # each shared tensor is stored once, under its physical layer's name
+        check_tied(model, aliases)
+        meta["sharing"] = model.sharing.to_json()
     tensors = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()
-               if not k.startswith("featurizer.")}
+               if not k.startswith("featurizer.") and k not in aliases}
     for key, tensor in tensors.items():
         check_finite(key, tensor, str(path), fix="nothing was written; the method diverged on this model, try "
                                                  "other options or calibration data")

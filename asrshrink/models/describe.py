@@ -44,6 +44,10 @@ def describe(model: Transducer, info: ModelInfo | None = None) -> dict:
         "vocabulary": model.vocabulary.to_json(),
         "config": model.config_dict(),
     }
+    if model.sharing is not None:  # parameters above count each shared tensor once (physical)
+        data["sharing"] = {**model.sharing.summary(),
+                           "virtual_params": sum(p.numel() for _, p in model.named_parameters(remove_duplicate=False)
+                                                 if p.requires_grad)}
     if model.arbitrator is not None:
         data["amnet"] = amnet_summary(model)
     if info is not None:

@@ -251,6 +251,33 @@ class LowRankLinear(nn.Module):
         return 2 * (self.groups * self.rank * self.in_features + self.out_features * self.rank)
 
 
+class ResidualLinear(nn.Module):
+    """y = base(x) + residual(x): a Linear (dense or low-rank) whose weights a sharing plan may share across
+    layers, plus a per-layer low-rank correction ``residual`` (a LowRankLinear without bias) that is never
+    shared. Parameters: the base's + r (I + O)."""
+
+    def __init__(self, base: nn.Module, residual: LowRankLinear):
+        super().__init__()
+        self.base, self.residual = base, residual
+        self.in_features, self.out_features = base.in_features, base.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + self.residual(x)
+
+    def weight(self) -> torch.Tensor:
+        """The (O, I) matrix this module stands for."""
+        base = self.base.weight() if isinstance(self.base, LowRankLinear) else self.base.weight
+        return base + self.residual.weight()
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.base.bias
+
+    def flops(self) -> int:
+        base = self.base.flops() if isinstance(self.base, LowRankLinear) else 2 * self.in_features * self.out_features
+        return base + self.residual.flops()
+
+
 class SparseLinear(nn.Linear):
     """An nn.Linear whose pruned weights are exact zeros; computes as nn.Linear. Like SparseLSTMLayer, the
     class marks the weight as pruned for the structure spec and the sparse storage size."""
@@ -352,6 +379,9 @@ def layer_spec(module: nn.Module) -> dict | None:
 
         return {"type": "sparse_lstm", "hidden_size": module.hidden_size, "ih": side(module.weight_ih),
                 "hh": side(module.weight_hh)}
+    if isinstance(module, ResidualLinear):
+        return {"type": "residual", "in": module.in_features, "out": module.out_features,
+                "base": _side_spec(module.base), "rank": module.residual.rank}
     if isinstance(module, (LowRankLinear, SparseLinear)):
         return _side_spec(module)
     from asrshrink.models.branched import branched_spec
@@ -369,6 +399,9 @@ def build_layer(spec: dict) -> nn.Module:
         return ProjectedLSTMLayer(spec["input_size"], spec["hidden_size"], spec["proj_size"])
     if spec["type"] == "projected_input_linear":
         return ProjectedInputLinear(spec["in"], spec["out"], bias=spec["bias"])
+    if spec["type"] == "residual":
+        return ResidualLinear(_build_side(spec["base"]), LowRankLinear(spec["in"], spec["out"], spec["rank"],
+                                                                       bias=False))
     if spec["type"] in ("branched_lstm", "arbitrator"):
         from asrshrink.models.branched import build_branched
 
@@ -412,7 +445,8 @@ class Matrix:
     """One compressible weight matrix as methods and exports see it, whatever module holds it.
 
     ``weight`` (O, I) is the effective matrix (for low-rank factors, up @ down), ``bias`` (O,) its bias (zeros
-    if the module has none); ``kind`` is "dense", "lowrank" or "sparse"; ``factors`` the low-rank module, and
+    if the module has none); ``kind`` is "dense", "lowrank", "sparse" or "residual" (a shared base plus a
+    per-layer low-rank correction, ``ResidualLinear``); ``factors`` the low-rank module, and
     ``mask`` (O, I) bool the kept entries of a pruned matrix."""
 
     weight: torch.Tensor
@@ -450,7 +484,65 @@ def matrices(module: nn.Module) -> dict[str, Matrix]:
         return {side: _linear_matrix(getattr(module, side)) for side in ("ih", "hh")}
     if isinstance(module, (nn.Linear, LowRankLinear)):
         return {"linear": _linear_matrix(module)}
+    if isinstance(module, ResidualLinear):  # a shared base plus a per-layer correction: no method refactors it
+        bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_features)
+        return {"linear": Matrix(module.weight().detach(), bias, "residual")}
     return {}
+
+
+# --- per-channel affine maps: normalisations and depthwise convolutions, as a merge sees them --------------------
+
+def channel_map(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-channel affine map y_c = w_c . f_c + b_c that ``module`` computes in eval mode, as (weight (C, F),
+    bias (C,)) over the per-channel features of ``channel_features``: a LayerNorm over one dimension (F = 1,
+    the normalised input), a BatchNorm1d (F = 1, the raw input), a depthwise Conv1d (F = the kernel, the input
+    window); None for any other module."""
+    if isinstance(module, nn.LayerNorm) and len(module.normalized_shape) == 1 and module.weight is not None:
+        return module.weight.detach().unsqueeze(1), module.bias.detach()
+    if isinstance(module, nn.BatchNorm1d) and module.affine and module.running_var is not None:
+        scale = module.weight.detach() / torch.sqrt(module.running_var + module.eps)
+        return scale.unsqueeze(1), module.bias.detach() - module.running_mean * scale
+    if _depthwise(module):
+        bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_channels)
+        return module.weight.detach()[:, 0, :], bias
+    return None
+
+
+def _depthwise(module: nn.Module) -> bool:
+    return (isinstance(module, nn.Conv1d) and module.groups == module.in_channels == module.out_channels
+            and module.stride == (1,) and module.dilation == (1,) and isinstance(module.padding, tuple))
+
+
+def channel_features(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The per-channel features (B, T, C, F) of ``module``'s input ``x`` (a LayerNorm's (B, T, C); a BatchNorm1d's
+    or depthwise Conv1d's (B, C, T)), time on dim 1, so rows select like a batch-first input."""
+    if isinstance(module, nn.LayerNorm):
+        mean = x.mean(-1, keepdim=True)
+        var = x.var(-1, unbiased=False, keepdim=True)
+        return ((x - mean) / torch.sqrt(var + module.eps)).unsqueeze(-1)
+    if isinstance(module, nn.BatchNorm1d):
+        return x.transpose(1, 2).unsqueeze(-1)
+    pad = module.padding[0]
+    windows = nn.functional.pad(x, (pad, pad)).unfold(2, module.kernel_size[0], 1)   # (B, C, T, K)
+    return windows.transpose(1, 2)
+
+
+@torch.no_grad()
+def set_channel_map(module: nn.Module, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    """Make ``module`` compute the per-channel map (weight (C, F), bias (C,)) of ``channel_map``, in place (a
+    BatchNorm1d gets running mean 0 and running variance 1 - eps, its affine parameters the map)."""
+    if isinstance(module, nn.LayerNorm):
+        module.weight.copy_(weight[:, 0])
+        module.bias.copy_(bias)
+    elif isinstance(module, nn.BatchNorm1d):
+        module.running_mean.zero_()
+        module.running_var.fill_(1.0 - module.eps)
+        module.weight.copy_(weight[:, 0])
+        module.bias.copy_(bias)
+    else:
+        module.weight.copy_(weight.unsqueeze(1))
+        if module.bias is not None:
+            module.bias.copy_(bias)
 
 
 def dense_parameter(module: nn.Module, side: str) -> nn.Parameter | None:

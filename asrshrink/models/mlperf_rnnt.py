@@ -196,6 +196,22 @@ class MlperfRnnt(Transducer):
             return x.transpose(0, 1), batch["label_lengths"] + 1
         raise CheckpointError(f"component {component!r} has no LSTM blocks; choose encoder or prediction")
 
+    def sharing_layout(self, component: str = "encoder"):
+        """The encoder's post-stack LSTM layers (after the time stacking) as one module kind, lstm, with the
+        sub-components ih and hh (the input and recurrent matrices); misc: the biases. Only layers of equal
+        shape can share (the first post-stack layer reads the stacked frames)."""
+        from asrshrink.models.sharing import ShareLayout
+
+        if component != "encoder":
+            raise CheckpointError(f"--component {component}: only the encoder's post-stack LSTM layers can share "
+                                  f"weights")
+        parts = {"lstm.weight_ih_l0": ("lstm", "ih"), "lstm.bias_ih_l0": ("lstm", "ih"),
+                 "lstm.weight_hh_l0": ("lstm", "hh"), "lstm.bias_hh_l0": ("lstm", "hh"),
+                 "ih": ("lstm", "ih"), "hh": ("lstm", "hh")}
+        return ShareLayout("encoder", tuple(f"encoder.post_rnn.layers.{i}"
+                                            for i in range(len(self.encoder.post_rnn.layers))),
+                           ("lstm",), parts, (), {("lstm", "ih"): ("", "ih"), ("lstm", "hh"): ("", "hh")})
+
     def projection_readers(self, layer: str) -> list[tuple[str, int]]:
         stacks = [("encoder.pre_rnn", self.encoder.pre_rnn, ("encoder.post_rnn.layers.0",
                                                              self.config.stack_time_factor)),

@@ -385,6 +385,33 @@ class NemoConformerTransducer(Transducer):
                     for i, m in enumerate(self.prediction.rnn.layers)]
         raise CheckpointError(f"component {component!r} has no blocks; choose encoder or prediction")
 
+    def sharing_layout(self, component: str = "encoder"):
+        """The Conformer layers as the sharing paper's modules: ff1 (feed-forward start), attn, conv, ff2
+        (feed-forward end, with the layer's closing norm_out); sub-components by the paper's Fig. 1 (linear1,
+        linear2; query, key, value, out, pos; pre, depthwise, post), and misc: norms, biases, batch norm,
+        position biases."""
+        from asrshrink.models.sharing import ShareLayout
+
+        if component != "encoder":
+            raise CheckpointError(f"--component {component}: only the encoder's Conformer layers can share weights")
+        parts = {"norm_feed_forward1": ("ff1", "norm"), "feed_forward1.linear1": ("ff1", "linear1"),
+                 "feed_forward1.linear2": ("ff1", "linear2"), "norm_self_att": ("attn", "norm"),
+                 "self_attn.linear_q": ("attn", "query"), "self_attn.linear_k": ("attn", "key"),
+                 "self_attn.linear_v": ("attn", "value"), "self_attn.linear_out": ("attn", "out"),
+                 "self_attn.linear_pos": ("attn", "pos"), "self_attn.pos_bias_u": ("attn", "pos_bias"),
+                 "self_attn.pos_bias_v": ("attn", "pos_bias"), "norm_conv": ("conv", "norm"),
+                 "conv.pointwise_conv1": ("conv", "pre"), "conv.depthwise_conv": ("conv", "depthwise"),
+                 "conv.batch_norm": ("conv", "batch_norm"), "conv.pointwise_conv2": ("conv", "post"),
+                 "norm_feed_forward2": ("ff2", "norm"), "feed_forward2.linear1": ("ff2", "linear1"),
+                 "feed_forward2.linear2": ("ff2", "linear2"), "norm_out": ("ff2", "norm_out")}
+        matrices = {part: (name, "linear") for name, part in parts.items()
+                    if part[1] not in ("norm", "norm_out", "pos_bias", "batch_norm", "depthwise")}
+        return ShareLayout("encoder", tuple(f"encoder.layers.{i}" for i in range(len(self.encoder.layers))),
+                           ("ff1", "attn", "conv", "ff2"), parts, ("norm", "norm_out", "pos_bias", "batch_norm"),
+                           matrices, low_rank_parts=tuple(matrices),
+                           channels={part: name for name, part in parts.items()
+                                     if part[1] in ("norm", "norm_out", "batch_norm", "depthwise")})
+
     def weight_targets(self, components: list[str] | tuple[str, ...]) -> list:
         """Registration order except that each attention's ``linear_pos`` comes before its ``linear_out`` (the
         order of the forward pass); its inputs are the relative position encodings (layout "relative")."""

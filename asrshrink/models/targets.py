@@ -45,8 +45,8 @@ class WeightTarget:
 
     @property
     def prunable(self) -> bool:
-        """Low-rank factors are left as they are by pruning."""
-        return self.kind != "lowrank"
+        """Low-rank factors (and shared bases with residuals) are left as they are by pruning."""
+        return self.kind not in ("lowrank", "residual")
 
 
 def holders(component: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -189,6 +189,13 @@ def check_structure(structure: Any, model: nn.Module, source: str) -> None:
             if isinstance(proj, bool) or not isinstance(proj, int) or not 0 <= proj < hidden:
                 raise CheckpointError(f"{source}: invalid compression structure for {name}: proj_size is "
                                       f"{proj!r}, expected an integer in 0..{hidden - 1}; {REWRITE}")
+        elif kind == "residual":
+            n_in, n_out = _side(spec.get("base"), name, source)
+            if (spec.get("in"), spec.get("out")) != (n_in, n_out):
+                raise CheckpointError(f"{source}: invalid compression structure for {name}: a residual of "
+                                      f"{spec.get('out')!r}x{spec.get('in')!r} on a {n_out}x{n_in} base; {REWRITE}")
+            _side({"type": "lowrank", "in": n_in, "out": n_out, "rank": spec.get("rank"), "groups": 1}, name, source)
+            got = ("linear", n_in, n_out)
         elif kind == "projected_input_linear":
             n_in, n_out = _side({**spec, "type": "dense"}, name, source)
             got = ("linear", n_in, n_out)

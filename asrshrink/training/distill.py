@@ -554,6 +554,15 @@ def _distill_core(config: DistillConfig, ctx: Context) -> Outcome:
     return Outcome(student.eval(), rows)
 
 
+def repair(student: Transducer, config: DistillConfig, ctx: Context) -> Outcome:
+    """Distil ``student`` (a model another method made from MODEL) from ``config.teacher`` in the run's progress
+    folder, resuming where ``ctx`` says: a compressing method's repair (``share --finetune-steps``)."""
+    from dataclasses import replace
+
+    config.check()
+    return _distill_core(config, replace(ctx, original=student))
+
+
 def _options(config: DistillConfig) -> dict:
     data = to_json(config)
     data.update(data=str(Path(config.data).resolve()),
@@ -563,4 +572,4 @@ def _options(config: DistillConfig) -> dict:
 
 
 register(Method("distill", DistillConfig, _distill_core, calibrated=lambda config: False, options=_options,
-                resumable=True, checkpoint_file=CHECKPOINT, read_progress=read_training_progress))
+                resumable=True, checkpoint_file=CHECKPOINT, read_progress=read_training_progress, shared_models=True))

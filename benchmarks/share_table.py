@@ -1,0 +1,154 @@
+"""The sharing paper's Tables 1-5 on a trained Conformer, after training, at one encoder parameter budget.
+
+Every row is a sharing plan that meets the budget (``--budget`` x the original encoder's parameters), made so
+by the largest rank K of the shared feed-forward matrices (``--low-rank`` on ff1 and ff2) that fits (the
+paper shrinks its model dimension instead); a row that fits without low rank stays dense. Rows:
+
+- Table 1, repeat: R = 1..4 (adjacent groups of R layers share everything);
+- Table 2, modules: repeat ``--base-repeat`` with each module kind unshared in turn;
+- Table 3, sub-components: the same base with each sub-component (and misc) unshared in turn;
+- Table 4, low rank with and without sharing: repeat 1 (low rank only) against the base repeat;
+- init: the base plan with pick, mean and ls;
+- handcrafted stand-in: data-aware SVD of every encoder matrix at the same budget (``asrshrink svd``).
+
+Each row: WER after the closed-form construction (no repair; the repair columns are left for later), encoder
+parameters (physical), the saved model's MB, the relative encoder output error on the calibration data, and
+seconds.
+
+    python benchmarks/share_table.py --model asrshrink/assets/reference_conformer [--budget 0.4] \\
+        [--test PATH] [--test-limit N] [--calib PATH] [--num-utterances 200] [--out runs/share-table]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+from asrshrink import api, compress  # noqa: E402
+from asrshrink.calibrate import calibration_batches  # noqa: E402
+from asrshrink.config import CalibConfig, SvdConfig  # noqa: E402
+from asrshrink.errors import AsrshrinkError  # noqa: E402
+from asrshrink.methods.share import (Construction, encoder_error, member_grams, share_model,  # noqa: E402
+                                     statistics_keys)
+from asrshrink.models.checkpoint import ASSETS  # noqa: E402
+from asrshrink.models.sharing import build_plan  # noqa: E402
+
+
+def encoder_params(model) -> int:
+    return sum(p.numel() for p in model.encoder.parameters())
+
+
+def fit_rank(model, plan, init: str, grams, budget: int, parts) -> tuple[object, list, int | None]:
+    """The shared model of ``plan`` with the largest feed-forward rank K whose encoder fits ``budget`` (dense
+    when it fits as it is); raises AsrshrinkError when even K = 1 does not fit."""
+    dense, rows = share_model(model, plan, Construction(init), grams)
+    if encoder_params(dense) <= budget:
+        return dense, rows, None
+    lo, hi = 1, model.config.d_model
+    count = {}
+
+    def size(k: int) -> int:  # the count does not depend on the values: plain SVD, mean init
+        if k not in count:
+            count[k] = encoder_params(share_model(model, plan, Construction("mean", low_rank=k,
+                                                                            low_rank_parts=parts), None)[0])
+        return count[k]
+
+    if size(lo) > budget:
+        raise AsrshrinkError(f"does not fit the budget even at rank 1 ({size(lo):,} > {budget:,})")
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid - 1)
+    shared, rows = share_model(model, plan, Construction(init, low_rank=lo, low_rank_parts=parts), grams)
+    return shared, rows, lo
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--budget", type=float, default=0.4, help="encoder parameters kept, as a fraction")
+    parser.add_argument("--base-repeat", type=int, default=2)
+    parser.add_argument("--test", default=str(ASSETS / "speech" / "test"))
+    parser.add_argument("--test-limit", type=int, default=None)
+    parser.add_argument("--calib", default=str(ASSETS / "speech" / "calib"))
+    parser.add_argument("--num-utterances", type=int, default=200)
+    parser.add_argument("--out", type=Path, default=Path("runs/share-table"))
+    args = parser.parse_args()
+    model, _ = api.load_model(args.model)
+    layout = model.sharing_layout()
+    parts = tuple(p for p in layout.low_rank_parts if p[0] in ("ff1", "ff2"))
+    test = api.open_dataset(args.test, vocabulary=model.vocabulary, limit=args.test_limit, seed=0)
+    calib = api.open_dataset(args.calib, vocabulary=model.vocabulary, limit=args.num_utterances, seed=0)
+    started = time.perf_counter()
+    batches = calibration_batches(model, calib)
+    grams = member_grams(model, batches, statistics_keys(model, layout))
+    base = api.evaluate(model, test)
+    budget = int(args.budget * encoder_params(model))
+    print(f"original: WER {base.wer:.2f} % on {base.num_utterances} utterances, {encoder_params(model):,} encoder "
+          f"parameters; budget {budget:,} ({args.budget:g}); statistics in {time.perf_counter() - started:.0f} s",
+          flush=True)
+    rows: list[dict] = []
+
+    def row(table: str, name: str, plan, init: str = "ls") -> None:
+        t0 = time.perf_counter()
+        try:
+            shared, _, rank = fit_rank(model, plan, init, grams, budget, parts)
+        except AsrshrinkError as exc:
+            rows.append({"table": table, "row": name, "status": str(exc)})
+            print(f"{table} {name}: {exc}", flush=True)
+            return
+        seconds = time.perf_counter() - t0
+        path = api.save_model(shared, args.out / table / name.replace(" ", "_").replace(",", "+"))
+        result = api.evaluate(shared, test)
+        rows.append({"table": table, "row": name, "init": init, "rank": rank, "wer": result.wer,
+                     "encoder_params": encoder_params(shared), "mb": path.stat().st_size / 1e6,
+                     "calib_error": encoder_error(model, shared, batches), "seconds": seconds})
+        r = rows[-1]
+        print(f"{table} {name}: WER {r['wer']:.2f} %, {r['encoder_params']:,} params, rank {rank}, calibration "
+              f"error {r['calib_error']:.4f}, {seconds:.1f} s", flush=True)
+
+    n = len(layout.layers)
+    for r in range(1, 5):
+        if r <= n:
+            row("1-repeat", f"repeat {r}", build_plan(layout, repeat=str(r)))
+    base_repeat = str(args.base_repeat)
+    for kind in layout.modules:
+        row("2-modules", f"unshare {kind}", build_plan(layout, repeat=base_repeat,
+                                                       modules=tuple(k for k in layout.modules if k != kind)))
+    for sub in layout.subcomponents():
+        row("3-subcomponents", f"unshare {sub}", build_plan(layout, repeat=base_repeat, unshare=(sub,)))
+    row("4-lowrank", "low rank, no sharing", build_plan(layout, repeat="1"))
+    row("4-lowrank", f"low rank, repeat {base_repeat}", build_plan(layout, repeat=base_repeat))
+    for init in ("pick", "mean", "ls"):
+        row("init", f"repeat {base_repeat}, {init}", build_plan(layout, repeat=base_repeat), init)
+    t0 = time.perf_counter()
+    out = args.out / "svd"
+    report = compress.run_method("svd", SvdConfig(compression_ratio=1 / args.budget, data_aware=True), model=args.model,
+                                 out=out, calib=CalibConfig(path=args.calib, num_utterances=args.num_utterances))
+    svd_model = api.load_model(out)[0]
+    rows.append({"table": "5-handcrafted", "row": "data-aware svd, every matrix", "wer": api.evaluate(svd_model, test).wer,
+                 "encoder_params": encoder_params(svd_model), "mb": (out / "model.safetensors").stat().st_size / 1e6,
+                 "calib_error": encoder_error(model, svd_model, batches), "seconds": time.perf_counter() - t0,
+                 "rank": "per matrix", "init": None})
+    print(f"\nOriginal WER {base.wer:.2f} %; encoder budget {budget:,} parameters ({args.budget:g} of "
+          f"{encoder_params(model):,}). WER after the closed-form construction, no repair.\n")
+    print("| table | row | ff rank | encoder params | MB | calib. error | WER % | WER after repair % | seconds |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        if "wer" not in r:
+            print(f"| {r['table']} | {r['row']} | {r['status']} | | | | | | |")
+            continue
+        print(f"| {r['table']} | {r['row']} | {r['rank'] or 'dense'} | {r['encoder_params']:,} | {r['mb']:.2f} | "
+              f"{r['calib_error']:.4f} | {r['wer']:.2f} | - | {r['seconds']:.1f} |")
+    print(f"\nTotal time {time.perf_counter() - started:.0f} s.")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "table.json").write_text(json.dumps({"original_wer": base.wer, "budget": budget, "rows": rows,
+                                                     "report_svd": report["compression_ratio"]}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
