@@ -281,11 +281,18 @@ def build_teacher_cache(directory: Path, teacher: Transducer, bank, objective: D
     device = _device_of(teacher)
     width = 3 if objective.collapsed else teacher.vocabulary.size
     reduction = max(1, int(getattr(teacher, "time_reduction", 1)))
-    per_utt = 1 if objective.lattice == "truth" else (beam if objective.lattice == "beam" else 1)
+
+    def frames(i: int) -> int:
+        return -(-int(bank.lengths[i]) // reduction)
+
+    def label_counts(i: int) -> list[int]:  # the label count of each of utterance i's lattices
+        if objective.lattice == "truth" or not objective.uses_posteriors:
+            return [len(bank.labels[i])]
+        return [len(t) for t, _ in hypotheses[i]] or [0]
+
     estimate = 0
-    if objective.uses_posteriors:
-        estimate = sum(2 * width * per_utt * (-(-int(bank.lengths[i]) // reduction)) * (len(bank.labels[i]) + 1)
-                       for i in range(len(bank)))
+    if objective.uses_posteriors:  # float16 posteriors, (frames, labels + 1, width) per lattice
+        estimate = sum(2 * width * frames(i) * (u + 1) for i in range(len(bank)) for u in label_counts(i))
         log(f"teacher lattice posteriors into {directory} (about {estimate / 1e6:.0f} MB)")
 
     @torch.no_grad()
@@ -309,11 +316,8 @@ def build_teacher_cache(directory: Path, teacher: Transducer, bank, objective: D
             yield key, t, len(toks), log_probs[k, :t, :len(toks) + 1].cpu()
 
     def size(i: int) -> tuple[int, int, int]:  # (lattice rows, encoder frames, labels + 1 x joint width)
-        frames = -(-int(bank.lengths[i]) // reduction)
-        if objective.lattice == "truth" or not objective.uses_posteriors:
-            return 1, frames, (len(bank.labels[i]) + 1) * teacher.vocabulary.size
-        hyps = hypotheses[i]
-        return max(1, len(hyps)), frames, (max((len(t) for t, _ in hyps), default=0) + 1) * teacher.vocabulary.size
+        counts = label_counts(i)
+        return len(counts), frames(i), (max(counts) + 1) * teacher.vocabulary.size
 
     order = sorted(range(len(bank)), key=lambda i: int(bank.lengths[i]))
     return build_cache(directory, fingerprint, groups=groups_within(order, size), lattices=lattices, hypotheses=hypotheses, width=width, estimate=estimate,
