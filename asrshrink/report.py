@@ -371,3 +371,46 @@ def plot_wer_size(rows: list[dict], path: str | Path) -> list[str]:
     ax.legend()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
     return [r["name"] for r in rows if r["wer_after"] is None]
+
+
+def plot_amnet_trace(figures: dict, path: str | Path) -> None:
+    """Write a PNG of an AmNet's frame-by-frame trace on one utterance (``amnet_figures``' ``trace``: the
+    longest evaluated): the branch chosen at each decision frame, and the modelled backlog (as delay, ms) of
+    the AmNet against the dense encoder's at the same device speed mu."""
+    trace = figures.get("trace") if isinstance(figures, dict) else None
+    if not isinstance(trace, dict) or not trace.get("branch"):
+        raise AsrshrinkError("no AmNet trace to plot: evaluate an AmNet model (amnet-finetune --eval, or eval)")
+    n = len(trace["branch"])
+
+    def numbers(value, ok=lambda v: True) -> bool:
+        return isinstance(value, list) and len(value) == n and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and ok(v) for v in value)
+
+    rates_ok = all(isinstance(figures.get(k), (int, float)) and math.isfinite(figures[k]) and figures[k] > 0
+                   for k in ("mu", "rho"))
+    if not (numbers(trace["branch"], lambda v: v in (0, 1)) and numbers(trace.get("backlog_ms"))
+            and numbers(trace.get("dense_backlog_ms")) and rates_ok
+            and isinstance(trace.get("duration"), (int, float)) and isinstance(trace.get("utterance"), str)):
+        raise AsrshrinkError("the AmNet trace is malformed (branch 0/1 per frame, two backlog series of the same "
+                             "length, positive mu and rho); evaluate the model again to rewrite it")
+    if Path(path).suffix.lower() != ".png":
+        raise AsrshrinkError(f"{path}: the plot is a PNG; give a file name ending in .png")
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise AsrshrinkError("plotting needs matplotlib: pip install 'asrshrink[plot]'") from None
+    rho = float(figures["rho"])
+    seconds = [t / rho for t in range(len(trace["branch"]))]
+    fig = Figure(figsize=(7.2, 4.8), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True, height_ratios=(1, 2))
+    top.step(seconds, trace["branch"], where="post", color="C0")
+    top.set(yticks=[0, 1], yticklabels=["slow", "fast"], ylim=(-0.2, 1.2), ylabel="branch",
+            title=f"AmNet on {trace['utterance']} ({trace['duration']:.1f} s): "
+                  f"{sum(trace['branch']) / len(trace['branch']):.0%} of frames fast")
+    bottom.plot(seconds, trace["dense_backlog_ms"], color="0.4", label="dense encoder")
+    bottom.plot(seconds, trace["backlog_ms"], color="C1", label="AmNet")
+    bottom.set(xlabel="audio time (s)", ylabel="modelled backlog (ms of delay)",
+               title=f"device speed mu = {figures['mu'] / 1e6:.1f} MFLOP/s")
+    bottom.grid(alpha=0.3)
+    bottom.legend()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))

@@ -126,16 +126,25 @@ def eval_command(
     mu: Annotated[Optional[float], typer.Option(
         help="AmNet models: the device speed (FLOPs/s) of the latency model; default the one it was trained for.",
         show_default=False)] = None,
+    plot: Annotated[Optional[Path], typer.Option(
+        help="AmNet models: write a PNG of the branch chosen at each frame and the modelled backlog against the "
+             "dense encoder's, over the longest utterance (needs matplotlib).", show_default=False)] = None,
 ) -> None:
     """Decode a dataset (greedy, or --beam N) and report corpus WER (jiwer, word-level, as MLPerf scores).
     MODEL may also be an ONNX export directory (asrshrink export), decoded with onnxruntime.
 
     Example: asrshrink eval rnnt.pt --data LibriSpeech/dev-clean --max-duration 15 --beam 4 --json
+
+    Example: asrshrink eval amnet/ --data dev/ --mu 1.3e9 --plot amnet-trace.png
     """
     from asrshrink.audio.datasets import open_dataset
     from asrshrink.evaluate.corpus import evaluate
     from asrshrink.io import write_text_atomic
 
+    if plot is not None and plot.suffix.lower() != ".png":
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"{plot}: --plot writes a PNG; give a file name ending in .png")
     if hypotheses is not None and hypotheses.is_dir():
         from asrshrink.errors import AsrshrinkError
 
@@ -172,6 +181,12 @@ def eval_command(
     from asrshrink.models.checkpoint import bundled_speech, load_model
 
     net, info = load_export(model) if is_export(model) else load_model(model)
+    from asrshrink.evaluate.amnet import amnet_costs
+
+    if plot is not None and amnet_costs(net) is None:
+        from asrshrink.errors import AsrshrinkError
+
+        raise AsrshrinkError(f"{info.path}: --plot draws an AmNet's branch decisions; this model is not an AmNet")
 
     dataset = open_dataset(data or bundled_speech("test", "--data"), vocabulary=net.vocabulary,
                            sample_rate=net.feature_config.sample_rate, max_duration=max_duration,
@@ -190,8 +205,6 @@ def eval_command(
     err.print(table)
     err.print("search: greedy" if beam is None else f"search: beam, width {beam}")
     figures = None
-    from asrshrink.evaluate.amnet import amnet_costs
-
     if amnet_costs(net) is not None:  # an AmNet, or its export: branch ratios, FLOPs and modelled delay
         from asrshrink.evaluate.amnet import amnet_figures, figure_lines
 
@@ -204,6 +217,12 @@ def eval_command(
         for line in figure_lines(figures):
             if line:
                 err.print(line, markup=False, highlight=False, soft_wrap=True)
+        if plot is not None:
+            from asrshrink.report import plot_amnet_trace
+
+            plot_amnet_trace(figures, plot)
+            err.print(f"wrote {plot} (the frame-by-frame trace of {figures['trace']['utterance']})", markup=False,
+                      highlight=False)
     if json_out:
         payload = result.to_json()
         payload.update(model=str(info.path), data=str(dataset.source), dropped=dataset.dropped)

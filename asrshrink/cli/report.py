@@ -19,6 +19,9 @@ def report_command(
                                                   show_default=False)],
     plot: Annotated[Optional[Path], typer.Option(help="Write a PNG of WER against model size (needs matplotlib: "
                                                       "pip install 'asrshrink[plot]').", show_default=False)] = None,
+    amnet_plot: Annotated[Optional[Path], typer.Option(
+        help="One amnet-finetune output run with --eval: write a PNG of its branch decisions and modelled backlog "
+             "over the longest evaluated utterance (needs matplotlib).", show_default=False)] = None,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print a Markdown table instead.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the rows as one JSON list on stdout.")] = False,
 ) -> None:
@@ -26,13 +29,27 @@ def report_command(
     per frame and, where the run had --eval, WER before and after.
 
     Example: asrshrink report out/svd out/psvd --plot wer-size.png
+
+    Example: asrshrink report amnet/ --amnet-plot amnet-trace.png
     """
     from asrshrink.errors import AsrshrinkError
-    from asrshrink.report import comparison_row, load_report, plot_wer_size, render_comparison_markdown
+    from asrshrink.report import (comparison_row, load_report, plot_amnet_trace, plot_wer_size,
+                                  render_comparison_markdown)
 
     if markdown and json_out:
         raise AsrshrinkError("give --markdown or --json, not both")
-    rows = [comparison_row(str(path), load_report(path)[1]) for path in outputs]
+    if amnet_plot is not None and len(outputs) != 1:
+        raise AsrshrinkError(f"--amnet-plot draws one AmNet output; got {len(outputs)}")
+    reports = [load_report(path) for path in outputs]
+    rows = [comparison_row(str(path), report) for path, (_, report) in zip(outputs, reports)]
+    if amnet_plot is not None:
+        file, report = reports[0]
+        figures = (report.get("eval") or {}).get("figures")
+        if not isinstance(figures, dict) or not figures.get("trace"):
+            raise AsrshrinkError(f"{file}: no AmNet trace in this report; it needs an amnet-finetune run with "
+                                 "--eval (or draw one with: asrshrink eval AMNET --plot FILE)")
+        plot_amnet_trace(figures, amnet_plot)
+        err.print(f"wrote {amnet_plot}", markup=False, highlight=False)
     if plot is not None:
         left_out = plot_wer_size(rows, plot)
         err.print(f"wrote {plot}" + (f" (no WER, not plotted: {', '.join(left_out)})" if left_out else ""),

@@ -44,15 +44,23 @@ def average_cost(q: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (q * valid).sum(1) / valid.sum(1).clamp(min=1)
 
 
-def backlog(q: torch.Tensor, lengths: torch.Tensor, budget: float) -> torch.Tensor:
-    """l_T (eq. 7) of each utterance: l_t = max(l_{t-1} + q_t - budget, 0) from l_0 = 0 over its own frames,
-    with budget = mu / rho the FLOPs the device does while one frame arrives. q (B, T') -> (B,) FLOPs; linear
-    time, differentiable (a sub-gradient at the kinks)."""
+def backlog_levels(q: torch.Tensor, lengths: torch.Tensor, budget: float) -> torch.Tensor:
+    """l_t (eq. 7) at every frame: l_t = max(l_{t-1} + q_t - budget, 0) from l_0 = 0 over each utterance's own
+    frames (frames past its end keep its l_T), with budget = mu / rho the FLOPs the device does while one frame
+    arrives. q (B, T') -> (B, T') FLOPs; linear time, differentiable (a sub-gradient at the kinks)."""
     valid = _valid(q, lengths)
     level = q.new_zeros(q.shape[0])
+    levels = []
     for t in range(q.shape[1]):
         level = torch.where(valid[:, t], torch.relu(level + q[:, t] - budget), level)
-    return level
+        levels.append(level)
+    return torch.stack(levels, 1) if levels else q.new_zeros(q.shape[0], 0)
+
+
+def backlog(q: torch.Tensor, lengths: torch.Tensor, budget: float) -> torch.Tensor:
+    """l_T (eq. 7) of each utterance (B,) in FLOPs: the last of ``backlog_levels``."""
+    levels = backlog_levels(q, lengths, budget)
+    return levels[:, -1] if levels.shape[1] else q.new_zeros(q.shape[0])
 
 
 def amortized_latency(q: torch.Tensor, lengths: torch.Tensor, mu: float, rho: float) -> torch.Tensor:
@@ -120,6 +128,7 @@ def amnet_figures(model, dataset, *, mu: float | None = None, rho: float | None 
     per_utt_flops, latency, dense_latency = [], [], []
     wall = {"amnet": 0.0, "dense": 0.0}
     audio = 0.0
+    trace_of = None
     with single_thread():  # the device the latency model stands for runs one thread
         for i in range(len(dataset)):
             u = dataset[i]
@@ -141,6 +150,11 @@ def amnet_figures(model, dataset, *, mu: float | None = None, rho: float | None 
             latency.append(1000 * float(amortized_latency(q, trace.lengths, mu, rho)[0]))
             qd = torch.full_like(q, float(dense_flops))
             dense_latency.append(1000 * float(amortized_latency(qd, trace.lengths, mu, rho)[0]))
+            if trace_of is None or n > len(trace_of["branch"]):  # the longest utterance's frame-by-frame trace
+                levels = [backlog_levels(x, trace.lengths, mu / rho)[0, :n] * (1000 / mu) for x in (q, qd)]
+                trace_of = {"utterance": u.id, "duration": float(u.duration),
+                            "branch": chosen.tolist(), "backlog_ms": [round(float(v), 3) for v in levels[0]],
+                            "dense_backlog_ms": [round(float(v), 3) for v in levels[1]]}
             if progress:
                 progress(i + 1, len(dataset))
     total = max(sum(frames), 1)
@@ -160,6 +174,7 @@ def amnet_figures(model, dataset, *, mu: float | None = None, rho: float | None 
         "wall_seconds": {"amnet": wall["amnet"], "dense": wall["dense"] if dense is not None else None,
                          "audio": audio},
         "utterances": len(dataset),
+        "trace": trace_of,
     }
     if dense is not None:
         out["wall_seconds"]["ratio"] = wall["amnet"] / max(wall["dense"], 1e-12)
@@ -189,4 +204,7 @@ def figure_lines(fig: dict) -> list[str]:
                      f"({w['ratio']:.2f}x) for {w['audio']:.1f} s of audio")
     else:
         lines.append(f"- encoder wall time (1 thread): {w['amnet']:.2f} s for {w['audio']:.1f} s of audio")
+    if fig.get("trace"):
+        lines.append(f"- frame-by-frame trace of the longest utterance ({fig['trace']['utterance']}) kept: "
+                     f"`asrshrink report OUT --amnet-plot FILE.png` or `asrshrink eval MODEL --plot FILE.png` draws it")
     return lines + [""]

@@ -12,7 +12,7 @@ from asrshrink.cli.main import app
 from asrshrink.compress import EvalConfig
 from asrshrink.config import AmnetConfig
 from asrshrink.errors import AsrshrinkError, CheckpointError
-from asrshrink.evaluate.amnet import amortized_latency, average_cost, backlog, frame_costs
+from asrshrink.evaluate.amnet import amortized_latency, average_cost, backlog, backlog_levels, frame_costs
 from asrshrink.evaluate.decoding import greedy_decode
 from asrshrink.methods.svd import svd_factors
 from asrshrink.models.branched import BranchedLSTMLayer
@@ -93,6 +93,8 @@ def test_backlog_follows_the_recursion_and_separates_equal_averages():
     assert torch.equal(average_cost(fast_first, lengths), average_cost(slow_first, lengths))
     assert float(backlog(fast_first, lengths, budget)) == 20.0
     assert float(backlog(slow_first, lengths, budget)) == 10.0
+    assert backlog_levels(fast_first, lengths, budget).tolist() == [[0.0, 0.0, 10.0, 20.0]]
+    assert backlog_levels(slow_first, lengths, budget).tolist() == [[10.0, 20.0, 15.0, 10.0]]
     # frames past an utterance's length do not count
     padded = torch.tensor([[20.0, 20.0, 5.0, 5.0, 99.0]])
     assert float(backlog(padded, lengths, budget)) == 10.0
@@ -247,6 +249,37 @@ def test_amnet_finetune_reports_branches_flops_latency_and_wall_time(speech, tmp
     payload = json.loads(result.stdout.strip().splitlines()[-1])
     assert payload["amnet"]["branch_ratios"] == fig["branch_ratios"]
     assert payload["amnet"]["latency_ms"]["mean"] == pytest.approx(fig["latency_ms"]["mean"])
+    # the longest utterance's trace: one decision per frame, and the backlog recursion over their costs
+    trace = fig["trace"]
+    assert set(trace["branch"]) <= {0, 1} and len(trace["branch"]) == len(trace["backlog_ms"]) > 0
+    level, levels = 0.0, []
+    for b in trace["branch"]:
+        level = max(level + fig["branch_flops"][b] + fig["arbitrator_flops"] - fig["mu"] / fig["rho"], 0.0)
+        levels.append(1000 * level / fig["mu"])
+    assert trace["backlog_ms"] == pytest.approx(levels, abs=2e-3)
+    assert max(trace["dense_backlog_ms"]) > 0 and trace["dense_backlog_ms"][-1] >= trace["backlog_ms"][-1]
+
+
+def test_the_amnet_trace_is_drawn_from_eval_and_from_the_report(speech, tmp_path):
+    source = save_model(tiny(), tmp_path / "source")
+    compress.run_method("amnet-finetune", config(speech, steps=4, checkpoint_every=4), model=str(source),
+                        out=tmp_path / "a", evaluation=EvalConfig(path=str(speech), limit=3))
+    png = b"\x89PNG\r\n\x1a\n"
+    result = runner.invoke(app, ["report", str(tmp_path / "a"), "--amnet-plot", str(tmp_path / "r.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "r.png").read_bytes()[:8] == png
+    result = runner.invoke(app, ["eval", str(tmp_path / "a"), "--data", str(speech), "--limit", "2", "--plot",
+                                 str(tmp_path / "e.png")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "e.png").read_bytes()[:8] == png
+    # not an AmNet, a report without a trace, a damaged trace: one-line errors, nothing written
+    result = runner.invoke(app, ["eval", str(source), "--data", str(speech), "--plot", str(tmp_path / "x.png")])
+    assert result.exit_code != 0 and "not an AmNet" in result.output and not (tmp_path / "x.png").exists()
+    report = json.loads((tmp_path / "a" / "report.json").read_text())
+    report["eval"]["figures"]["trace"]["backlog_ms"][0] = "x"
+    (tmp_path / "a" / "report.json").write_text(json.dumps(report))
+    result = runner.invoke(app, ["report", str(tmp_path / "a"), "--amnet-plot", str(tmp_path / "y.png")])
+    assert result.exit_code != 0 and "malformed" in result.output and not (tmp_path / "y.png").exists()
 
 
 def test_the_compute_loss_moves_frames_to_the_fast_branch(speech, tmp_path):
