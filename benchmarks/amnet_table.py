@@ -3,7 +3,8 @@ L_avg "biased" (a larger compute weight), and L_avg then L_amr), with WER, encod
 encoder FLOPs per frame and the modelled delay at one device speed.
 
     python benchmarks/amnet_table.py --steps 300 --data asrshrink/assets/speech/calib \
-        --eval asrshrink/assets/speech/test --out /tmp/amnet-table [--variants mf-avg,mf-amr] [--mu 1.6e8]
+        --eval asrshrink/assets/speech/test --out /tmp/amnet-table [--variants mf-avg,mf-amr] [--mu 1.6e8] \
+        [--compute-weight 0.1] [--latency-weight 1] [--fast-compression 0.5]
 
 Writes one asrshrink output folder per variant under --out and prints a Markdown table.
 """
@@ -37,10 +38,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--mu", type=float, default=None)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--compute-weight", type=float, default=None,
+                        help="lambda of L_avg for every variant (the biased ones get 4x it); default 1")
+    parser.add_argument("--latency-weight", type=float, default=None, help="lambda of L_amr; default 1")
+    parser.add_argument("--fast-compression", type=float, default=None, help="the fast branch's compression")
     args = parser.parse_args()
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     rows = []
     for name in args.variants.split(","):
-        config = AmnetConfig(data=args.data, steps=args.steps, mu=args.mu, **VARIANTS[name])
+        options = dict(VARIANTS[name])
+        if args.compute_weight is not None:
+            options["compute_weight"] = args.compute_weight * options.get("compute_weight", 1.0)
+        for key in ("latency_weight", "fast_compression"):
+            if getattr(args, key) is not None:
+                options[key] = getattr(args, key)
+        config = AmnetConfig(data=args.data, steps=args.steps, mu=args.mu, **options)
         report = compress.run_method("amnet-finetune", config, model=args.model, out=args.out / name,
                                      evaluation=EvalConfig(path=args.eval, limit=args.eval_limit),
                                      log=lambda line: print(line, flush=True))
