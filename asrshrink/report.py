@@ -345,11 +345,16 @@ def _wer(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}"
 
 
+def check_png(path: str | Path, option: str) -> None:
+    """Refuse a plot file name that is not a .png, naming the option that gave it."""
+    if Path(path).suffix.lower() != ".png":
+        raise AsrshrinkError(f"{path}: {option} writes a PNG; give a file name ending in .png")
+
+
 def plot_wer_size(rows: list[dict], path: str | Path) -> list[str]:
     """Write a PNG of WER after compression against model size (MB), one labelled point per row, and each
     distinct source model (before compression) as a square. Returns the names of rows left out (no eval)."""
-    if Path(path).suffix.lower() != ".png":
-        raise AsrshrinkError(f"{path}: --plot writes a PNG; give a file name ending in .png")
+    check_png(path, "--plot")
     shown = [r for r in rows if r["wer_after"] is not None]
     if not shown:
         raise AsrshrinkError("no report carries WER, nothing to plot; run svd/psvd with --eval PATH")
@@ -373,7 +378,7 @@ def plot_wer_size(rows: list[dict], path: str | Path) -> list[str]:
     return [r["name"] for r in rows if r["wer_after"] is None]
 
 
-def plot_amnet_trace(figures: dict, path: str | Path) -> None:
+def plot_amnet_trace(figures: dict, path: str | Path, option: str = "--plot") -> None:
     """Write a PNG of an AmNet's frame-by-frame trace on one utterance (``amnet_figures``' ``trace``: the
     longest evaluated): the branch chosen at each decision frame, and the modelled backlog (as delay, ms) of
     the AmNet against the dense encoder's at the same device speed mu."""
@@ -393,8 +398,7 @@ def plot_amnet_trace(figures: dict, path: str | Path) -> None:
             and isinstance(trace.get("duration"), (int, float)) and isinstance(trace.get("utterance"), str)):
         raise AsrshrinkError("the AmNet trace is malformed (branch 0/1 per frame, two backlog series of the same "
                              "length, positive mu and rho); evaluate the model again to rewrite it")
-    if Path(path).suffix.lower() != ".png":
-        raise AsrshrinkError(f"{path}: the plot is a PNG; give a file name ending in .png")
+    check_png(path, option)
     try:
         from matplotlib.figure import Figure
     except ImportError:

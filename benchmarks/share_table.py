@@ -116,7 +116,7 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         path = api.save_model(shared, args.out / table / name.replace(" ", "_").replace(",", "+"))
         result = api.evaluate(shared, test)
-        rows.append({"table": table, "row": name, "init": init, "rank": rank, "wer": result.wer, "path": str(path),
+        rows.append({"table": table, "row": name, "init": init, "rank": rank, "wer": result.wer, "dir": str(path.parent),
                      "encoder_params": encoder_params(shared), "mb": path.stat().st_size / 1e6,
                      "calib_error": encoder_error(model, shared, batches), "seconds": seconds})
         r = rows[-1]
@@ -145,7 +145,7 @@ def main() -> None:
     rows.append({"table": "5-handcrafted", "row": "data-aware svd, every matrix", "wer": api.evaluate(svd_model, test).wer,
                  "encoder_params": encoder_params(svd_model), "mb": (out / "model.safetensors").stat().st_size / 1e6,
                  "calib_error": encoder_error(model, svd_model, batches), "seconds": time.perf_counter() - t0,
-                 "rank": "per matrix", "init": None, "path": str(out)})
+                 "rank": "per matrix", "init": None, "dir": str(out)})
     shared_rows = [r for r in rows if "wer" in r and r["table"] != "5-handcrafted"]
     chosen = []
     if "best" in repair_rows and shared_rows:
@@ -155,11 +155,10 @@ def main() -> None:
     if "svd" in repair_rows:
         chosen.append(rows[-1])
     repair = ShareConfig(finetune_steps=args.repair_steps, data=args.repair_data).distill_config(args.model)
-    for r in list(dict.fromkeys(id(r) for r in chosen)):
-        r = next(x for x in rows if id(x) == r)
+    for r in {id(r): r for r in chosen}.values():  # each row once
         t0 = time.perf_counter()
-        out = Path(r["path"]).parent / "repaired" if r["path"].endswith(".safetensors") else Path(r["path"]) / "repaired"
-        compress.run_method("distill", repair, model=r["path"], out=out, log=lambda line: print(line, flush=True))
+        out = Path(r["dir"]) / "repaired"
+        compress.run_method("distill", repair, model=r["dir"], out=out, log=lambda line: print(line, flush=True))
         repaired = api.load_model(out)[0]
         r["wer_repaired"] = api.evaluate(repaired, test).wer
         r["calib_error_repaired"] = encoder_error(model, repaired, batches)

@@ -141,10 +141,10 @@ def eval_command(
     from asrshrink.evaluate.corpus import evaluate
     from asrshrink.io import write_text_atomic
 
-    if plot is not None and plot.suffix.lower() != ".png":
-        from asrshrink.errors import AsrshrinkError
+    if plot is not None:  # before any decoding
+        from asrshrink.report import check_png
 
-        raise AsrshrinkError(f"{plot}: --plot writes a PNG; give a file name ending in .png")
+        check_png(plot, "--plot")
     if hypotheses is not None and hypotheses.is_dir():
         from asrshrink.errors import AsrshrinkError
 

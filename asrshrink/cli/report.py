@@ -33,13 +33,15 @@ def report_command(
     Example: asrshrink report amnet/ --amnet-plot amnet-trace.png
     """
     from asrshrink.errors import AsrshrinkError
-    from asrshrink.report import (comparison_row, load_report, plot_amnet_trace, plot_wer_size,
+    from asrshrink.report import (check_png, comparison_row, load_report, plot_amnet_trace, plot_wer_size,
                                   render_comparison_markdown)
 
     if markdown and json_out:
         raise AsrshrinkError("give --markdown or --json, not both")
     if amnet_plot is not None and len(outputs) != 1:
         raise AsrshrinkError(f"--amnet-plot draws one AmNet output; got {len(outputs)}")
+    if amnet_plot is not None:
+        check_png(amnet_plot, "--amnet-plot")
     reports = [load_report(path) for path in outputs]
     rows = [comparison_row(str(path), report) for path, (_, report) in zip(outputs, reports)]
     if amnet_plot is not None:
@@ -48,7 +50,7 @@ def report_command(
         if not isinstance(figures, dict) or not figures.get("trace"):
             raise AsrshrinkError(f"{file}: no AmNet trace in this report; it needs an amnet-finetune run with "
                                  "--eval (or draw one with: asrshrink eval AMNET --plot FILE)")
-        plot_amnet_trace(figures, amnet_plot)
+        plot_amnet_trace(figures, amnet_plot, "--amnet-plot")
         err.print(f"wrote {amnet_plot}", markup=False, highlight=False)
     if plot is not None:
         left_out = plot_wer_size(rows, plot)

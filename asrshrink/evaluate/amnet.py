@@ -147,14 +147,15 @@ def amnet_figures(model, dataset, *, mu: float | None = None, rho: float | None 
                 frames[b] += int((chosen == b).sum())
             q = frame_costs(trace.decisions, costs, arb).double()
             per_utt_flops.append(float(average_cost(q, trace.lengths)[0]))
-            latency.append(1000 * float(amortized_latency(q, trace.lengths, mu, rho)[0]))
             qd = torch.full_like(q, float(dense_flops))
-            dense_latency.append(1000 * float(amortized_latency(qd, trace.lengths, mu, rho)[0]))
+            # l_t / mu in ms at every frame (eqs. 6-7); the last is the utterance's response delay
+            ms, dense_ms = (backlog_levels(x, trace.lengths, mu / rho)[0, :n] * (1000 / mu) for x in (q, qd))
+            latency.append(float(ms[-1]) if n else 0.0)
+            dense_latency.append(float(dense_ms[-1]) if n else 0.0)
             if trace_of is None or n > len(trace_of["branch"]):  # the longest utterance's frame-by-frame trace
-                levels = [backlog_levels(x, trace.lengths, mu / rho)[0, :n] * (1000 / mu) for x in (q, qd)]
-                trace_of = {"utterance": u.id, "duration": float(u.duration),
-                            "branch": chosen.tolist(), "backlog_ms": [round(float(v), 3) for v in levels[0]],
-                            "dense_backlog_ms": [round(float(v), 3) for v in levels[1]]}
+                trace_of = {"utterance": u.id, "duration": float(u.duration), "branch": chosen.tolist(),
+                            "backlog_ms": [round(float(v), 3) for v in ms],
+                            "dense_backlog_ms": [round(float(v), 3) for v in dense_ms]}
             if progress:
                 progress(i + 1, len(dataset))
     total = max(sum(frames), 1)
