@@ -157,10 +157,11 @@ class BranchedLSTMLayer(nn.Module):
                     h, c = h_new, c_new
                 outputs.append(h)
         else:
-            pre = torch.stack([self.project("ih", x, n) for n in range(self.branches)]) + self.bias_ih  # (N,T,B,4H)
-            for t in range(steps):
-                d = decisions[t].unsqueeze(-1)                                      # (B, N, 1)
-                states = [self._cell(pre[n, t], h, c, n) for n in range(self.branches)]
+            # Each branch's input side for all frames at once, split into per-frame views once: indexing a
+            # frame inside the loop would make autograd allocate a full-size gradient per frame (quadratic in T).
+            pre = [(self.project("ih", x, n) + self.bias_ih).unbind(0) for n in range(self.branches)]  # N x T x (B,4H)
+            for t, d in enumerate(decisions.unsqueeze(-1).unbind(0)):               # d (B, N, 1)
+                states = [self._cell(pre[n][t], h, c, n) for n in range(self.branches)]
                 h = sum(d[:, n] * s[0] for n, s in enumerate(states))
                 c = sum(d[:, n] * s[1] for n, s in enumerate(states))
                 outputs.append(h)
@@ -279,8 +280,8 @@ class Arbitrator(nn.Module):
         d = x.new_zeros(batch, self.branches)
         state = None
         decisions, log_pis = [], []
-        for t in range(steps):
-            y, state = self.rnn(torch.cat([x[t], d], -1).unsqueeze(0), state)
+        for x_t in x.unbind(0):  # per-frame views made once (see BranchedLSTMLayer.forward)
+            y, state = self.rnn(torch.cat([x_t, d], -1).unsqueeze(0), state)
             log_pi = F.log_softmax(self.proj(y[0]), -1)                            # (B, N)
             d = self._sample(log_pi, sampling, temperature)
             decisions.append(d)
