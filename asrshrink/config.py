@@ -161,8 +161,9 @@ class ShareConfig:
     index list "0,0,1,1") or ``groups`` ("0-1,2-3"), the ``share_modules`` (empty: all of the family's) sharing
     each group's weights except the ``unshare`` sub-components; shared values by ``init`` (pick: the first
     member's, mean, ls: the least-squares merge on calibration inputs, damped by ``damping``); ``low_rank`` K
-    factorises the ``low_rank_parts`` (default the feed-forward modules), ``residual_rank`` r adds a per-layer
-    correction; ``refit_iterations`` layer-sequential refits of the per-layer parts. A budget
+    factorises the ``low_rank_parts`` (default the feed-forward modules; ``shared_basis``: one input basis per
+    group and coefficients per layer, as Basis Sharing), ``residual_rank`` r adds a per-layer correction;
+    ``refit_iterations`` layer-sequential refits of the per-layer parts. A budget
     (``target_params`` / ``compression_ratio`` of the component) chooses the repeat factor instead."""
 
     repeat: str | None = None
@@ -174,6 +175,7 @@ class ShareConfig:
     low_rank: int | None = None
     low_rank_parts: tuple[str, ...] = ("ff1", "ff2")
     residual_rank: int | None = None
+    shared_basis: bool = False
     refit_iterations: int = 0
     target_params: int | None = None
     compression_ratio: float | None = None

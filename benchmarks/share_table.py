@@ -7,7 +7,8 @@ paper shrinks its model dimension instead); a row that fits without low rank sta
 - Table 1, repeat: R = 1..4 (adjacent groups of R layers share everything);
 - Table 2, modules: repeat ``--base-repeat`` with each module kind unshared in turn;
 - Table 3, sub-components: the same base with each sub-component (and misc) unshared in turn;
-- Table 4, low rank with and without sharing: repeat 1 (low rank only) against the base repeat;
+- Table 4, low rank with and without sharing: repeat 1 (low rank only) against the base repeat, and Basis
+  Sharing (every matrix on a basis shared by its group, coefficients and all else per layer);
 - init: the base plan with pick, mean and ls;
 - handcrafted stand-in: plain and data-aware SVD of every encoder matrix at the same budget (``asrshrink svd``).
 
@@ -47,19 +48,21 @@ def encoder_params(model) -> int:
     return sum(p.numel() for p in model.encoder.parameters())
 
 
-def fit_rank(model, plan, init: str, grams, budget: int, parts) -> tuple[object, list, int | None]:
-    """The shared model of ``plan`` with the largest feed-forward rank K whose encoder fits ``budget`` (dense
-    when it fits as it is); raises AsrshrinkError when even K = 1 does not fit."""
+def fit_rank(model, plan, init: str, grams, budget: int, parts, basis: bool = False
+             ) -> tuple[object, list, int | None]:
+    """The shared model of ``plan`` with the largest rank K of the ``parts`` whose encoder fits ``budget`` (dense
+    when it fits as it is; ``basis``: shared bases, per-layer coefficients); raises AsrshrinkError when even
+    K = 1 does not fit."""
     dense, rows = share_model(model, plan, Construction(init), grams)
-    if encoder_params(dense) <= budget:
+    if encoder_params(dense) <= budget and not basis:
         return dense, rows, None
     lo, hi = 1, model.config.d_model
     count = {}
 
     def size(k: int) -> int:  # the count does not depend on the values: plain SVD, mean init
         if k not in count:
-            count[k] = encoder_params(share_model(model, plan, Construction("mean", low_rank=k,
-                                                                            low_rank_parts=parts), None)[0])
+            count[k] = encoder_params(share_model(model, plan, Construction("mean", low_rank=k, low_rank_parts=parts,
+                                                                            shared_basis=basis), None)[0])
         return count[k]
 
     if size(lo) > budget:
@@ -67,7 +70,8 @@ def fit_rank(model, plan, init: str, grams, budget: int, parts) -> tuple[object,
     while lo < hi:
         mid = (lo + hi + 1) // 2
         lo, hi = (mid, hi) if size(mid) <= budget else (lo, mid - 1)
-    shared, rows = share_model(model, plan, Construction(init, low_rank=lo, low_rank_parts=parts), grams)
+    shared, rows = share_model(model, plan, Construction(init, low_rank=lo, low_rank_parts=parts, shared_basis=basis),
+                               grams)
     return shared, rows, lo
 
 
@@ -105,10 +109,10 @@ def main() -> None:
           flush=True)
     rows: list[dict] = []
 
-    def row(table: str, name: str, plan, init: str = "ls") -> None:
+    def row(table: str, name: str, plan, init: str = "ls", row_parts=None, basis: bool = False) -> None:
         t0 = time.perf_counter()
         try:
-            shared, _, rank = fit_rank(model, plan, init, grams, budget, parts)
+            shared, _, rank = fit_rank(model, plan, init, grams, budget, row_parts or parts, basis)
         except AsrshrinkError as exc:
             rows.append({"table": table, "row": name, "status": str(exc)})
             print(f"{table} {name}: {exc}", flush=True)
@@ -135,6 +139,12 @@ def main() -> None:
         row("3-subcomponents", f"unshare {sub}", build_plan(layout, repeat=base_repeat, unshare=(sub,)))
     row("4-lowrank", "low rank, no sharing", build_plan(layout, repeat="1"))
     row("4-lowrank", f"low rank, repeat {base_repeat}", build_plan(layout, repeat=base_repeat))
+    # Basis Sharing: every matrix at one rank on a basis shared by its group, all else per layer
+    matrix_free = tuple(f"{k}.{sub}" for k, sub in dict.fromkeys(layout.parts.values())
+                        if (k, sub) not in layout.matrices)
+    row("4-lowrank", f"shared basis, repeat {base_repeat}, every matrix",
+        build_plan(layout, repeat=base_repeat, unshare=("misc",) + matrix_free), row_parts=layout.low_rank_parts,
+        basis=True)
     for init in ("pick", "mean", "ls"):
         row("init", f"repeat {base_repeat}, {init}", build_plan(layout, repeat=base_repeat), init)
     for data_aware in (False, True):  # plain SVD is the bar's comparison, data-aware SVD the stronger one

@@ -569,9 +569,13 @@ def share_command(
     residual_rank: Annotated[Optional[int], typer.Option(
         help="A per-layer low-rank residual of rank r from the SVD of each member's difference to the shared "
              "weight.", show_default=False)] = None,
+    shared_basis: Annotated[bool, typer.Option(
+        "--shared-basis", help="With --low-rank K: share only each group's input basis (K x in, from the "
+                               "data-aware SVD of the members' stacked weights) and fit each layer's own "
+                               "coefficients and bias on its inputs (Basis Sharing).")] = False,
     refit_iterations: Annotated[int, typer.Option(
         help="Layer-sequential least-squares refits of the per-layer parts (unshared matrices, per-layer biases, "
-             "residuals) on the shared model's own activations.")] = 0,
+             "residuals, basis coefficients) on the shared model's own activations.")] = 0,
     damping: Annotated[float, typer.Option(help="ls: damping towards the members' own weights, times the mean "
                                                 "diagonal of each member's Gram matrix.")] = 0.01,
     compression_ratio: Annotated[Optional[float], typer.Option(
@@ -604,6 +608,9 @@ def share_command(
     Example: asrshrink share model.nemo --compression-ratio 2.5 --low-rank 64 --refit-iterations 1 -o shared/
 
     Example: asrshrink share model.nemo --repeat 2 --finetune-steps 300 --data train/ -o shared/ --eval dev/
+
+    Example: asrshrink share model.nemo --repeat 2 --unshare misc,conv.depthwise --low-rank 40 --low-rank-parts
+    ff1,attn,conv,ff2 --shared-basis -o shared/
     """
     from asrshrink.config import ShareConfig
 
@@ -611,7 +618,8 @@ def share_command(
         given = _given_options(ctx, {
             name: (f"--{name.replace('_', '-')}", "share", name, value) for name, value in (
                 ("repeat", repeat), ("groups", groups), ("init", init), ("low_rank", low_rank),
-                ("residual_rank", residual_rank), ("refit_iterations", refit_iterations),
+                ("residual_rank", residual_rank), ("shared_basis", shared_basis),
+                ("refit_iterations", refit_iterations),
                 ("finetune_steps", finetune_steps), ("finetune_lr", finetune_lr))})
         if data is not None:
             given["--data"] = ("share", "data", str(data.resolve()))
@@ -624,8 +632,9 @@ def share_command(
         return
     config = ShareConfig(repeat=repeat, groups=groups, share_modules=_names(share_modules), unshare=_names(unshare),
                          init=init, damping=damping, low_rank=low_rank, low_rank_parts=_names(low_rank_parts),
-                         residual_rank=residual_rank, refit_iterations=refit_iterations,
-                         compression_ratio=compression_ratio, target_params=target_params,
+                         residual_rank=residual_rank, shared_basis=shared_basis,
+                         refit_iterations=refit_iterations, compression_ratio=compression_ratio,
+                         target_params=target_params,
                          finetune_steps=finetune_steps, data=str(data) if data else None, finetune_lr=finetune_lr,
                          checkpoint_every=checkpoint_every, seed=seed)
     from asrshrink.methods.share import _calibrated

@@ -27,8 +27,8 @@ from asrshrink.calibrate.walk import Capture, Solution, shift, walk, walked
 from asrshrink.config import ShareConfig, to_json
 from asrshrink.errors import AsrshrinkError
 from asrshrink.methods.registry import Context, Method, Outcome, register
-from asrshrink.models.layers import (LowRankLinear, ResidualLinear, channel_features, channel_map, matrices,
-                                     set_channel_map)
+from asrshrink.models.layers import (BasisLinear, LowRankLinear, ResidualLinear, channel_features, channel_map,
+                                     matrices, set_channel_map)
 from asrshrink.training.loop import CHECKPOINT, read_training_progress
 from asrshrink.models.sharing import (ShareLayout, SharingPlan, apply_plan, build_plan, get_tensor,
                                       layer_shapes_match, plan_aliases)
@@ -156,6 +156,34 @@ def lowrank_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None
     return up[0], down
 
 
+def shared_basis(weights: list[torch.Tensor], biases: list[torch.Tensor], grams: list[torch.Tensor] | None,
+                 rank: int, *, ridge: float = 1e-9) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    """Basis Sharing's factors of a group's matrices W_l (O, I): one input basis D (K, I) for all and per-layer
+    coefficients U_l (O, K) with biases, W_l ~ U_l D. D spans the top-K right singular directions of the stacked
+    [W_1; ...; W_n] S, S the Cholesky factor of the members' summed (centred) input second moments; each U_l,
+    b_l is then the least-squares fit on member l's own inputs: U_l = W_l C_l D^T (D C_l D^T)^-1 (C_l its
+    centred Gram) and b_l absorbing the mean. ``grams``: the members' augmented Grams (None: plain SVD of the
+    stack, U_l = W_l D^+). Returns D, [U_l], [b_l]."""
+    ws = [w.double() for w in weights]
+    if grams is None:
+        _, _, vh = torch.linalg.svd(torch.cat(ws, 0), full_matrices=False)
+        basis = vh[:rank]                                                          # orthonormal rows
+        return (basis.to(weights[0].dtype), [(w @ basis.T).to(weights[0].dtype) for w in ws],
+                [b.clone() for b in biases])
+    stats = [centred(g.double()) for g in grams]                                   # (C_l, mean_l)
+    scale = cholesky_scale(sum(c for c, _ in stats))
+    _, _, vh = torch.linalg.svd(torch.cat(ws, 0) @ scale, full_matrices=False)
+    basis = torch.linalg.solve_triangular(scale.T, vh[:rank].T, upper=True).T     # V_K^T S^-1, (K, I)
+    coefficients, new_biases = [], []
+    for w, b, (c, mean) in zip(ws, biases, stats):
+        gram = basis @ c @ basis.T
+        gram = gram + ridge * float(gram.diagonal().mean().clamp(min=1e-30)) * torch.eye(rank, dtype=gram.dtype)
+        u = torch.linalg.solve(gram, basis @ c @ w.T).T                           # (O, K)
+        coefficients.append(u.to(weights[0].dtype))
+        new_biases.append((b.double() + (w - u @ basis) @ mean).to(b.dtype))
+    return basis.to(weights[0].dtype), coefficients, new_biases
+
+
 # --- statistics: each member's input Gram in the original model --------------------------------------------------
 
 class GramSolver:
@@ -251,14 +279,17 @@ def member_grams(model, batches: list, keys: set[tuple[str, str]]) -> dict[tuple
 
 @dataclass(frozen=True)
 class Construction:
-    """How the shared weights are made: ``init`` pick / mean / ls, ``low_rank`` K of the ``low_rank_parts``,
-    ``residual_rank`` r per layer."""
+    """How the shared weights are made: ``init`` pick / mean / ls, ``low_rank`` K of the ``low_rank_parts``
+    (``shared_basis``: only the input-side factor shared), ``residual_rank`` r per layer."""
 
     init: str = "ls"
     damping: float = 0.01
     low_rank: int | None = None
     low_rank_parts: tuple[tuple[str, str], ...] = ()
     residual_rank: int | None = None
+    #: Low rank of a shared group as one input basis (K, I) with per-layer coefficients (O, K) and biases
+    #: (Basis Sharing), instead of both factors shared.
+    shared_basis: bool = False
 
 
 def _module_name(layer: str, rel: str) -> str:
@@ -331,6 +362,29 @@ def _write_linear(model, name: str, weight: torch.Tensor, bias: torch.Tensor | N
     model.set_submodule(name, base)
 
 
+def _write_basis(model, names: list[str], side: str, ws, bs, gs, rank: int, has_bias: bool, kind: str, sub: str,
+                 c: "Construction") -> dict:
+    """A group's matrices as one shared input basis and per-layer coefficients (``shared_basis``), written into
+    ``model`` as ``BasisLinear`` modules (the plan ties their bases); the group's report row."""
+    if side != "linear":
+        raise AsrshrinkError(f"--shared-basis factorises Linear matrices; {names[0]} is an LSTM layer")
+    basis, coefficients, new_bs = shared_basis(ws, bs, gs, rank)
+    for name, u, b in zip(names, coefficients, new_bs):
+        module = BasisLinear(ws[0].shape[1], ws[0].shape[0], rank, bias=has_bias)
+        with torch.no_grad():
+            module.basis.weight.copy_(basis)
+            module.coefficients.weight.copy_(u)
+            if has_bias:
+                module.coefficients.bias.copy_(b)
+        model.set_submodule(name, module)
+    error = group_error(ws, bs, gs, [u @ basis for u in coefficients], new_bs) if gs is not None else None
+    return {"layer": names[0], "side": side, "shape": list(ws[0].shape), "groups": 1, "rank": rank,
+            "status": f"one basis for {len(names)} layers ({'data-aware' if gs is not None else 'plain'}), rank "
+                      f"{rank}, coefficients per layer" + (f"; calibration output error {error:.4g}"
+                                                           if error is not None else ""),
+            "module": kind, "part": sub, "members": names, "init": "basis", "error": error, "residual_rank": None}
+
+
 def _write_lstm_side(model, name: str, side: str, weight: torch.Tensor, bias: torch.Tensor) -> None:
     lstm = model.get_submodule(name).lstm
     with torch.no_grad():
@@ -387,6 +441,10 @@ def share_model(original, plan: SharingPlan, construction: Construction,
                 gs = [_without_bias(g) for g in gs] if gs is not None else None
             if len(group) == 1 and low is None:
                 continue
+            if low is not None and c.shared_basis and len(group) > 1:
+                rows.append(_write_basis(model, names, side, ws, bs, gs, min(low, *ws[0].shape), has_bias, kind,
+                                         sub, c))
+                continue
             if len(group) == 1:
                 merged, new_bs = ws[0], list(bs)
             elif c.init == "ls":
@@ -438,7 +496,8 @@ def share_model(original, plan: SharingPlan, construction: Construction,
 class PartRefit:
     """Walk solver for one Linear of a shared model whose per-layer parts are refitted on the compressed model's
     own inputs x~ to the original's outputs W x + b: a per-layer dense matrix (weight and bias), a per-layer
-    bias of a shared matrix, or a per-layer residual's up factor (and bias). Least squares, in place; kept only
+    bias of a shared matrix, a per-layer residual's up factor (and bias), or the coefficients (and bias) on a
+    shared basis. Least squares, in place; kept only
     where the calibration output error drops."""
 
     needs_original = True
@@ -452,7 +511,9 @@ class PartRefit:
         self.weight, self.bias = target.weight.double(), target.bias.double()
         self.module, self.fit_weight, self.fit_bias, self.ridge = compressed, fit_weight, fit_bias, ridge
         self.residual = compressed.residual if isinstance(compressed, ResidualLinear) else None
-        k = self.residual.rank if self.residual is not None else (compressed.in_features if fit_weight else 0)
+        self.basis = compressed if isinstance(compressed, BasisLinear) else None
+        k = self.residual.rank if self.residual is not None else self.basis.rank if self.basis is not None else (
+            compressed.in_features if fit_weight else 0)
         self.stats = RegressionStats.empty(k, self.weight.shape[0])
         self.before = OutputError()
         self.result: tuple[float, float, int] | None = None
@@ -464,13 +525,15 @@ class PartRefit:
             base = m.base
             out = base(x) - (base.bias if base.bias is not None and self.fit_bias else 0)
             return out
-        if self.fit_weight:
+        if self.fit_weight or self.basis is not None:
             return torch.zeros(x.shape[0], self.weight.shape[0], dtype=x.dtype)
         return m(x) - m.bias
 
     def _regressors(self, x: torch.Tensor) -> torch.Tensor:
         if self.residual is not None:
             return nn.functional.linear(x, self.residual.down)
+        if self.basis is not None:
+            return self.basis.basis(x)
         return x if self.fit_weight else x[:, :0]
 
     def add_batch(self, capture: Capture) -> None:
@@ -503,6 +566,10 @@ class PartRefit:
                     self.residual.up.copy_(a.unsqueeze(0).to(self.residual.up.dtype))
                     if self.fit_bias:
                         m.base.bias.copy_(c.to(m.base.bias.dtype))
+                elif self.basis is not None:
+                    m.coefficients.weight.copy_(a.to(m.coefficients.weight.dtype))
+                    if self.fit_bias:
+                        m.coefficients.bias.copy_(c.to(m.coefficients.bias.dtype))
                 else:
                     if self.fit_weight:
                         m.weight.copy_(a.to(m.weight.dtype))
@@ -532,6 +599,9 @@ def refit(original, model, plan: SharingPlan, batches: list, iterations: int, lo
             module = model.get_submodule(name)
             if isinstance(module, ResidualLinear):
                 parts[name] = (False, module.bias is not None and f"{name}.base.bias" not in aliases)
+                continue
+            if isinstance(module, BasisLinear):  # the coefficients and bias are this layer's own
+                parts[name] = (False, module.bias is not None)
                 continue
             weight_key = f"{name}.weight" if isinstance(module, nn.Linear) else f"{name}.down"
             own_weight = weight_key not in aliases and isinstance(module, nn.Linear)
@@ -620,8 +690,11 @@ def construction(config: ShareConfig, layout: ShareLayout) -> Construction:
             raise AsrshrinkError(f"--low-rank-parts {name}: not a Linear sub-component of this model; choose from "
                                  f"{', '.join(known) or 'none (this family has no Linear sub-components)'}")
         parts += chosen
+    if config.shared_basis and (config.low_rank is None or config.residual_rank is not None):
+        raise AsrshrinkError("--shared-basis is a form of --low-rank K (one basis per group, coefficients per layer); "
+                             "give --low-rank K and drop --residual-rank")
     return Construction(config.init, config.damping, config.low_rank, tuple(dict.fromkeys(parts)),
-                        config.residual_rank)
+                        config.residual_rank, config.shared_basis)
 
 
 def check_options(config: ShareConfig, model) -> None:

@@ -278,6 +278,33 @@ class ResidualLinear(nn.Module):
         return base + self.residual.flops()
 
 
+class BasisLinear(nn.Module):
+    """y = coefficients(basis(x)): a rank-r factorisation whose input-side factor ``basis`` (r, I) a sharing
+    plan may share across layers (one basis for a group, as Basis Sharing does), and whose output-side factor
+    ``coefficients`` (O, r) with the bias stays per layer (a module of this name is never shared).
+    Parameters: r I + O r (+ O)."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, *, bias: bool = True):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.basis = nn.Linear(in_features, rank, bias=False)
+        self.coefficients = nn.Linear(rank, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.coefficients(self.basis(x))
+
+    def weight(self) -> torch.Tensor:
+        """The (O, I) matrix this factorisation stands for."""
+        return self.coefficients.weight @ self.basis.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.coefficients.bias
+
+    def flops(self) -> int:
+        return 2 * self.rank * (self.in_features + self.out_features)
+
+
 class SparseLinear(nn.Linear):
     """An nn.Linear whose pruned weights are exact zeros; computes as nn.Linear. Like SparseLSTMLayer, the
     class marks the weight as pruned for the structure spec and the sparse storage size."""
@@ -382,6 +409,9 @@ def layer_spec(module: nn.Module) -> dict | None:
     if isinstance(module, ResidualLinear):
         return {"type": "residual", "in": module.in_features, "out": module.out_features,
                 "base": _side_spec(module.base), "rank": module.residual.rank}
+    if isinstance(module, BasisLinear):
+        return {"type": "basis", "in": module.in_features, "out": module.out_features, "rank": module.rank,
+                "bias": module.bias is not None}
     if isinstance(module, (LowRankLinear, SparseLinear)):
         return _side_spec(module)
     from asrshrink.models.branched import branched_spec
@@ -402,6 +432,8 @@ def build_layer(spec: dict) -> nn.Module:
     if spec["type"] == "residual":
         return ResidualLinear(_build_side(spec["base"]), LowRankLinear(spec["in"], spec["out"], spec["rank"],
                                                                        bias=False))
+    if spec["type"] == "basis":
+        return BasisLinear(spec["in"], spec["out"], spec["rank"], bias=spec["bias"])
     if spec["type"] in ("branched_lstm", "arbitrator"):
         from asrshrink.models.branched import build_branched
 
@@ -445,8 +477,8 @@ class Matrix:
     """One compressible weight matrix as methods and exports see it, whatever module holds it.
 
     ``weight`` (O, I) is the effective matrix (for low-rank factors, up @ down), ``bias`` (O,) its bias (zeros
-    if the module has none); ``kind`` is "dense", "lowrank", "sparse" or "residual" (a shared base plus a
-    per-layer low-rank correction, ``ResidualLinear``); ``factors`` the low-rank module, and
+    if the module has none); ``kind`` is "dense", "lowrank", "sparse" or "residual" (a shared part plus a
+    per-layer part: ``ResidualLinear``, ``BasisLinear``); ``factors`` the low-rank module, and
     ``mask`` (O, I) bool the kept entries of a pruned matrix."""
 
     weight: torch.Tensor
@@ -484,7 +516,7 @@ def matrices(module: nn.Module) -> dict[str, Matrix]:
         return {side: _linear_matrix(getattr(module, side)) for side in ("ih", "hh")}
     if isinstance(module, (nn.Linear, LowRankLinear)):
         return {"linear": _linear_matrix(module)}
-    if isinstance(module, ResidualLinear):  # a shared base plus a per-layer correction: no method refactors it
+    if isinstance(module, (ResidualLinear, BasisLinear)):  # shared and per-layer parts: no method refactors it
         bias = module.bias.detach() if module.bias is not None else torch.zeros(module.out_features)
         return {"linear": Matrix(module.weight().detach(), bias, "residual")}
     return {}

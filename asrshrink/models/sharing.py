@@ -26,8 +26,9 @@ from asrshrink.errors import AsrshrinkError, CheckpointError
 
 #: The sub-component that names every "small" tensor of a layer (norms, biases, batch norm, position biases).
 MISC = "misc"
-#: Tensors under a module of this name are per-layer corrections (``layers.ResidualLinear``): never shared.
-RESIDUAL = "residual"
+#: Tensors under a module of one of these names are per-layer parts (``layers.ResidualLinear``'s correction,
+#: ``layers.BasisLinear``'s coefficients): never shared.
+PER_LAYER = ("residual", "coefficients")
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class ShareLayout:
 
     def classify(self, name: str) -> tuple[str, str, bool] | None:
         """(module kind, sub-component, misc) of a tensor named relative to its layer; None for a per-layer
-        correction (residual factors) or a tensor of no module kind."""
-        if name.split(".")[0] == RESIDUAL or f".{RESIDUAL}." in f".{name}":
+        part (residual factors, basis coefficients) or a tensor of no module kind."""
+        if any(f".{part}." in f".{name}" for part in PER_LAYER):
             return None
         best = None
         for prefix, part in self.parts.items():

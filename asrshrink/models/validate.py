@@ -122,7 +122,8 @@ def _side(spec: Any, name: str, source: str) -> tuple[int, int]:
     if not isinstance(spec, dict) or spec.get("type") not in ("lowrank", "dense", "sparse"):
         kind = spec.get("type") if isinstance(spec, dict) else spec
         raise CheckpointError(f"{source}: invalid compression structure for {name}: unknown layer type {kind!r} "
-                              f"(known: lowrank, dense, sparse, factorized_lstm, sparse_lstm, projected_lstm, projected_input_linear); {REWRITE}")
+                              f"(known: lowrank, dense, sparse, basis, residual, factorized_lstm, sparse_lstm, "
+                              f"projected_lstm, projected_input_linear); {REWRITE}")
     n_in, n_out = _positive(spec, "in", name, source), _positive(spec, "out", name, source)
     if not isinstance(spec.get("bias", True), bool):
         raise CheckpointError(f"{source}: invalid compression structure for {name}: bias is {spec['bias']!r}, "
@@ -195,6 +196,9 @@ def check_structure(structure: Any, model: nn.Module, source: str) -> None:
                 raise CheckpointError(f"{source}: invalid compression structure for {name}: a residual of "
                                       f"{spec.get('out')!r}x{spec.get('in')!r} on a {n_out}x{n_in} base; {REWRITE}")
             _side({"type": "lowrank", "in": n_in, "out": n_out, "rank": spec.get("rank"), "groups": 1}, name, source)
+            got = ("linear", n_in, n_out)
+        elif kind == "basis":  # the checks of a low-rank side of one group
+            n_in, n_out = _side({**spec, "type": "lowrank", "groups": 1}, name, source)
             got = ("linear", n_in, n_out)
         elif kind == "projected_input_linear":
             n_in, n_out = _side({**spec, "type": "dense"}, name, source)

@@ -253,6 +253,49 @@ def test_low_rank_with_residual_shares_the_factors_and_reloads(tmp_path):
     assert loaded.encoder.layers[1].feed_forward1.linear1.base.up is loaded.encoder.layers[0].feed_forward1.linear1.base.up
 
 
+def test_shared_basis_ties_the_basis_only_is_exact_at_full_rank_and_round_trips(tmp_path):
+    model, data = conformer(), batches(2)
+    grams = all_grams(model, data)
+    layout = model.sharing_layout()
+    # everything but the matrices that read d_model inputs per layer: at rank 32 = d_model one basis spans every
+    # member's inputs, so each layer gets its own matrices back exactly
+    wide = (("ff1", "linear2"), ("ff2", "linear2"))                    # 4 d_model inputs
+    others = tuple(f"{k}.{sub}" for k, sub in dict.fromkeys(layout.parts.values())
+                   if (k, sub) not in layout.matrices or (k, sub) in wide)
+    plan = build_plan(layout, repeat="2", unshare=("misc",) + others)
+    full = Construction("ls", low_rank=32, low_rank_parts=tuple(p for p in layout.low_rank_parts if p not in wide),
+                        shared_basis=True)
+    exact, _ = share_model(model, plan, full, grams)
+    lin = exact.encoder.layers[1].self_attn.linear_q
+    assert lin.basis.weight is exact.encoder.layers[0].self_attn.linear_q.basis.weight
+    assert lin.coefficients.weight is not exact.encoder.layers[0].self_attn.linear_q.coefficients.weight
+    for a, b in zip(encode(model, data), encode(exact, data)):
+        assert torch.allclose(a, b, atol=1e-4)
+    plan = build_plan(layout, repeat="2", unshare=("misc",))
+    low = Construction("ls", low_rank=6, low_rank_parts=layout.low_rank_parts)
+    small, rows = share_model(model, plan, Construction(**{**low.__dict__, "shared_basis": True}), grams)
+    per_layer, _ = share_model(model, build_plan(layout, repeat="1"), low, grams)
+    assert params(small) < params(per_layer)  # one basis per group (and the plan's other shared tensors)
+    assert any("one basis for 2 layers" in r["status"] for r in rows)
+    assert encoder_error(model, small, data) > 0
+    loaded, _ = load_model(save_model(small, tmp_path / "b"))
+    assert params(loaded) == params(small)
+    assert loaded.encoder.layers[1].feed_forward2.linear2.basis.weight is \
+        loaded.encoder.layers[0].feed_forward2.linear2.basis.weight
+    assert all(torch.equal(a, b) for a, b in zip(encode(small, data), encode(loaded, data)))
+    refit_model = load_model(tmp_path / "b")[0]
+    from asrshrink.methods.share import refit
+    refit(model, refit_model, plan, data, 1)
+    assert encoder_error(model, refit_model, data) < encoder_error(model, small, data)
+    report = export_model(small, tmp_path / "onnx")
+    assert max(v for part in report["parity"]["max_abs_diff"].values() for v in part.values()) <= 1e-4
+
+
+def test_shared_basis_needs_low_rank():
+    with pytest.raises(AsrshrinkError, match="--shared-basis"):
+        get_method("share").core(ShareConfig(repeat="2", shared_basis=True), Context(conformer(), batches(1)))
+
+
 def test_refits_of_the_per_layer_parts_lower_the_calibration_error():
     model, data = conformer(seed=2), batches(2)
     method = get_method("share")
