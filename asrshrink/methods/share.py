@@ -148,12 +148,15 @@ def channel_error(weights: list[torch.Tensor], biases: list[torch.Tensor], grams
 def lowrank_factors(weight: torch.Tensor, rank: int, gram: torch.Tensor | None
                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """Data-aware rank-K factors up (O, K), down (K, I) of ``weight`` for inputs with Gram ``gram`` (I, I) (the
-    SVD of W S, S its Cholesky factor; plain SVD without a Gram)."""
+    SVD of W S, S its Cholesky factor; plain SVD without a Gram), each direction's two factors of equal norm."""
     from asrshrink.methods.svd import svd_factors
 
     scale = cholesky_scale(gram) if gram is not None else None
     up, down = svd_factors(weight, rank, scale=scale)
-    return up[0], down
+    # balanced: the Grams here are sums over the calibration frames, so the split of W S's singular values
+    # would leave down smaller than up by about the square root of the frame count
+    down, (up,) = _balanced(down.double(), [up[0].double()], weight.dtype)
+    return up, down
 
 
 def shared_basis(weights: list[torch.Tensor], biases: list[torch.Tensor], grams: list[torch.Tensor] | None,
@@ -168,8 +171,7 @@ def shared_basis(weights: list[torch.Tensor], biases: list[torch.Tensor], grams:
     if grams is None:
         _, _, vh = torch.linalg.svd(torch.cat(ws, 0), full_matrices=False)
         basis = vh[:rank]                                                          # orthonormal rows
-        return (basis.to(weights[0].dtype), [(w @ basis.T).to(weights[0].dtype) for w in ws],
-                [b.clone() for b in biases])
+        return _balanced(basis, [w @ basis.T for w in ws], weights[0].dtype) + ([b.clone() for b in biases],)
     stats = [centred(g.double()) for g in grams]                                   # (C_l, mean_l)
     scale = cholesky_scale(sum(c for c, _ in stats))
     _, _, vh = torch.linalg.svd(torch.cat(ws, 0) @ scale, full_matrices=False)
@@ -179,9 +181,21 @@ def shared_basis(weights: list[torch.Tensor], biases: list[torch.Tensor], grams:
         gram = basis @ c @ basis.T
         gram = gram + ridge * float(gram.diagonal().mean().clamp(min=1e-30)) * torch.eye(rank, dtype=gram.dtype)
         u = torch.linalg.solve(gram, basis @ c @ w.T).T                           # (O, K)
-        coefficients.append(u.to(weights[0].dtype))
+        coefficients.append(u)
         new_biases.append((b.double() + (w - u @ basis) @ mean).to(b.dtype))
-    return basis.to(weights[0].dtype), coefficients, new_biases
+    return _balanced(basis, coefficients, weights[0].dtype) + (new_biases,)
+
+
+def _balanced(basis: torch.Tensor, coefficients: list[torch.Tensor], dtype: torch.dtype
+              ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The same products U_l D with each basis row and its coefficient columns scaled to equal norms (the row's
+    against the columns' root mean square over the layers), as an SVD splits its singular values: a whitened
+    basis is otherwise orders of magnitude smaller than its coefficients, which makes gradient steps on it
+    (a repair) far too large."""
+    rows = basis.norm(dim=1).clamp(min=1e-30)                                      # (K,)
+    columns = torch.stack([u.norm(dim=0) for u in coefficients]).pow(2).mean(0).sqrt().clamp(min=1e-30)
+    s = (columns / rows).sqrt()
+    return (basis * s.unsqueeze(1)).to(dtype), [(u / s).to(dtype) for u in coefficients]
 
 
 # --- statistics: each member's input Gram in the original model --------------------------------------------------
