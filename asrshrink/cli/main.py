@@ -343,6 +343,8 @@ def _side_text(side: dict | None) -> str:
         return f"{side['out']}x{side['in']} rank {side['rank']}" + (" per gate" if side["groups"] > 1 else "")
     if side["type"] == "residual":
         return f"{_side_text(side['base'])} + per-layer residual rank {side['rank']}"
+    if side["type"] == "basis":
+        return f"{side['out']}x{side['in']} rank {side['rank']} shared basis"
     if side["type"] == "sparse":
         return f"{side['out']}x{side['in']} sparsity {1 - side['nonzeros'] / (side['out'] * side['in']):.1%}"
     return f"{side['out']}x{side['in']} dense"

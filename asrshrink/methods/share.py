@@ -376,8 +376,8 @@ def _write_linear(model, name: str, weight: torch.Tensor, bias: torch.Tensor | N
     model.set_submodule(name, base)
 
 
-def _write_basis(model, names: list[str], side: str, ws, bs, gs, rank: int, has_bias: bool, kind: str, sub: str,
-                 c: "Construction") -> dict:
+def _write_basis(model, names: list[str], side: str, ws, bs, gs, rank: int, has_bias: bool, kind: str,
+                 sub: str) -> dict:
     """A group's matrices as one shared input basis and per-layer coefficients (``shared_basis``), written into
     ``model`` as ``BasisLinear`` modules (the plan ties their bases); the group's report row."""
     if side != "linear":
@@ -457,7 +457,7 @@ def share_model(original, plan: SharingPlan, construction: Construction,
                 continue
             if low is not None and c.shared_basis and len(group) > 1:
                 rows.append(_write_basis(model, names, side, ws, bs, gs, min(low, *ws[0].shape), has_bias, kind,
-                                         sub, c))
+                                         sub))
                 continue
             if len(group) == 1:
                 merged, new_bs = ws[0], list(bs)
@@ -511,8 +511,7 @@ class PartRefit:
     """Walk solver for one Linear of a shared model whose per-layer parts are refitted on the compressed model's
     own inputs x~ to the original's outputs W x + b: a per-layer dense matrix (weight and bias), a per-layer
     bias of a shared matrix, a per-layer residual's up factor (and bias), or the coefficients (and bias) on a
-    shared basis. Least squares, in place; kept only
-    where the calibration output error drops."""
+    shared basis. Least squares, in place; kept only where the calibration output error drops."""
 
     needs_original = True
     needs_compressed_output = True

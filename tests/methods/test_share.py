@@ -287,6 +287,8 @@ def test_shared_basis_ties_the_basis_only_is_exact_at_full_rank_and_round_trips(
     from asrshrink.methods.share import refit
     refit(model, refit_model, plan, data, 1)
     assert encoder_error(model, refit_model, data) < encoder_error(model, small, data)
+    result = runner.invoke(app, ["info", str(tmp_path / "b")])
+    assert result.exit_code == 0 and "rank 6 shared basis" in result.output
     report = export_model(small, tmp_path / "onnx")
     assert max(v for part in report["parity"]["max_abs_diff"].values() for v in part.values()) <= 1e-4
 
