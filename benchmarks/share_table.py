@@ -56,9 +56,10 @@ def fit_rank(model, plan, init: str, grams, budget: int, parts, basis: bool = Fa
     """The shared model of ``plan`` with the largest rank K of the ``parts`` whose encoder fits ``budget`` (dense
     when it fits as it is; ``basis``: shared bases, per-layer coefficients); raises AsrshrinkError when even
     K = 1 does not fit."""
-    dense, rows = share_model(model, plan, Construction(init), grams)
-    if encoder_params(dense) <= budget and not basis:
-        return dense, rows, None
+    if not basis:  # a shared basis is low rank by definition: no dense candidate
+        dense, rows = share_model(model, plan, Construction(init), grams)
+        if encoder_params(dense) <= budget:
+            return dense, rows, None
     lo, hi = 1, model.config.d_model
     count = {}
 
@@ -186,12 +187,14 @@ def main() -> None:
               f"{r['wer_repaired']:.2f} %, calibration error {r['calib_error_repaired']:.4f}, "
               f"{r['repair_seconds']:.0f} s", flush=True)
     extra = {}
+    repaired_models = {id(r): api.load_model(Path(r["dir"]) / "repaired")[0]
+                       for r in rows if "wer_repaired" in r} if args.extra_test else {}
     for path in args.extra_test:
         dataset = api.open_dataset(path, vocabulary=model.vocabulary, seed=0)
         extra[path] = {"utterances": len(dataset), "original": api.evaluate(model, dataset).wer}
         for r in rows:
             if "wer_repaired" in r:
-                wer = api.evaluate(api.load_model(Path(r["dir"]) / "repaired")[0], dataset).wer
+                wer = api.evaluate(repaired_models[id(r)], dataset).wer
                 r.setdefault("wer_repaired_extra", {})[path] = extra[path][r["row"]] = wer
         print(f"{path} ({extra[path]['utterances']} utterances): " + ", ".join(
             f"{name} {wer:.2f} %" for name, wer in extra[path].items() if name != "utterances"), flush=True)
