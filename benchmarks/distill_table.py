@@ -2,7 +2,7 @@
 factorization (F), distillation (D) and sparsity (S), alone or combined, gives the lowest WER.
 
     python benchmarks/distill_table.py --data PATH [--test PATH] [--steps 300] [--threshold 0.2] \\
-        [--tables 3,1] [--out runs/distill-table]
+        [--lr 5e-4] [--no-spec-augment] [--tables 3,1] [--out runs/distill-table]
 
 Rows, every one fine-tuned for the same ``--steps`` on the same ``--data`` (the teacher is the bundled model).
 Table 3 (which of F, D and S at one budget):
@@ -11,13 +11,17 @@ Table 3 (which of F, D and S at one budget):
   F+GT       F fine-tuned on the ground truth alone (the objective "none" of the paper's Table 1)
   F+D        F distilled: ground truth + lattice KD (TRUTH-KD)
   S+D        the dense model pruned gradually to the F row's encoder size (sparse storage) while distilled
-  F+D+S      F distilled while its dense matrices are pruned gradually to 30 %
+  F+D+S      F on the upper half of the encoder's layers, distilled while the lower half (kept dense) is pruned
+             gradually to as many non-zero weights as F gives those layers
 Table 1 (the distillation objectives, on the F student; "none" and "truth" are F+GT and F+D):
   F+top-beam         lattice KD on the teacher's top beam hypothesis, plus the transducer loss on it (TOP-KD)
   F+beam             lattice KD on all ``--beam`` hypotheses, weighted by their normalised probabilities (BEAM-KD)
   F+GT+top-beam      TOP-KD from the F+GT row's model ("top beam + student init": a student first trained on
                      the ground truth); with its own ``--steps``, so it has had twice the steps of the others
-The two top-beam rows share one teacher cache (the teacher's beam search over --data runs once for them).
+The two top-beam rows share one teacher cache (the teacher's beam search over --data runs once for them); the
+beam row has its own. A row whose folder under ``--out`` already holds a finished model (its report.json) is
+reused, not trained again, so an interrupted table continues, and ``--tables 1`` run after ``--tables 3`` in the
+same ``--out`` reuses the F, F+GT and F+D rows.
 Prints WER, parameters (non-zero), encoder storage and wall time per row. Every run goes through
 ``asrshrink.compress.run_method`` (the code behind ``asrshrink svd`` and ``asrshrink distill``).
 """
@@ -45,6 +49,8 @@ def main() -> None:
     parser.add_argument("--threshold", type=float, default=0.2)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--beam", type=int, default=4)
+    parser.add_argument("--no-spec-augment", dest="spec_augment", action="store_false",
+                        help="fine-tune on clean features (SpecAugment is on by default, as in distill)")
     parser.add_argument("--tables", default="3,1", help="which tables' rows to run: 3, 1 or 3,1")
     parser.add_argument("--out", type=Path, default=Path("runs/distill-table"))
     args = parser.parse_args()
@@ -53,6 +59,20 @@ def main() -> None:
     test = api.open_dataset(args.test, vocabulary=original.vocabulary)
     started = time.perf_counter()
     rows: dict[str, dict] = {}
+
+    def finished(name: str) -> dict | None:
+        report = args.out / name / "report.json"
+        if not report.is_file():
+            return None
+        done = json.loads(report.read_text())
+        options = done.get("options", {})
+        wanted = {"steps": args.steps, "lr": args.lr, "spec_augment": args.spec_augment, "data": args.data}
+        stale = {k: options[k] for k, v in wanted.items() if "steps" in options and options.get(k) != v}
+        if stale:
+            raise SystemExit(f"{report}: this row was made with {stale}, not this run's options; remove "
+                             f"{report.parent} or give another --out")
+        print(f"{name}: reusing the finished row in {report.parent}", flush=True)
+        return done
 
     def record(name: str, report: dict) -> None:
         model, _ = api.load_model(args.out / name)
@@ -65,12 +85,17 @@ def main() -> None:
               f"{report['seconds']:.0f} s", flush=True)
 
     def distill(name: str, model: str, **changes) -> None:
-        config = DistillConfig(data=args.data, steps=args.steps, lr=args.lr, **changes)
-        record(name, compress.run_method("distill", config, model=model, out=args.out / name))
+        report = finished(name)
+        if report is None:
+            config = DistillConfig(data=args.data, steps=args.steps, lr=args.lr, spec_augment=args.spec_augment,
+                                   **changes)
+            report = compress.run_method("distill", config, model=model, out=args.out / name)
+        record(name, report)
 
     base = api.evaluate(original, test)
     print(f"original: WER {base.wer:.2f} % on {base.num_utterances} utterances", flush=True)
-    record("F", compress.run_method("svd", SvdConfig(threshold=args.threshold), model=teacher, out=args.out / "F"))
+    record("F", finished("F") or compress.run_method("svd", SvdConfig(threshold=args.threshold), model=teacher,
+                                                     out=args.out / "F"))
     f_model = str(args.out / "F")
     budget = rows["F"]["encoder_mb"] / (sum(p.numel() for p in original.encoder.parameters()) * 4 / 1e6)
     width = max(16, int(original.config.encoder_hidden * budget ** 0.5))
@@ -81,11 +106,22 @@ def main() -> None:
     distill("F+D", f_model, teacher=teacher)
     if "3" in tables:
         distill("S+D", teacher, teacher=teacher, prune_to=round(1 - budget, 3))
-        distill("F+D+S", f_model, teacher=teacher, prune_to=0.3)
+        # Every matrix of F is low rank, so nothing of it is left to prune: F+D+S factorises the upper half of
+        # the encoder's layers as F does and prunes the lower half gradually to the sparsity at which they have
+        # as many non-zero weights as F gives them.
+        layers = list(dict.fromkeys(t.layer for t in original.weight_targets(["encoder"])))
+        lower = layers[:len(layers) // 2]
+        if finished("F+D+S") is None and finished("F-upper") is None:
+            compress.run_method("svd", SvdConfig(threshold=args.threshold, ignore=tuple(lower)), model=teacher,
+                                out=args.out / "F-upper")
+        factored, _ = api.load_model(f_model)
+        sparsity = 1 - _weights(factored, lower) / _weights(original, lower)
+        distill("F+D+S", str(args.out / "F-upper"), teacher=teacher, prune_to=round(sparsity, 3))
     if "1" in tables:
         beams = dict(beam=args.beam, teacher_cache=str(args.out / "cache-top-beam"))
         distill("F+top-beam", f_model, teacher=teacher, objective="top-beam", pseudo_weight=1.0, **beams)
-        distill("F+beam", f_model, teacher=teacher, objective="beam", beam=args.beam)
+        distill("F+beam", f_model, teacher=teacher, objective="beam", beam=args.beam,
+                teacher_cache=str(args.out / "cache-beam"))
         distill("F+GT+top-beam", str(args.out / "F+GT"), teacher=teacher, objective="top-beam", pseudo_weight=1.0,
                 **beams)
     print(f"\nOriginal WER {base.wer:.2f} % on {test.source}; {args.steps} steps per fine-tuned row; total "
@@ -96,6 +132,12 @@ def main() -> None:
         print(f"| {name} | {row['wer']:.2f} | {row['nonzero']:,} | {row['encoder_mb']:.2f} | {row['seconds']:.0f} |")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.json").write_text(json.dumps({"original_wer": base.wer, "rows": rows}, indent=2))
+
+
+def _weights(model, layers: list[str]) -> int:
+    """Weight-matrix parameters (biases left out) of ``layers``, dense or factorised."""
+    return sum(p.numel() for layer in layers for name, p in model.get_submodule(layer).named_parameters()
+               if not name.endswith("bias") and p.dim() > 1)
 
 
 if __name__ == "__main__":
