@@ -67,8 +67,8 @@ def main() -> None:
         done = json.loads(report.read_text())
         options = done.get("options", {})
         wanted = {"steps": args.steps, "lr": args.lr, "spec_augment": args.spec_augment, "data": args.data}
-        stale = {k: options[k] for k, v in wanted.items() if "steps" in options and options.get(k) != v}
-        if stale:
+        stale = {k: options.get(k) for k, v in wanted.items() if options.get(k) != v} if "steps" in options else {}
+        if stale:  # a fine-tuned row (svd rows have no training options)
             raise SystemExit(f"{report}: this row was made with {stale}, not this run's options; remove "
                              f"{report.parent} or give another --out")
         print(f"{name}: reusing the finished row in {report.parent}", flush=True)
@@ -111,12 +111,13 @@ def main() -> None:
         # as many non-zero weights as F gives them.
         layers = list(dict.fromkeys(t.layer for t in original.weight_targets(["encoder"])))
         lower = layers[:len(layers) // 2]
-        if finished("F+D+S") is None and finished("F-upper") is None:
+        upper = args.out / "F-upper"
+        if not (args.out / "F+D+S" / "report.json").is_file() and not (upper / "report.json").is_file():
             compress.run_method("svd", SvdConfig(threshold=args.threshold, ignore=tuple(lower)), model=teacher,
-                                out=args.out / "F-upper")
+                                out=upper)
         factored, _ = api.load_model(f_model)
         sparsity = 1 - _weights(factored, lower) / _weights(original, lower)
-        distill("F+D+S", str(args.out / "F-upper"), teacher=teacher, prune_to=round(sparsity, 3))
+        distill("F+D+S", str(upper), teacher=teacher, prune_to=round(sparsity, 3))
     if "1" in tables:
         beams = dict(beam=args.beam, teacher_cache=str(args.out / "cache-top-beam"))
         distill("F+top-beam", f_model, teacher=teacher, objective="top-beam", pseudo_weight=1.0, **beams)
