@@ -88,7 +88,8 @@ def test_conformer_reference_is_small_and_loads_in_the_nemo_layout():
 
 
 def test_conformer_reference_transcribes_the_bundled_test_sample():
-    # the model card's figure is 64.06 % WER / 34.32 % CER on all 200; a model that emits blank scores 100 % CER
+    # the model card's figure is 39.11 % WER / 16.71 % CER on all 200 (40.00 / 16.24 on these 20); a model that
+    # emits blank scores 100 % CER, the previous bundled Conformer 64.06 / 34.32 on all 200
     net, _ = api.load_model(ASSETS / "reference_conformer" / "model.safetensors")
     result = api.evaluate(net, api.open_dataset(str(ASSETS / "speech" / "test"), vocabulary=net.vocabulary, limit=20))
-    assert result.cer < 50.0 and result.wer < 85.0
+    assert result.cer < 25.0 and result.wer < 55.0
