@@ -3,6 +3,9 @@
     python examples/bundle_assets.py --corpus data/corpus2 --calib 200 --test 200 --test-synth 100   # corpus v2
     python examples/bundle_assets.py --corpus data/synth --calib 200 --test 200                      # corpus v1
 
+Corpus v2 goes to ``asrshrink/assets/speech/v2`` (``bundled:v2/test`` ...), corpus v1 to
+``asrshrink/assets/speech`` (``bundled:test``, the default of ``--data``), unless ``--to`` says otherwise.
+
 Corpus v2 (a ``recipe.json`` with ``corpus_version`` 2): writes ``calib`` (from the corpus' ``calib`` split:
 training voices, held-out sentences), ``test`` (from ``test-unseen``: voices AND sentences held out of
 training) and ``test-synth`` (from ``test-heldout-synth``: a synthesizer never in training), each a folder of
@@ -89,20 +92,65 @@ def bundle_v2(corpus: Path, target: Path, counts: dict[str, int], seed: int) -> 
         _replace(tmp, out)
 
 
+SAMPLE_README = """# Bundled speech sample, corpus v2 (`bundled:v2/calib`, `bundled:v2/test`, `bundled:v2/test-synth`)
+
+Written by `python examples/bundle_assets.py --corpus {corpus} --calib {calib} --test {test} --test-synth
+{synth} --seed {seed}` from corpus v2 (`examples/speechcorpus/README.md`: synthesizers, sentence sources,
+augmentation, licences). Ogg/Opus at libsndfile's default level; each `manifest.jsonl` keeps the corpus'
+`synth`, `voice`, `source` and `augment` fields, so `examples/corpus_wer.py` can break a WER down by them.
+Sentences from GCIDE (GPL-2.0-or-later) are left out; every other sentence source is public domain or under a
+permissive licence, and the audio is synthesizer output.
+
+| part | corpus split | what the models did not hear in training | utterances | minutes | synthesizers | sources |
+| --- | --- | --- | ---: | ---: | --- | --- |
+{rows}
+"""
+
+HELD_OUT = {"calib": "the sentences", "test": "the voices and the sentences",
+            "test-synth": "the synthesizer (Festival) and the sentences"}
+
+
+def _counts(rows: list[dict], key: str) -> str:
+    found: dict[str, int] = {}
+    for row in rows:
+        found[row.get(key, "?")] = found.get(row.get(key, "?"), 0) + 1
+    return ", ".join(f"{name} {n}" for name, n in sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
+
+
+def write_sample_readme(target: Path, args: argparse.Namespace) -> None:
+    rows = []
+    for name, split in SPLITS_V2.items():
+        manifest = target / name / "manifest.jsonl"
+        if not manifest.is_file():
+            continue
+        entries = [json.loads(line) for line in manifest.read_text().splitlines() if line]
+        minutes = sum(float(e["duration"]) for e in entries) / 60
+        rows.append(f"| `{name}` | {split} | {HELD_OUT[name]} | {len(entries)} | {minutes:.1f} | "
+                    f"{_counts(entries, 'synth')} | {_counts(entries, 'source')} |")
+    text = SAMPLE_README.format(corpus=args.corpus, calib=args.calib, test=args.test, synth=args.test_synth,
+                                seed=args.seed, rows="\n".join(rows))
+    (target / "README.md").write_text(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--corpus", type=Path, default=Path("data/corpus2"))
-    parser.add_argument("--to", type=Path, default=Path("asrshrink/assets/speech"))
+    parser.add_argument("--to", type=Path, default=None,
+                        help="default: asrshrink/assets/speech/v2 for corpus v2, asrshrink/assets/speech for v1")
     parser.add_argument("--calib", type=int, default=200)
     parser.add_argument("--test", type=int, default=200)
     parser.add_argument("--test-synth", type=int, default=100, help="corpus v2 only")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    args.to.mkdir(parents=True, exist_ok=True)
     recipe = args.corpus / "recipe.json"
     version = json.loads(recipe.read_text()).get("corpus_version", 1) if recipe.is_file() else 1
+    if args.to is None:
+        args.to = Path("asrshrink/assets/speech/v2" if version >= 2 else "asrshrink/assets/speech")
+    args.to.mkdir(parents=True, exist_ok=True)
     counts = {"calib": args.calib, "test": args.test, "test-synth": args.test_synth}
     (bundle_v2 if version >= 2 else bundle_v1)(args.corpus, args.to, counts, args.seed)
+    if version >= 2:
+        write_sample_readme(args.to, args)
 
 
 if __name__ == "__main__":

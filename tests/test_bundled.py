@@ -10,6 +10,8 @@ from asrshrink import api
 from asrshrink.cli.main import app
 from asrshrink.evaluate.decoding import greedy_decode
 from asrshrink.audio.text import Vocabulary
+from asrshrink.audio.datasets import bundled_sample_names
+from asrshrink.errors import DataError
 from asrshrink.models.checkpoint import ASSETS, DEFAULT_MODEL
 from asrshrink.models.mlperf_rnnt import MLPERF_LABELS
 
@@ -17,10 +19,45 @@ from asrshrink.models.mlperf_rnnt import MLPERF_LABELS
 def test_assets_are_present_and_small():
     assert DEFAULT_MODEL.is_file(), "the bundled reference model is missing"
     assert DEFAULT_MODEL.stat().st_size <= 15_000_000
-    speech = sum(p.stat().st_size for p in (ASSETS / "speech").rglob("*") if p.is_file())
-    assert 0 < speech <= 10_000_000
+    v2 = sum(p.stat().st_size for p in (ASSETS / "speech" / "v2").rglob("*") if p.is_file())
+    speech = sum(p.stat().st_size for p in (ASSETS / "speech").rglob("*") if p.is_file()) - v2
+    assert 0 < speech <= 10_000_000 and 0 < v2 <= 15_000_000
     for split in ("calib", "test"):
         assert len(api.open_dataset(ASSETS / "speech" / split, vocabulary=Vocabulary(MLPERF_LABELS))) >= 150
+
+
+def test_bundled_names_open_every_part_of_both_samples():
+    assert bundled_sample_names() == ["calib", "test", "v2/calib", "v2/test", "v2/test-synth"]
+    vocabulary = Vocabulary(MLPERF_LABELS)
+    assert api.open_dataset("bundled:test", vocabulary=vocabulary).source == ASSETS / "speech" / "test"
+    synth = api.open_dataset("bundled:v2/test-synth", vocabulary=vocabulary)
+    rows = [json.loads(line) for line in (ASSETS / "speech" / "v2" / "test-synth" / "manifest.jsonl").open()]
+    assert len(synth) == len(rows) == 100 and {r["synth"] for r in rows} == {"festival"}
+    assert len(api.open_dataset("bundled:v2/test", vocabulary=vocabulary)) == 200
+    assert not {r["source"] for r in map(json.loads, (ASSETS / "speech" / "v2" / "calib" / "manifest.jsonl").open())
+                } & {"gcide", "gcide-quotes"}  # GPL sentences stay out of the package
+
+
+def test_unknown_bundled_name_is_one_line_listing_the_names(tmp_path):
+    with pytest.raises(DataError, match=r"bundled:v3/test: no such part .* bundled:v2/test-synth"):
+        api.open_dataset("bundled:v3/test", vocabulary=Vocabulary(MLPERF_LABELS))
+    result = CliRunner().invoke(app, ["eval", "--data", "bundled:../reference", "--limit", "2"])
+    assert result.exit_code == 2 and "no such part of the bundled speech sample" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_eval_and_calib_take_bundled_names(tmp_path):
+    result = CliRunner().invoke(app, ["eval", "--data", "bundled:v2/test-synth", "--limit", "3", "--json"])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["num_utterances"] == 3 and data["data"] == str(ASSETS / "speech" / "v2" / "test-synth")
+    assert data["wer"] > 0  # the bundled model was trained on one synthesizer; Festival is not it
+    out = tmp_path / "svd"
+    result = CliRunner().invoke(app, ["svd", "--rank-threshold", "0.5", "--data-aware", "--calib", "bundled:v2/calib",
+                                      "--num-utterances", "4", "-o", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert str(ASSETS / "speech" / "v2" / "calib") in json.dumps(report)
 
 
 @pytest.fixture(scope="module")

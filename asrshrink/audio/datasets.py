@@ -12,6 +12,9 @@
     suffix does not matter (NeMo manifests are often called ``*.json``).
   - a file named ``*.trans.txt`` is read as one LibriSpeech chapter.
 
+* ``path`` is ``bundled:NAME``: a part of the speech sample bundled with asrshrink (``bundled:test``,
+  ``bundled:v2/test-synth``; :func:`bundled_sample_names` lists them).
+
 * ``path`` is a folder. Checked in this order:
 
   1. LibriSpeech tree: any ``*.trans.txt`` below it (searched recursively, so the split folder such as
@@ -54,6 +57,11 @@ AUDIO_SUFFIXES: tuple[str, ...] = (".flac", ".wav", ".ogg", ".opus", ".oga", ".m
 
 if "MP3" not in sf.available_formats():  # libsndfile older than 1.1 cannot read MP3
     AUDIO_SUFFIXES = tuple(s for s in AUDIO_SUFFIXES if s != ".mp3")
+
+#: The bundled speech sample: corpus v1's ``calib`` and ``test`` (LibriSpeech trees, the defaults of --calib and
+#: --data) and corpus v2's ``v2/calib``, ``v2/test`` and ``v2/test-synth`` (manifest folders).
+BUNDLED_SPEECH = Path(__file__).resolve().parent.parent / "assets" / "speech"
+BUNDLED_PREFIX = "bundled:"
 
 #: Reasons counted in ``Dataset.dropped``.
 DROP_EMPTY = "empty_transcript"
@@ -415,6 +423,29 @@ def _detect(path: Path, vocabulary: Vocabulary) -> tuple[str, list[Entry]]:
     raise DataError(f"{path}: no dataset found; {found}{LAYOUTS_HELP}")
 
 
+def bundled_sample_names() -> list[str]:
+    """The parts of the bundled speech sample, as ``bundled:NAME`` takes them (``test``, ``v2/test-synth``)."""
+    if not BUNDLED_SPEECH.is_dir():
+        return []
+    parts = {p.parent for p in BUNDLED_SPEECH.rglob("manifest.jsonl")}
+    parts |= {d for d in BUNDLED_SPEECH.iterdir() if d.is_dir() and any(d.rglob("*.trans.txt"))}
+    return sorted(p.relative_to(BUNDLED_SPEECH).as_posix() for p in parts)
+
+
+def resolve_data_path(path: str | Path) -> Path:
+    """``path`` as a filesystem path: ``bundled:NAME`` becomes that part of the bundled speech sample, anything
+    else is returned as a Path. An unknown NAME is a DataError listing the names there are."""
+    text = str(path)
+    if not text.startswith(BUNDLED_PREFIX):
+        return Path(path)
+    name = text[len(BUNDLED_PREFIX):].strip("/")
+    names = bundled_sample_names()
+    if name not in names:
+        have = ", ".join(BUNDLED_PREFIX + n for n in names) if names else "none in this installation"
+        raise DataError(f"{text}: no such part of the bundled speech sample; the parts are: {have}")
+    return BUNDLED_SPEECH / name
+
+
 def open_dataset(path: str | Path, *, vocabulary: Vocabulary, sample_rate: int = 16000,
                  max_duration: float | None = None, limit: int | None = None, seed: int = 0,
                  keep_empty: bool = False) -> Dataset:
@@ -429,7 +460,7 @@ def open_dataset(path: str | Path, *, vocabulary: Vocabulary, sample_rate: int =
     MLPerf scorer count every hypothesis word on them as an insertion against a corpus total.) Counts of what
     was dropped are in ``Dataset.dropped``.
     """
-    source = Path(path).expanduser()
+    source = resolve_data_path(path).expanduser()
     if not source.exists():
         raise DataError(f"{source}: dataset path does not exist; check the path")
     if isinstance(sample_rate, bool) or not isinstance(sample_rate, int) or sample_rate <= 0:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from asrshrink.cli.main import ModelArg, app, err, handle_errors, progress_bar
+from asrshrink.cli.main import BUNDLED_HELP, ModelArg, app, data_path, err, handle_errors, progress_bar
 
 COMPONENTS = {"encoder": ("encoder",), "prediction": ("prediction",), "joint": ("joint",),
               "all": ("encoder", "prediction", "joint")}
@@ -25,12 +25,13 @@ Components = Annotated[str, typer.Option(help="encoder, prediction, joint or all
 DataAware = Annotated[bool, typer.Option("--data-aware/--plain", help="Truncate W S instead of W, with S the "
                                                                       "Cholesky factor of the calibration inputs' "
                                                                       "second moment (needs --calib).")]
-Calib = Annotated[Optional[Path], typer.Option(help="Calibration speech (any --data layout); default: the "
-                                                    "bundled calibration sample.", show_default=False)]
+Calib = Annotated[Optional[Path], typer.Option(help=f"Calibration speech (any --data layout; {BUNDLED_HELP}); "
+                                                    "default: bundled:calib.", show_default=False, parser=data_path)]
 NumUtts = Annotated[int, typer.Option(help="Calibration utterances (a seeded random subset).")]
 Seed = Annotated[int, typer.Option(help="Seed of the calibration and evaluation subsets.")]
-Eval = Annotated[Optional[Path], typer.Option("--eval", help="Dataset on which to report WER before and after.",
-                                              show_default=False)]
+Eval = Annotated[Optional[Path], typer.Option("--eval", help=f"Dataset on which to report WER before and after "
+                                                             f"({BUNDLED_HELP}).", show_default=False,
+                                              parser=data_path)]
 EvalLimit = Annotated[Optional[int], typer.Option(help="Evaluate a seeded random subset of N utterances.")]
 Json = Annotated[bool, typer.Option("--json", help="Print the report as one JSON object on stdout.")]
 Ratio = Annotated[Optional[float], typer.Option(help="Per-layer ranks under a global budget: the chosen components "
@@ -47,7 +48,7 @@ TargetParams = Annotated[Optional[int], typer.Option(help="Per-layer ranks under
 
 
 TrainingData = Annotated[Optional[Path], typer.Option(help="Training speech (any --data layout). Required.",
-                                                     show_default=False)]
+                                                     show_default=False, parser=data_path)]
 
 
 def _explicit(ctx: typer.Context, name: str) -> bool:
@@ -588,7 +589,7 @@ def share_command(
         help="Repair: distillation steps (distill's loop and losses) on --data with MODEL as the teacher; "
              "resumable with --resume OUT.")] = 0,
     data: Annotated[Optional[Path], typer.Option(help="The repair's training speech (any --data layout).",
-                                                 show_default=False)] = None,
+                                                 show_default=False, parser=data_path)] = None,
     finetune_lr: Annotated[float, typer.Option(help="The repair's peak learning rate.")] = 5e-4,
     checkpoint_every: Annotated[int, typer.Option(help="Repair steps between training checkpoints.")] = 50,
     resume: Annotated[Optional[Path], typer.Option(help="Continue the interrupted repair in this output directory "

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from asrshrink.cli.main import ModelArg, app, err, handle_errors
+from asrshrink.cli.main import BUNDLED_HELP, ModelArg, app, data_path, err, handle_errors
 from asrshrink.export import DEFAULT_OPSET
 
 
@@ -23,8 +23,8 @@ def export_command(
                                                       "(encoder.int8.onnx, ...).")] = False,
     opset: Annotated[int, typer.Option(help="ONNX opset version.")] = DEFAULT_OPSET,
     data: Annotated[Optional[Path], typer.Option(
-        "--data", help="Speech for the parity check (any eval --data layout; 3 utterances); default: the bundled "
-                       "test sample.", show_default=False)] = None,
+        "--data", help=f"Speech for the parity check (any eval --data layout, {BUNDLED_HELP}; 3 utterances); "
+                       "default: bundled:test.", show_default=False, parser=data_path)] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print export.json as one JSON object on stdout.")] = False,
 ) -> None:
     """Export as ONNX the way deployment runtimes split a transducer: encoder.onnx (features, feature_lengths ->

@@ -28,6 +28,23 @@ ModelArg = Annotated[Optional[Path], typer.Argument(
     show_default=False)]
 
 
+def data_path(value: str) -> Path:
+    """Parser of every speech-data option: a path, or ``bundled:NAME`` for a part of the bundled speech sample
+    (``bundled:v2/test-synth``), turned into that part's folder here so that everything downstream (reports,
+    resume checks) sees the real path."""
+    from asrshrink.audio.datasets import resolve_data_path
+    from asrshrink.errors import DataError
+
+    try:
+        return resolve_data_path(value)
+    except DataError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+#: Said in the help of every speech-data option.
+BUNDLED_HELP = "bundled:NAME: a part of the bundled speech sample (e.g. bundled:v2/test-synth; 'bundled:' lists them)"
+
+
 #: Exit code of an internal error (a bug in asrshrink, not in the user's input): neither 1 (``gate``: a bound
 #: failed) nor 2 (a user error).
 EXIT_INTERNAL = 3
@@ -111,7 +128,7 @@ def eval_command(
     model: ModelArg = None,
     data: Annotated[Optional[Path], typer.Option(
         "--data", help="LibriSpeech folder, folder of audio + .txt, JSONL (NeMo) or MLPerf JSON manifest; "
-                       "default: the bundled test sample.", show_default=False)] = None,
+                       f"{BUNDLED_HELP}; default: bundled:test.", show_default=False, parser=data_path)] = None,
     limit: Annotated[Optional[int], typer.Option(help="Evaluate a random subset of N utterances.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the --limit subset.")] = 0,
     max_duration: Annotated[Optional[float], typer.Option(

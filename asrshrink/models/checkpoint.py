@@ -24,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as safetensors_bytes
 
 import asrshrink
+from asrshrink.audio.datasets import BUNDLED_SPEECH
 from asrshrink.errors import AsrshrinkError, CheckpointError
 from asrshrink.io import atomic_write, sha256_file
 from asrshrink.models.base import Transducer
@@ -53,7 +54,7 @@ class ModelInfo:
 
 def bundled_speech(split: str, option: str) -> Path:
     """The bundled speech sample's ``split`` ("calib" or "test"), or an error naming the ``option`` to pass."""
-    path = ASSETS / "speech" / split
+    path = BUNDLED_SPEECH / split
     if not path.is_dir():
         raise CheckpointError(f"no {option} given and this installation has no bundled speech sample; pass "
                               f"{option} PATH (a LibriSpeech folder, a folder of audio + .txt, or a JSONL/MLPerf "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import numpy as np
@@ -10,7 +11,7 @@ import soundfile as sf
 from asrshrink.api import open_dataset
 from asrshrink.audio.text import Vocabulary
 from asrshrink.models.mlperf_rnnt import MLPERF_LABELS
-from bundle_assets import bundle_v2
+from bundle_assets import bundle_v2, write_sample_readme
 
 
 def fake_corpus(root):
@@ -39,3 +40,15 @@ def test_bundle_v2_writes_opus_manifests_without_gpl_sentences(tmp_path):
     rows = [json.loads(line) for line in (target / "test" / "manifest.jsonl").read_text().splitlines()]
     assert {r["source"] for r in rows} == {"kjv"} and all(r["audio_filepath"].endswith(".opus") for r in rows)
     assert sf.info(target / "test" / rows[0]["audio_filepath"]).subtype == "OPUS"
+
+
+def test_sample_readme_counts_each_part(tmp_path):
+    fake_corpus(tmp_path / "corpus")
+    target = tmp_path / "speech"
+    target.mkdir()
+    bundle_v2(tmp_path / "corpus", target, {"calib": 3, "test": 10, "test-synth": 2}, seed=0)
+    args = argparse.Namespace(corpus=tmp_path / "corpus", calib=3, test=10, test_synth=2, seed=0)
+    write_sample_readme(target, args)
+    text = (target / "README.md").read_text()
+    assert "| `test` | test-unseen | the voices and the sentences | 4 | 0.0 | flite 4 | kjv 4 |" in text
+    assert "| `calib` | calib | the sentences | 3 |" in text and "--test-synth\n2 --seed 0" in text
