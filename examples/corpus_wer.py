@@ -5,39 +5,31 @@
 
 Joins ``asrshrink eval --hypotheses`` (id, reference, hypothesis per line) with the split's
 ``manifest.jsonl`` (the id is the audio file's name without suffix) and prints corpus WER per group
-(word errors over reference words, as jiwer and ``asrshrink eval`` count them), plus ``--json``.
+(word errors over reference words, as jiwer and ``asrshrink eval`` count them), plus ``--json``. For an
+evaluation still to run, ``asrshrink eval MODEL --data SPLIT --by synth --by voice`` gives the same groups
+at once; this script regroups saved hypotheses, and groups ``augment`` by the first step of each chain.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from pathlib import Path
 
-import jiwer
+from asrshrink.evaluate.corpus import group_word_errors
 
 
 def group_wer(split_dir: Path, hypotheses: Path, keys: list[str]) -> dict[str, dict[str, dict]]:
     manifest = [json.loads(line) for line in (split_dir / "manifest.jsonl").read_text().splitlines() if line]
     meta = {Path(row["audio_filepath"]).stem: row for row in manifest}
     hyps = [json.loads(line) for line in hypotheses.read_text().splitlines() if line]
-    out: dict[str, dict[str, dict]] = {}
-    for key in keys:
-        refs: dict[str, list[str]] = defaultdict(list)
-        outs: dict[str, list[str]] = defaultdict(list)
-        for h in hyps:
-            row = meta[h["id"]]
-            value = row[key]["label"].split("+")[0] if key == "augment" else row[key]
-            value = "clean" if value == "" else value
-            refs[str(value)].append(h["reference"])
-            outs[str(value)].append(h["hypothesis"])
-        out[key] = {}
-        for value in sorted(refs):
-            words = sum(len(r.split()) for r in refs[value])
-            wer = 100.0 * jiwer.wer(refs[value], outs[value]) if words else float("nan")
-            out[key][value] = {"utterances": len(refs[value]), "words": words, "wer": round(wer, 2)}
-    return out
+
+    def value_of(key: str, row: dict) -> str:
+        value = meta[row["id"]][key]
+        value = value["label"].split("+")[0] if key == "augment" else value  # the chain's first step
+        return "clean" if value == "" else str(value)
+
+    return {key: group_word_errors(hyps, lambda row, key=key: value_of(key, row)) for key in keys}
 
 
 def main() -> None:

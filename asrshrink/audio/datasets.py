@@ -86,6 +86,10 @@ class Entry:
     audio_path: Path
     text: str  # already normalised to the vocabulary
     duration: float | None  # seconds, from the manifest or soundfile.info; None when not looked up
+    #: What the layout says about the utterance besides its audio and text, as (name, value) pairs: a JSONL
+    #: manifest's other scalar keys (one level of nested objects flattened as ``augment.label``), a LibriSpeech
+    #: id's ``speaker`` and ``chapter``. ``eval --by NAME`` groups WER by them.
+    fields: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -261,7 +265,8 @@ def _read_librispeech(transcripts: list[Path], vocabulary: Vocabulary) -> list[E
                 raise DataError(f"{trans}:{line_no}: transcript line for {utt_id} has no audio file "
                                 f"{utt_id}.flac (or .wav/.ogg/.opus) in {folder}; add the audio or delete the "
                                 "line")
-            entries.append(Entry(id=utt_id, audio_path=audio, text=vocabulary.normalize(text), duration=None))
+            entries.append(Entry(id=utt_id, audio_path=audio, text=vocabulary.normalize(text), duration=None,
+                                 fields=_librispeech_fields(utt_id)))
         orphans = sorted(stem for stem in audio_by_id if stem not in listed)
         if orphans:
             extra = f" (and {len(orphans) - 1} more)" if len(orphans) > 1 else ""
@@ -269,6 +274,11 @@ def _read_librispeech(transcripts: list[Path], vocabulary: Vocabulary) -> list[E
                             f"'{orphans[0]} TRANSCRIPT' to {trans} or remove the file")
     entries.sort(key=lambda e: e.id)
     return entries
+
+
+def _librispeech_fields(utt_id: str) -> tuple[tuple[str, str], ...]:
+    parts = utt_id.split("-")
+    return (("speaker", parts[0]), ("chapter", parts[1])) if len(parts) == 3 else ()
 
 
 # --------------------------------------------------------------------------------------------------- folder
@@ -307,7 +317,7 @@ def _manifest_duration(value, where: str) -> float | None:
 
 def _read_jsonl(manifest: Path, vocabulary: Vocabulary) -> list[Entry]:
     base = manifest.parent
-    rows: list[tuple[Path, str, float | None]] = []
+    rows: list[tuple[Path, str, float | None, tuple[tuple[str, str], ...]]] = []
     for line_no, line in enumerate(_read_text(manifest).splitlines(), start=1):
         if not line.strip():
             continue
@@ -334,10 +344,27 @@ def _read_jsonl(manifest: Path, vocabulary: Vocabulary) -> list[Entry]:
         if not audio.is_file():
             raise DataError(f"{where}: audio file {audio} not found; fix audio_filepath (relative paths are "
                             f"relative to {base})")
-        rows.append((audio, obj["text"], _manifest_duration(obj.get("duration"), where)))
-    ids = _unique_ids([audio.stem for audio, _, _ in rows])
-    return [Entry(id=i, audio_path=a, text=vocabulary.normalize(t), duration=d)
-            for i, (a, t, d) in zip(ids, rows)]
+        rows.append((audio, obj["text"], _manifest_duration(obj.get("duration"), where), _manifest_fields(obj)))
+    ids = _unique_ids([audio.stem for audio, _, _, _ in rows])
+    return [Entry(id=i, audio_path=a, text=vocabulary.normalize(t), duration=d, fields=f)
+            for i, (a, t, d, f) in zip(ids, rows)]
+
+
+#: JSONL keys that are the utterance itself, not something to group it by.
+_OWN_KEYS = {"audio_filepath", "text", "duration", "offset"}
+
+
+def _manifest_fields(obj: dict) -> tuple[tuple[str, str], ...]:
+    """A manifest line's other scalar values as (name, text) pairs; nested objects one level deep."""
+    found: list[tuple[str, str]] = []
+    for key, value in obj.items():
+        if key in _OWN_KEYS:
+            continue
+        inner = value.items() if isinstance(value, dict) else [(None, value)]
+        for sub, item in inner:
+            if isinstance(item, (str, int, float, bool)) and not (isinstance(item, float) and not math.isfinite(item)):
+                found.append((key if sub is None else f"{key}.{sub}", str(item)))
+    return tuple(found)
 
 
 def _mlperf_fields(manifest: Path, index: int, item) -> tuple[str, str, float | None]:

@@ -146,11 +146,17 @@ def eval_command(
     plot: Annotated[Optional[Path], typer.Option(
         help="AmNet models: write a PNG of the branch chosen at each frame and the modelled backlog against the "
              "dense encoder's, over the longest utterance (needs matplotlib).", show_default=False)] = None,
+    by: Annotated[Optional[list[str]], typer.Option(
+        "--by", help="Also report WER per value of this field of the data (repeatable): a JSONL manifest's other "
+                     "keys (synth, voice, augment.label, ...), a LibriSpeech tree's speaker or chapter.",
+        show_default=False)] = None,
 ) -> None:
     """Decode a dataset (greedy, or --beam N) and report corpus WER (jiwer, word-level, as MLPerf scores).
     MODEL may also be an ONNX export directory (asrshrink export), decoded with onnxruntime.
 
     Example: asrshrink eval rnnt.pt --data LibriSpeech/dev-clean --max-duration 15 --beam 4 --json
+
+    Example: asrshrink eval --data bundled:v2/test --by synth --by voice
 
     Example: asrshrink eval amnet/ --data dev/ --mu 1.3e9 --plot amnet-trace.png
     """
@@ -208,6 +214,11 @@ def eval_command(
     dataset = open_dataset(data or bundled_speech("test", "--data"), vocabulary=net.vocabulary,
                            sample_rate=net.feature_config.sample_rate, max_duration=max_duration,
                            limit=limit, seed=seed)
+    by = list(dict.fromkeys(by or ()))
+    if by:  # a field the data lacks is refused before any decoding
+        from asrshrink.evaluate.corpus import check_fields
+
+        check_fields(dataset, by)
     with progress_bar("decoding") as bar:
         task = bar.add_task("decoding", total=len(dataset))
         result = evaluate(net, dataset, max_batch=batch_size, beam=beam,
@@ -221,6 +232,19 @@ def eval_command(
                   f"{result.audio_seconds:.1f}", f"{result.seconds:.1f}", f"{result.speed:.1f}")
     err.print(table)
     err.print("search: greedy" if beam is None else f"search: beam, width {beam}")
+    groups = None
+    if by:
+        from asrshrink.evaluate.corpus import wer_by
+
+        groups = wer_by(result.hypotheses, dataset, by)
+        for name, values in groups.items():
+            group_table = Table(title=f"WER by {name}")
+            for column in (name, "utterances", "words", "WER %"):
+                group_table.add_column(column, justify="left" if column == name else "right")
+            for value, figures_of in values.items():
+                group_table.add_row(value, str(figures_of["utterances"]), str(figures_of["words"]),
+                                    f"{figures_of['wer']:.2f}")
+            err.print(group_table)
     figures = None
     if amnet_costs(net) is not None:  # an AmNet, or its export: branch ratios, FLOPs and modelled delay
         from asrshrink.evaluate.amnet import amnet_figures, figure_lines
@@ -245,6 +269,8 @@ def eval_command(
         payload.update(model=str(info.path), data=str(dataset.source), dropped=dataset.dropped)
         if figures is not None:
             payload["amnet"] = figures
+        if groups is not None:
+            payload["by"] = groups
         print(json.dumps(payload))
 
 

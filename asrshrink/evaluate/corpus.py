@@ -90,3 +90,50 @@ def evaluate(model: Transducer, dataset: Dataset, *, max_batch: int = 32, max_se
         word_errors={"substitutions": words.substitutions, "deletions": words.deletions,
                      "insertions": words.insertions},
         seconds=time.perf_counter() - start, audio_seconds=audio_seconds, hypotheses=rows, beam=beam)
+
+
+#: The group of utterances that lack a field ``wer_by`` groups by.
+NO_VALUE = "(none)"
+
+
+def field_names(dataset: Dataset) -> list[str]:
+    """The names ``wer_by`` can group ``dataset`` by (its entries' ``fields``), in first-seen order."""
+    return list(dict.fromkeys(name for entry in dataset.entries for name, _ in entry.fields))
+
+
+def check_fields(dataset: Dataset, names: list[str]) -> None:
+    """A DataError naming the fields there are, unless some utterance of ``dataset`` has each of ``names``."""
+    have = field_names(dataset)
+    for name in names:
+        if name not in have:
+            listed = ", ".join(have) if have else f"none ({dataset.kind} entries carry no fields)"
+            raise DataError(f"{dataset.source}: no utterance has a field {name!r} to group WER by; the fields "
+                            f"are: {listed}")
+
+
+def group_word_errors(rows: list[dict], value_of: Callable[[dict], str]) -> dict[str, dict]:
+    """Corpus WER per group of ``rows`` (``EvalResult.hypotheses``-style dicts with ``reference`` and
+    ``hypothesis``), the group of a row being ``value_of(row)``: ``{value: {"utterances", "words", "wer",
+    "substitutions", "deletions", "insertions"}}``, values sorted."""
+    groups: dict[str, tuple[list[str], list[str]]] = {}
+    for row in rows:
+        refs, hyps = groups.setdefault(value_of(row), ([], []))
+        refs.append(row["reference"])
+        hyps.append(row["hypothesis"])
+    out: dict[str, dict] = {}
+    for value in sorted(groups):
+        counts = word_errors(*groups[value])
+        out[value] = {"utterances": len(groups[value][0]), "words": counts.reference_units, "wer": counts.rate,
+                      "substitutions": counts.substitutions, "deletions": counts.deletions,
+                      "insertions": counts.insertions}
+    return out
+
+
+def wer_by(rows: list[dict], dataset: Dataset, names: list[str]) -> dict[str, dict[str, dict]]:
+    """Corpus WER of evaluated ``rows`` (``EvalResult.hypotheses`` of ``dataset``) grouped by each field in
+    ``names`` (a synthesizer, a voice, a LibriSpeech speaker): ``{name: group_word_errors(...)}``; utterances
+    without the field form the group ``NO_VALUE``. A name no utterance has is a DataError listing the names."""
+    check_fields(dataset, names)
+    fields = {entry.id: dict(entry.fields) for entry in dataset.entries}
+    return {name: group_word_errors(rows, lambda row, name=name: fields[row["id"]].get(name, NO_VALUE))
+            for name in names}

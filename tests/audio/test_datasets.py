@@ -337,3 +337,18 @@ def test_entry_is_frozen(tmp_path):
     entry = Entry(id="a", audio_path=tmp_path / "a.wav", text="a", duration=None)
     with pytest.raises(AttributeError):
         entry.text = "b"
+
+
+def test_fields_of_manifest_lines_and_librispeech_ids(tmp_path):
+    write(tmp_path / "a.wav", tone(0.1))
+    manifest = make_jsonl(tmp_path, [
+        {"audio_filepath": "a.wav", "text": "one", "duration": 0.1, "synth": "flite", "speed": 0.95,
+         "augment": {"label": "opus", "codec": "opus", "chain": ["x"]}, "tags": ["a"], "bad": float("nan")},
+        {"audio_filepath": "a.wav", "text": "two"}])
+    entries = open_dataset(manifest, vocabulary=CHARS).entries
+    # Scalars kept as text, one level of nesting flattened, lists and non-finite numbers left out.
+    assert entries[0].fields == (("synth", "flite"), ("speed", "0.95"), ("augment.label", "opus"),
+                                 ("augment.codec", "opus"))
+    assert entries[1].fields == ()
+    split = make_librispeech(tmp_path / "ls", durations=(0.1,))
+    assert open_dataset(split, vocabulary=CHARS).entries[0].fields == (("speaker", "84"), ("chapter", "121123"))
