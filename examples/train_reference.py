@@ -109,13 +109,22 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> bytes:
     return proto.getvalue()
 
 
-def conformer_config(tokenizer: bytes, layers: int | None = None) -> NemoConformerConfig:
+def conformer_config(tokenizer: bytes, layers: int | None = None, width: int | None = None) -> NemoConformerConfig:
     import dataclasses
 
     from asrshrink.audio.text import SentencePieceVocabulary
 
     return dataclasses.replace(CONFORMER, vocabulary=SentencePieceVocabulary(tokenizer).to_json(),
-                               n_layers=layers or CONFORMER.n_layers)
+                               n_layers=layers or CONFORMER.n_layers, d_model=width or CONFORMER.d_model)
+
+
+def lstm_config(width: int | None = None) -> MlperfRnntConfig:
+    """The reference LSTM's topology, every LSTM and the joint ``width`` wide (default 256)."""
+    import dataclasses
+
+    if not width:
+        return REFERENCE
+    return dataclasses.replace(REFERENCE, encoder_hidden=width, pred_hidden=width, joint_hidden=width)
 
 
 def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path, start: bytes | None = None) -> bytes:
@@ -143,12 +152,12 @@ def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path, start: by
     return data
 
 
-def build(family: str, ctc: bool, tokenizer: bytes | None = None, layers: int | None = None
-          ) -> tuple[nn.Module, nn.Module | None]:
+def build(family: str, ctc: bool, tokenizer: bytes | None = None, layers: int | None = None,
+          width: int | None = None) -> tuple[nn.Module, nn.Module | None]:
     if family == "nemo-conformer-transducer":
-        model = NemoConformerTransducer(conformer_config(tokenizer, layers))
+        model = NemoConformerTransducer(conformer_config(tokenizer, layers, width))
     else:
-        model = MlperfRnnt(REFERENCE)
+        model = MlperfRnnt(lstm_config(width))
     head = nn.Linear(model.aux_dim, model.vocabulary.size) if ctc else None
     return model, head
 
@@ -163,14 +172,18 @@ def cmd_train(args: argparse.Namespace) -> None:
     start = load_model(args.init)[0] if args.init and not args.resume else None
     start_tokenizer = getattr(start.vocabulary, "model_proto", None) if start is not None else None
     tokenizer = tokenizer_for(args, out, bank_dir, start_tokenizer) if conformer else None
-    model, head = build(args.family, args.ctc_weight > 0, tokenizer, args.layers)
+    model, head = build(args.family, args.ctc_weight > 0, tokenizer, args.layers, args.width)
     inter = nn.ModuleDict({name.replace(".", "_"): nn.Linear(model.aux_dim, model.vocabulary.size)
                            for name in _inter_ctc_layers(args)})
     torch.manual_seed(args.seed)
     if start is not None:
         if start.vocabulary != model.vocabulary:
             raise SystemExit(f"{args.init} has another vocabulary than this run's tokenizer; use another --out/--bank")
-        model.load_state_dict(start.state_dict())
+        try:
+            model.load_state_dict(start.state_dict())
+        except RuntimeError:
+            raise SystemExit(f"{args.init} has other sizes than this run's model; give the --width and --layers "
+                             f"it was trained with") from None
         log(f"starting from the weights of {args.init} (fresh optimizer and schedule)")
     if (bank_dir / "index.json").exists():
         bank = FeatureBank.load(bank_dir)
@@ -197,7 +210,7 @@ def cmd_train(args: argparse.Namespace) -> None:
                          max_batch=args.max_batch, seed=args.seed, checkpoint_every=args.checkpoint_every,
                          log_every=args.log_every, schedule=args.schedule or ("noam" if conformer else "cosine"))
     options = {k: v for k, v in vars(args).items() if k != "func"}
-    (out / "config.json").write_text(json.dumps({"model": model.config.to_json() if conformer else REFERENCE.to_json(),
+    (out / "config.json").write_text(json.dumps({"model": model.config.to_json(),
                                                  "train": options}, indent=2))
 
     inter_heads = {name: inter[name.replace(".", "_")] for name in _inter_ctc_layers(args)}
@@ -253,7 +266,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     options = json.loads(config.read_text())["train"] if config.is_file() else {}
     family = options.get("family", "mlperf-rnnt")
     tokenizer = (out / TOKENIZER).read_bytes() if family == "nemo-conformer-transducer" else None
-    model, head = build(family, True, tokenizer, options.get("layers"))
+    model, head = build(family, True, tokenizer, options.get("layers"), options.get("width"))
     modules = {"model": model}
     state = torch.load(out / "train_state.pt", map_location="cpu", weights_only=True)
     if "ctc_head" in state["modules"]:
@@ -299,6 +312,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--max-duration", type=float, default=15.0)
     t.add_argument("--ctc-weight", type=float, default=0.5)
     t.add_argument("--layers", type=int, default=None, help="Conformer layers (default 10)")
+    t.add_argument("--width", type=int, default=None,
+                   help="mlperf-rnnt: every LSTM and the joint this wide (default 256); Conformer: d_model "
+                        "(default 144, a multiple of its 4 heads)")
     t.add_argument("--inter-ctc", default=None, help="Conformer layers with an intermediate CTC head during "
                    "training, e.g. 3,6 (the heads are not part of the exported model)")
     t.add_argument("--inter-ctc-weight", type=float, default=0.3)

@@ -97,3 +97,13 @@ def test_layers_and_intermediate_ctc_options(tmp_path):
     Args.family = "mlperf-rnnt"
     with pytest.raises(SystemExit, match="--inter-ctc is for the Conformer"):
         recipe._inter_ctc_layers(Args)
+
+
+def test_width_option_sizes_both_families(tmp_path):
+    lstm, _ = recipe.build("mlperf-rnnt", True, width=128)
+    assert lstm.config.encoder_hidden == lstm.config.pred_hidden == lstm.config.joint_hidden == 128
+    assert recipe.build("mlperf-rnnt", False)[0].config == recipe.REFERENCE  # the default: the bundled sizes
+    write_manifest(tmp_path / "train", TEXTS)
+    data = recipe.train_tokenizer(recipe.read_transcripts(tmp_path / "train"), 40)
+    conformer, _ = recipe.build("nemo-conformer-transducer", True, data, layers=2, width=96)
+    assert conformer.config.d_model == 96 and len(conformer.encoder.layers) == 2
