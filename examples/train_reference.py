@@ -152,6 +152,39 @@ def tokenizer_for(args: argparse.Namespace, out: Path, bank_dir: Path, start: by
     return data
 
 
+def widen_lstm(start: nn.Module, model: nn.Module) -> None:
+    """Load the weights of ``start``, a reference LSTM, into ``model``, the same topology wider, so that
+    ``model`` computes exactly what ``start`` does: each hidden, gate or stacked dimension is a run of blocks
+    of the old width, copied into the first units of the new blocks; a matrix's columns that read the new
+    units are zero, so they cannot change the old units' values, while their rows (what feeds the new units)
+    keep ``model``'s random initialisation, and so do the prediction embedding's new columns (the new input
+    dims of the prediction LSTM; with its reading columns at zero, both zero would never learn)."""
+    old_width, new_width = start.config.encoder_hidden, model.config.encoder_hidden
+    if model.config != lstm_config(new_width) or start.config != lstm_config(old_width) or new_width < old_width:
+        raise SystemExit("--init: widening takes the reference LSTM's topology at a smaller --width")
+
+    def index(old: int, new: int) -> torch.Tensor:  # where each old index lands in the new dimension
+        if old == new:
+            return torch.arange(old)
+        if old % old_width or new != old // old_width * new_width:
+            raise SystemExit(f"--init: cannot widen a dimension of {old} to {new}")
+        j = torch.arange(old)
+        return j // old_width * new_width + j % old_width
+
+    target = model.state_dict()
+    for name, value in start.state_dict().items():
+        fresh = target[name].clone()
+        places = [index(o, n) for o, n in zip(value.shape, fresh.shape)]
+        if fresh.dim() == 2 and not name.endswith("embed.weight"):
+            fresh[:, torch.ones(fresh.shape[1], dtype=torch.bool).index_fill_(0, places[1], False)] = 0
+        if fresh.dim() == 1:
+            fresh[places[0]] = value
+        else:
+            fresh[places[0][:, None], places[1][None, :]] = value
+        target[name] = fresh
+    model.load_state_dict(target)
+
+
 def build(family: str, ctc: bool, tokenizer: bytes | None = None, layers: int | None = None,
           width: int | None = None) -> tuple[nn.Module, nn.Module | None]:
     if family == "nemo-conformer-transducer":
@@ -180,7 +213,12 @@ def cmd_train(args: argparse.Namespace) -> None:
         if start.vocabulary != model.vocabulary:
             raise SystemExit(f"{args.init} has another vocabulary than this run's tokenizer; use another --out/--bank")
         try:
-            model.load_state_dict(start.state_dict())
+            if args.family == "mlperf-rnnt" and start.config != model.config:
+                widen_lstm(start, model)
+                log(f"widened {args.init} from {start.config.encoder_hidden} to {model.config.encoder_hidden} "
+                    f"units: the same function, new units to train")
+            else:
+                model.load_state_dict(start.state_dict())
         except RuntimeError:
             raise SystemExit(f"{args.init} has other sizes than this run's model; give the --width and --layers "
                              f"it was trained with") from None
@@ -327,7 +365,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--bank", default=None, help="feature bank folder to use or build (default OUT/bank-train)")
     t.add_argument("--resume", action="store_true")
     t.add_argument("--init", default=None, help="start from this model's weights (an asrshrink model of the same "
-                                                  "sizes, e.g. the bundled one) with a fresh optimizer and schedule")
+                                                  "sizes, e.g. the bundled one; for mlperf-rnnt also a narrower "
+                                                  "one, widened to --width computing the same function) with a "
+                                                  "fresh optimizer and schedule")
     t.set_defaults(func=cmd_train)
     e = sub.add_parser("export", help="write the trained model in asrshrink's format")
     e.add_argument("--out", default="runs/reference")

@@ -107,3 +107,26 @@ def test_width_option_sizes_both_families(tmp_path):
     data = recipe.train_tokenizer(recipe.read_transcripts(tmp_path / "train"), 40)
     conformer, _ = recipe.build("nemo-conformer-transducer", True, data, layers=2, width=96)
     assert conformer.config.d_model == 96 and len(conformer.encoder.layers) == 2
+
+
+def test_widening_keeps_the_function_and_leaves_new_units_trainable():
+    torch.manual_seed(0)
+    start, _ = recipe.build("mlperf-rnnt", False, width=16)
+    wide, _ = recipe.build("mlperf-rnnt", False, width=24)
+    recipe.widen_lstm(start, wide)
+    start.eval()
+    wide.eval()
+    features, lengths = torch.randn(2, 30, 240), torch.tensor([30, 21])
+    labels = torch.randint(0, 28, (2, 5))
+    with torch.no_grad():
+        a, la = start(features, lengths, labels)
+        b, lb = wide(features, lengths, labels)
+    assert torch.equal(la, lb) and torch.allclose(a, b, atol=1e-5)
+    # The new units are alive: they have inputs, and one backward step reaches what reads them.
+    assert wide.state_dict()["encoder.pre_rnn.layers.0.lstm.weight_ih_l0"][16:24].abs().sum() > 0
+    wide.train()
+    wide(features, lengths, labels)[0].logsumexp(-1).mean().backward()
+    grad = wide.encoder.post_rnn.layers[0].lstm.weight_ih_l0.grad
+    assert grad[:, 16:24].abs().sum() > 0 and grad[:, 40:48].abs().sum() > 0  # both stacked frames' new units
+    with pytest.raises(SystemExit, match="smaller --width"):
+        recipe.widen_lstm(wide, start)
