@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +112,7 @@ HELD_OUT = {"calib": "the sentences", "test": "the voices and the sentences",
 
 
 def _counts(rows: list[dict], key: str) -> str:
-    found: dict[str, int] = {}
-    for row in rows:
-        found[row.get(key, "?")] = found.get(row.get(key, "?"), 0) + 1
+    found = Counter(row.get(key, "?") for row in rows)
     return ", ".join(f"{name} {n}" for name, n in sorted(found.items(), key=lambda kv: (-kv[1], kv[0])))
 
 

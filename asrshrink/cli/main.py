@@ -241,9 +241,8 @@ def eval_command(
             group_table = Table(title=f"WER by {name}")
             for column in (name, "utterances", "words", "WER %"):
                 group_table.add_column(column, justify="left" if column == name else "right")
-            for value, figures_of in values.items():
-                group_table.add_row(value, str(figures_of["utterances"]), str(figures_of["words"]),
-                                    f"{figures_of['wer']:.2f}")
+            for value, group in values.items():
+                group_table.add_row(value, str(group["utterances"]), str(group["words"]), f"{group['wer']:.2f}")
             err.print(group_table)
     figures = None
     if amnet_costs(net) is not None:  # an AmNet, or its export: branch ratios, FLOPs and modelled delay
